@@ -1,0 +1,53 @@
+# The README's commands. Each target sets itself up on a fresh machine: a virtual env with
+# the CPU build of torch pinned (the package itself asks for a range, so GPU users get CUDA
+# builds), the package with its test extras, and the Debian Fashion-MNIST files when apt is
+# available (the demo falls back to synthetic data, and says so, where they are absent).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-fast lint format bench data clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]" "$(TORCH)"
+	touch $(STAMP)
+
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	      echo "note: could not install dataset-fashion-mnist; synthetic data will be used"; \
+	  else echo "note: Fashion-MNIST absent (apt-get install dataset-fashion-mnist); synthetic data will be used"; fi; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/probeserve demo --out demo-output
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check probeserve tests jobs
+	$(BIN)/ruff format --check probeserve tests jobs
+
+format: $(STAMP)
+	$(BIN)/ruff format probeserve tests jobs
+	$(BIN)/ruff check --fix probeserve tests jobs
+
+bench: $(STAMP) data
+	$(BIN)/python jobs/benchmarks/bench_shards.py
+	$(BIN)/python jobs/benchmarks/bench_extract.py
+	$(BIN)/python jobs/benchmarks/bench_probe.py
+
+clean:
+	rm -rf demo-output .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from probeserve.cli import main
+
+sys.exit(main())

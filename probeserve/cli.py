@@ -1,0 +1,256 @@
+"""The `probeserve` command: validate | layers | plan | run | query | demo.
+
+Every knob lives in the spec; `--set key.path=value` overrides a field of the spec file for
+one invocation. User errors print one clear message (no traceback) and exit 2; a run in
+which some items failed exits 1 and names them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from probeserve.errors import ProbeserveError, SpecError
+
+log = logging.getLogger("probeserve")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """Plain fixed-width text table; floats with 4 decimals."""
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _spec(args: argparse.Namespace):
+    from probeserve.spec import load_spec
+
+    return load_spec(args.spec, overrides=args.set or [])
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from probeserve.spec import dump_spec
+
+    spec = _spec(args)
+    print(dump_spec(spec), end="")
+    print(f"# spec_hash: {spec.hash()}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from probeserve.sweep import Sweep
+
+    sweep = Sweep(_spec(args))
+    selected = {p.name for p in sweep.points}
+    rows = []
+    for p in sweep.all_points:
+        reduced = sweep.reducer(p).n_features if p.name in selected else None
+        rows.append(
+            {
+                "index": p.index,
+                "name": p.name,
+                "shape": "x".join(map(str, p.shape)),
+                "features": p.n_features,
+                "after_reducer": reduced,
+                "selected": "yes" if p.name in selected else "",
+            }
+        )
+    print(format_table(rows, ["index", "name", "shape", "features", "after_reducer", "selected"]))
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from probeserve.sweep import Sweep
+
+    sweep = Sweep(_spec(args))
+    plan = sweep.plan()
+    rows = []
+    todo_bytes = 0
+    for item, status in plan.items:
+        est = plan.bytes_per_item[item.layer]
+        if status != "ok":
+            todo_bytes += est
+        rows.append(
+            {
+                "step": item.checkpoint.step,
+                "layer": item.layer,
+                "index": item.layer_index,
+                "status": "done" if status == "ok" else status,
+                "activation_bytes": _human_bytes(est),
+            }
+        )
+    print(format_table(rows, ["step", "layer", "index", "status", "activation_bytes"]))
+    counts = plan.counts()
+    print(
+        f"\n{len(plan.items)} item(s): {counts['ok']} done, {counts['failed']} failed, "
+        f"{counts['pending']} pending; activations to extract: about {_human_bytes(todo_bytes)}"
+    )
+    for c in plan.discovery.incomplete:
+        print(f"skipped (no completion marker yet): {c.key}")
+    for key, why in plan.discovery.rejected:
+        print(f"skipped ({why}): {key}")
+    return 0
+
+
+def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> None:
+    from probeserve import results
+
+    table = results.load(output_uri, run=run, s3_endpoint=s3_endpoint)
+    rows = table.to_pylist()
+    steps = sorted({r["step"] for r in rows})
+    layers = sorted({(r["layer_index"], r["layer"]) for r in rows})
+    grid = {(r["layer"], r["step"]): r for r in rows}
+    out = []
+    for _, layer in layers:
+        line: dict[str, object] = {"layer": layer}
+        for s in steps:
+            r = grid.get((layer, s))
+            line[f"step {s}"] = None if r is None else (r["test_error"] if r["status"] == "ok" else "FAILED")
+        out.append(line)
+    print("test error by layer (rows, in forward order) and checkpoint step (columns):")
+    print(format_table(out, ["layer"] + [f"step {s}" for s in steps]))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from probeserve.runners.local import run_local
+
+    spec = _spec(args)
+    summary = run_local(spec)
+    print_results_table(spec.output.uri, spec.run, spec.storage.resolved_endpoint())
+    print(
+        f"\n{summary.ok} item(s) done now, {summary.skipped_done} already done, "
+        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {spec.output.uri}/results/"
+    )
+    for ckpt, layer, error in summary.failed:
+        print(f"FAILED {ckpt} {layer}: {error}", file=sys.stderr)
+    return summary.exit_code
+
+
+DEFAULT_SQL = (
+    "SELECT run, step, layer, layer_index, n_features, train_error, val_error, test_error, "
+    "epochs, status, error FROM results ORDER BY run, step, layer_index"
+)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from probeserve import results
+
+    table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
+    if table.num_rows == 0:
+        print(f"no results yet under {args.results}", file=sys.stderr)
+    con = duckdb.connect()
+    con.register("results", table)
+    try:
+        out = con.execute(args.sql or DEFAULT_SQL).fetch_arrow_table()
+    except duckdb.Error as e:
+        first = str(e).strip().splitlines()[0]
+        raise ProbeserveError(f"--sql: {first}") from None
+    if args.format == "json":
+        print(json.dumps(out.to_pylist(), default=str, indent=1))
+    elif args.format == "csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(out, sys.stdout.buffer)
+    else:
+        print(format_table(out.to_pylist(), out.column_names))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from probeserve.demo import run_demo
+
+    return run_demo(out=args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="probeserve",
+        description="Linear classifier probes for every checkpoint and layer (Alain & Bengio, 2016).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_spec(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("spec", help="sweep spec, YAML or JSON")
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. probe.l2=0.001"
+        )
+        return p
+
+    with_spec("validate", "print the resolved spec, or every error with its field").set_defaults(
+        func=cmd_validate
+    )
+    with_spec("layers", "list the model's probe points, shapes and features after the reducer").set_defaults(
+        func=cmd_layers
+    )
+    with_spec("plan", "show done, failed and pending items with activation sizes").set_defaults(func=cmd_plan)
+    with_spec("run", "run every pending item in this process").set_defaults(func=cmd_run)
+
+    q = sub.add_parser("query", help="query the results table with SQL (a view named 'results')")
+    q.add_argument("results", help="the spec's output.uri (or its results/ folder)")
+    q.add_argument("--sql", help=f"default: {DEFAULT_SQL}")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--run", help="only this run")
+    q.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
+    q.set_defaults(func=cmd_query)
+
+    d = sub.add_parser("demo", help="train mnist_convnet on Fashion-MNIST, checkpoint it, probe every layer")
+    d.add_argument("--out", default="demo-output", help="folder used as the bucket (default: demo-output)")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ProbeserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; committed results are kept, rerun to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

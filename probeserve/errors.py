@@ -1,0 +1,41 @@
+"""Error types. Every error a user can cause is a `ProbeserveError` whose message names the
+thing to fix (spec field, object key, layer name); the CLI prints it on one line and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class ProbeserveError(Exception):
+    """A problem with the user's input or environment, reported without a traceback."""
+
+    exit_code = 2
+
+
+class SpecError(ProbeserveError):
+    """The spec is invalid. `errors` holds one `field.path: message` line per problem."""
+
+    def __init__(self, errors: list[str], *, source: str = "spec") -> None:
+        self.errors = list(errors)
+        self.source = source
+        lines = "\n".join(f"  {e}" for e in self.errors)
+        super().__init__(f"{source}: {len(self.errors)} error(s)\n{lines}")
+
+
+class StorageError(ProbeserveError):
+    """A storage location is missing, unreadable or refused a write."""
+
+
+class CheckpointError(ProbeserveError):
+    """A checkpoint is missing, incomplete, too large, corrupt or in a refused format."""
+
+
+class LayerError(ProbeserveError):
+    """A layer name or pattern is unknown, or a layer's activations cannot be probed."""
+
+
+class DataError(ProbeserveError):
+    """The probe dataset is missing, malformed or unusable (for example, one class)."""
+
+
+class ModelError(ProbeserveError):
+    """The model factory cannot be imported or called, or weights do not fit it."""

@@ -1,0 +1,142 @@
+"""The results table: one committed row per (run, checkpoint, layer).
+
+Each work item publishes its row as its own small Parquet file under
+`{output}/results/{run}/{checkpoint dir}/{layer}.parquet`, atomically, so an item is done
+exactly when its file exists and a reader never sees half a row. Together the files form one
+Parquet dataset with the schema below; `load` reads it as one Arrow table, and any Parquet
+reader (pandas, DuckDB, Spark) can read the folder directly.
+
+A failed item is a row too (`status = "failed"`, `error` set), so failures are visible in the
+same table; the next run retries it and, on success, replaces the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from probeserve.storage import Storage, join, open_storage
+
+RESULTS_DIR = "results"
+
+# (name, type, description): the public columns, defined once.
+COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("run", pa.string(), "the spec's run name"),
+    ("spec_hash", pa.string(), "hash of the spec parts that change an answer (model, data, reducer, probe)"),
+    ("checkpoint", pa.string(), "weights key relative to checkpoints.uri"),
+    ("step", pa.int64(), "training step read from the checkpoint key"),
+    ("layer", pa.string(), "probe point: 'input', a module name, or 'module:in'"),
+    ("layer_index", pa.int32(), "position of the probe point in the forward pass (0 = input)"),
+    ("n_features", pa.int64(), "features the probe saw, after the reducer"),
+    ("num_classes", pa.int32(), "classes in the probe dataset"),
+    ("n_train", pa.int64(), "training examples"),
+    ("n_val", pa.int64(), "validation examples (early stopping)"),
+    ("n_test", pa.int64(), "test examples"),
+    ("train_error", pa.float64(), "fraction misclassified on train"),
+    ("val_error", pa.float64(), "fraction misclassified on val"),
+    ("test_error", pa.float64(), "fraction misclassified on test"),
+    ("train_loss", pa.float64(), "mean cross-entropy on train (no L2 term)"),
+    ("val_loss", pa.float64(), "mean cross-entropy on val"),
+    ("test_loss", pa.float64(), "mean cross-entropy on test"),
+    ("chance_error", pa.float64(), "test error of always predicting the most frequent train class"),
+    ("epochs", pa.int32(), "solver epochs run"),
+    ("best_epoch", pa.int32(), "epoch whose weights were kept (best val loss)"),
+    ("status", pa.string(), "'ok' or 'failed'"),
+    ("error", pa.string(), "what went wrong; null when ok"),
+    ("seconds", pa.float64(), "wall time of the probe (and of extraction, for failed extraction)"),
+    ("device", pa.string(), "where the probe trained: cpu or cuda:N"),
+    ("finished_at", pa.timestamp("ms", tz="UTC"), "when the row was committed"),
+]
+SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
+COLUMN_NAMES = [c[0] for c in COLUMNS]
+METRICS = [
+    "train_error",
+    "val_error",
+    "test_error",
+    "train_loss",
+    "val_loss",
+    "test_loss",
+]
+
+
+def checkpoint_dir(checkpoint: str, step: int) -> str:
+    """A readable, unique, path-safe folder name for a checkpoint key."""
+    digest = hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
+    return f"step={step:012d}-{digest}"
+
+
+def layer_file(layer: str) -> str:
+    return quote(layer, safe="") + ".parquet"
+
+
+def layer_from_file(name: str) -> str:
+    return unquote(name.removesuffix(".parquet"))
+
+
+def result_key(run: str, checkpoint: str, step: int, layer: str) -> str:
+    return join(RESULTS_DIR, run, checkpoint_dir(checkpoint, step), layer_file(layer))
+
+
+def make_row(**values: Any) -> dict[str, Any]:
+    """A full row: unknown keys are a programming error, missing ones are null."""
+    unknown = set(values) - set(COLUMN_NAMES)
+    assert not unknown, f"unknown result columns {sorted(unknown)}"
+    row = {name: values.get(name) for name in COLUMN_NAMES}
+    if row["finished_at"] is None:
+        row["finished_at"] = int(time.time() * 1000)
+    return row
+
+
+def commit(storage: Storage, row: Mapping[str, Any]) -> str:
+    """Publish one row atomically (replacing a previous row of the same item); return its key."""
+    table = pa.Table.from_pylist([make_row(**row)], schema=SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    key = result_key(row["run"], row["checkpoint"], row["step"], row["layer"])
+    storage.publish_bytes(key, buf.getvalue())
+    return key
+
+
+def result_keys(storage: Storage, run: str | None = None) -> list[str]:
+    prefix = join(RESULTS_DIR, run) + "/" if run else RESULTS_DIR + "/"
+    return [o.key for o in storage.list(prefix) if o.key.endswith(".parquet")]
+
+
+def read_table(storage: Storage, run: str | None = None) -> pa.Table:
+    """Every committed row (of one run, or all), sorted by run, step, layer_index."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(k))) for k in result_keys(storage, run)]
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables([t.select(COLUMN_NAMES).cast(SCHEMA) for t in tables])
+    return table.sort_by([("run", "ascending"), ("step", "ascending"), ("layer_index", "ascending")])
+
+
+def item_status(storage: Storage, run: str) -> dict[tuple[str, str], str]:
+    """{(checkpoint, layer): status} of every committed row of a run."""
+    table = read_table(storage, run)
+    cols = table.select(["checkpoint", "layer", "status"]).to_pydict()
+    return {(c, layer): s for c, layer, s in zip(cols["checkpoint"], cols["layer"], cols["status"])}
+
+
+def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pandas: bool = False) -> Any:
+    """Read the results under an output URI (or its `results/` folder) as an Arrow table.
+
+    >>> table = load("demo-output")                # doctest: +SKIP
+    >>> df = load("s3://bucket/probes", pandas=True)  # doctest: +SKIP
+    """
+    root = uri.rstrip("/")
+    if root.endswith("/" + RESULTS_DIR) or root == RESULTS_DIR:
+        root = root[: -len(RESULTS_DIR)].rstrip("/") or "."
+    table = read_table(open_storage(root, s3_endpoint=s3_endpoint), run)
+    return table.to_pandas() if pandas else table
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([make_row(**r) for r in rows], schema=SCHEMA)

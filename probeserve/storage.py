@@ -1,0 +1,366 @@
+"""Object storage behind one small interface: local folders and S3.
+
+Keys are plain `/`-separated strings relative to the storage root, never `Path` objects,
+because a remote URI would be mangled by path handling. Every write is atomic: a reader sees
+either the whole new object or nothing (local files are written under a temporary name and
+renamed; an S3 PUT or multipart upload becomes visible only when complete). Create-only
+writes back the watch daemon's ledger: local ones use a hard link, which fails if the name
+exists; S3 ones use `If-None-Match: *`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from probeserve.errors import StorageError
+
+TMP_MARK = ".tmp-"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the storage root
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+class Storage(Protocol):
+    """What the rest of probeserve needs from storage."""
+
+    uri: str
+
+    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]: ...
+    def stat(self, key: str) -> ObjectInfo | None: ...
+    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes: ...
+    def download(self, key: str, local_path: str) -> None: ...
+    def publish_bytes(self, key: str, data: bytes) -> None: ...
+    def publish_file(self, key: str, local_path: str) -> None: ...
+    def create_only(self, key: str, data: bytes) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def root_exists(self) -> bool: ...
+    def uri_for(self, key: str) -> str: ...
+
+
+def join(*parts: str) -> str:
+    """Join key parts with '/', ignoring empty parts and stray slashes."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def redact(uri: str) -> str:
+    """Drop user:password from a URL so it can go in a log or an error."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def _check_key(key: str) -> str:
+    if key.startswith("/") or any(p in ("..", ".") for p in key.split("/")):
+        raise StorageError(f"refusing key {key!r}: absolute or with '.'/'..' parts")
+    return key
+
+
+def _too_big(uri: str, size: int, max_bytes: int) -> StorageError:
+    return StorageError(f"{uri}: {size} bytes is over the limit of {max_bytes} bytes")
+
+
+class LocalStorage:
+    """A folder on a local or network file system."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.uri = self.root
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *_check_key(key).split("/")) if key else self.root
+
+    def uri_for(self, key: str) -> str:
+        return self._path(key)
+
+    def root_exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (a folder or a key prefix), sorted by key."""
+        del page_size  # one directory walk; S3 is the paged case
+        prefix = prefix.lstrip("/")
+        base_dir = prefix if prefix.endswith("/") or not prefix else os.path.dirname(prefix)
+        top = self._path(base_dir.rstrip("/"))
+        found = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if TMP_MARK not in d]
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for name in filenames:
+                if TMP_MARK in name:
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, st.st_size, st.st_mtime) if os.path.isfile(self._path(key)) else None
+
+    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise _too_big(path, size, max_bytes)
+                return f.read()
+        except FileNotFoundError:
+            raise StorageError(f"{path}: no such object") from None
+        except IsADirectoryError:
+            raise StorageError(f"{path}: is a folder, not an object") from None
+
+    def download(self, key: str, local_path: str) -> None:
+        try:
+            shutil.copyfile(self._path(key), local_path)
+        except FileNotFoundError:
+            raise StorageError(f"{self._path(key)}: no such object") from None
+
+    def _tmp_for(self, path: str) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
+
+    def publish_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._tmp_for(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def publish_file(self, key: str, local_path: str) -> None:
+        """Publish a finished local file under `key`; `local_path` is moved or copied."""
+        path = self._path(key)
+        tmp = self._tmp_for(path)
+        try:
+            try:
+                os.replace(local_path, tmp)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def create_only(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist yet; True when this call created it."""
+        path = self._path(key)
+        tmp = self._tmp_for(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, fails if the name exists, content already complete
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+
+class S3Storage:
+    """A bucket and prefix on S3 or an S3-compatible server.
+
+    Credentials and region come from the standard AWS chain (environment, config files,
+    instance roles); `endpoint_url` (or $PROBESERVE_S3_ENDPOINT) points at a compatible
+    server such as MinIO. Error messages carry the bucket and key, never credentials.
+    """
+
+    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+    def _full(self, key: str) -> str:
+        return join(self.prefix, _check_key(key)) if key else self.prefix
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def _error(self, e: Exception, key: str, action: str) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        where = self.uri_for(key)
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                return StorageError(f"{where}: bucket '{self.bucket}' does not exist")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageError(f"{where}: no such object")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(f"{where}: access denied while trying to {action} ({code})")
+            return StorageError(f"{where}: {action} failed: {code or e}")
+        if isinstance(e, EndpointConnectionError):
+            return StorageError(f"{where}: cannot reach the S3 endpoint {redact(self.endpoint_url or 'AWS')}")
+        return StorageError(f"{where}: {action} failed: {type(e).__name__}: {e}")
+
+    def root_exists(self) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise self._error(e, "", "check the bucket") from None
+        except BotoCoreError as e:
+            raise self._error(e, "", "check the bucket") from None
+        return True
+
+    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, following ListObjectsV2 continuation tokens."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = join(self.prefix, prefix)
+        if prefix.endswith("/") or (not prefix and full):
+            full += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        kwargs = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": page_size}
+        while True:
+            try:
+                page = self._client.list_objects_v2(**kwargs)
+            except (ClientError, BotoCoreError) as e:
+                raise self._error(e, prefix, "list") from None
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][strip:], obj["Size"], obj["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error(e, key, "stat") from None
+        except BotoCoreError as e:
+            raise self._error(e, key, "stat") from None
+        return ObjectInfo(key, head["ContentLength"], head["LastModified"].timestamp())
+
+    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=self._full(key))
+            if max_bytes is not None and obj["ContentLength"] > max_bytes:
+                obj["Body"].close()
+                raise _too_big(self.uri_for(key), obj["ContentLength"], max_bytes)
+            return obj["Body"].read()
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, "read") from None
+
+    def download(self, key: str, local_path: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.download_file(self.bucket, self._full(key), local_path)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, "download") from None
+
+    def publish_bytes(self, key: str, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, "write") from None
+
+    def publish_file(self, key: str, local_path: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            # multipart above 8 MiB; the object appears only when the upload completes
+            self._client.upload_file(local_path, self.bucket, self._full(key))
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, "upload") from None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(local_path)
+
+    def create_only(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._error(e, key, "create") from None
+        except BotoCoreError as e:
+            raise self._error(e, key, "create") from None
+        return True
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, "delete") from None
+
+
+def open_storage(uri: str, *, s3_endpoint: str | None = None) -> Storage:
+    """Storage for a plain path, a file:// URI or s3://bucket/prefix."""
+    if not uri:
+        raise StorageError("empty storage URI")
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
+        endpoint = s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
+        return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint)
+    if parts.scheme == "file":
+        return LocalStorage(parts.path)
+    if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive
+        raise StorageError(
+            f"{redact(uri)}: unsupported scheme '{parts.scheme}://' (use a path, file:// or s3://)"
+        )
+    return LocalStorage(uri)

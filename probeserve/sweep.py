@@ -1,0 +1,386 @@
+"""Work items and the work functions every runner calls.
+
+A work item is one (checkpoint, layer). It is done exactly when its result row is committed
+under `{output}/results/`. The work for one checkpoint has two stages:
+
+1. `extract`: one forward pass over the probe dataset fills activation shards for every
+   pending layer at once (never one pass per layer), then publishes one manifest per layer
+   under `{output}/activations/{run}/{checkpoint}/{layer}/manifest.json`. A layer's shards
+   count only once its manifest exists, so a killed extraction leaves nothing that is used.
+2. `probe`: for one layer, stream its shards, train the probe, and return the result row.
+
+The in-process runner and the Ray runner both call exactly these functions, so they give
+the same answers for the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from probeserve import results
+from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
+from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
+from probeserve.spec import SweepSpec, dump_spec
+from probeserve.storage import Storage, join, open_storage
+
+log = logging.getLogger("probeserve")
+
+SPLITS = ("train", "val", "test")
+ACTIVATIONS_DIR = "activations"
+RUNS_DIR = "runs"
+
+
+@dataclass(frozen=True)
+class Item:
+    checkpoint: Checkpoint
+    layer: str
+    layer_index: int
+
+
+@dataclass
+class Plan:
+    """Every item of a sweep with its state: done (ok row), failed (failed row) or pending."""
+
+    discovery: Discovery
+    items: list[tuple[Item, str]] = field(default_factory=list)
+    bytes_per_item: dict[str, int] = field(default_factory=dict)  # layer -> activation bytes
+
+    def pending(self) -> list[Item]:
+        return [i for i, s in self.items if s != "ok"]
+
+    def counts(self) -> dict[str, int]:
+        out = {"ok": 0, "failed": 0, "pending": 0}
+        for _, s in self.items:
+            out[s] += 1
+        return out
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a result row: the message of a user error, type and message otherwise."""
+    if isinstance(e, ProbeserveError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def layer_prefix(run: str, ckpt: Checkpoint, layer: str) -> str:
+    return join(
+        ACTIVATIONS_DIR, run, results.checkpoint_dir(ckpt.key, ckpt.step), results.layer_file(layer)[:-8]
+    )
+
+
+def manifest_key(run: str, ckpt: Checkpoint, layer: str) -> str:
+    return join(layer_prefix(run, ckpt, layer), "manifest.json")
+
+
+class Sweep:
+    """What a spec resolves to: storage, dataset, model probe points. Built lazily per process."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+        self.spec_hash = spec.hash()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "spec_hash": self.spec_hash}  # caches are rebuilt where used
+
+    @cached_property
+    def checkpoints_storage(self) -> Storage:
+        return open_storage(self.spec.checkpoints.uri, s3_endpoint=self.spec.storage.resolved_endpoint())
+
+    @cached_property
+    def output(self) -> Storage:
+        return open_storage(self.spec.output.uri, s3_endpoint=self.spec.storage.resolved_endpoint())
+
+    @cached_property
+    def dataset(self):  # -> probeserve.data.ProbeDataset
+        from probeserve.data import load_dataset
+
+        return load_dataset(self.spec.data, s3_endpoint=self.spec.storage.resolved_endpoint())
+
+    def build_model(self) -> torch.nn.Module:
+        from probeserve.models import build_model
+
+        return build_model(self.spec.model)
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros((2, *self.dataset.input_shape))
+
+    @cached_property
+    def all_points(self):  # -> list[ProbePoint]
+        from probeserve.layers import discover_probe_points
+
+        model = self.build_model().eval()
+        try:
+            return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
+        except ProbeserveError:
+            raise
+        except Exception as e:
+            raise ModelError(
+                f"model.factory {self.spec.model.factory}: a forward pass on the probe data's input shape "
+                f"{tuple(self.dataset.input_shape)} failed: {describe_error(e)}"
+            ) from None
+
+    @cached_property
+    def points(self):  # -> list[ProbePoint], the selected ones in forward order
+        from probeserve.layers import select_probe_points
+
+        return select_probe_points(self.all_points, self.spec.layers.include, self.spec.layers.exclude)
+
+    def point(self, layer: str):
+        for p in self.points:
+            if p.name == layer:
+                return p
+        raise ProbeserveError(f"layer {layer!r} is not selected by this spec")
+
+    def reducer(self, point):
+        from probeserve.layers import make_reducer
+
+        return make_reducer(self.spec.reducer, point)
+
+    def discover(self) -> Discovery:
+        found = discover(self.checkpoints_storage, self.spec.checkpoints)
+        if not found.complete and not found.incomplete:
+            raise CheckpointError(
+                f"checkpoints.uri: no checkpoints under {self.checkpoints_storage.uri} match "
+                f"checkpoints.weights {self.spec.checkpoints.weights!r}"
+                + (
+                    f" ({len(found.rejected)} key(s) rejected, e.g. {found.rejected[0]})"
+                    if found.rejected
+                    else ""
+                )
+            )
+        return found
+
+    def plan(self) -> Plan:
+        found = self.discover()
+        status = results.item_status(self.output, self.spec.run)
+        plan = Plan(discovery=found)
+        itemsize = 2 if self.spec.output.dtype == "float16" else 4
+        rows = sum(self.dataset.size(s) for s in SPLITS)
+        for p in self.points:
+            plan.bytes_per_item[p.name] = rows * self.reducer(p).n_features * itemsize
+        for ckpt in found.complete:
+            for p in self.points:
+                plan.items.append((Item(ckpt, p.name, p.index), status.get((ckpt.key, p.name), "pending")))
+        return plan
+
+    def record_spec(self) -> None:
+        """Save the resolved spec beside the results; refuse a run name used by another spec."""
+        key = join(RUNS_DIR, self.spec.run, "spec.json")
+        body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
+        if self.output.create_only(key, body.encode()):
+            self.output.publish_bytes(
+                join(RUNS_DIR, self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
+            )
+            return
+        stored = json.loads(self.output.read_bytes(key))
+        if stored.get("spec_hash") != self.spec_hash:
+            raise SpecError(
+                [
+                    f"run: run {self.spec.run!r} in {self.output.uri} was made with a different spec "
+                    f"(hash {stored.get('spec_hash')} vs {self.spec_hash}: model, data, reducer, probe or "
+                    "layers.inputs changed); choose another run name or output.uri"
+                ]
+            )
+
+    def manifest(self, ckpt: Checkpoint, layer: str) -> dict[str, Any] | None:
+        key = manifest_key(self.spec.run, ckpt, layer)
+        if self.output.stat(key) is None:
+            return None
+        return json.loads(self.output.read_bytes(key))
+
+    def failed_row(self, ckpt: Checkpoint, layer: str, layer_index: int, error: str, seconds: float) -> dict:
+        return results.make_row(
+            run=self.spec.run,
+            spec_hash=self.spec_hash,
+            checkpoint=ckpt.key,
+            step=ckpt.step,
+            layer=layer,
+            layer_index=layer_index,
+            status="failed",
+            error=error,
+            seconds=seconds,
+        )
+
+
+def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> torch.nn.Module:
+    state = load_state_dict(sweep.checkpoints_storage, ckpt, sweep.spec.checkpoints)
+    model = sweep.build_model()
+    try:
+        model.load_state_dict(state, strict=sweep.spec.model.strict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{sweep.checkpoints_storage.uri_for(ckpt.key)}: weights do not fit model.factory "
+            f"{sweep.spec.model.factory}: {' '.join(s.strip() for s in first[:4])}"
+        ) from None
+    return model.eval().to(device)
+
+
+def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> dict[str, str]:
+    """One forward pass over every split; shards and a manifest for each layer.
+
+    Returns {layer: error} for layers that could not be extracted (the others have their
+    manifests). A problem with the checkpoint itself raises: it concerns every layer.
+    """
+    from probeserve.layers import ActivationCapture
+    from probeserve.shards import ShardWriter
+
+    spec = sweep.spec
+    t0 = time.perf_counter()
+    model = _load_model(sweep, ckpt, device)
+    points = [sweep.point(name) for name in layers]
+    reducers = {p.name: sweep.reducer(p) for p in points}
+    ds = sweep.dataset
+    errors: dict[str, str] = {}
+    shards: dict[str, dict[str, list]] = {p.name: {} for p in points}
+    counts: dict[str, list[int]] = {}
+    for split in SPLITS:
+        writers = {}
+        for p in points:
+            if p.name in errors:
+                continue
+            meta = {
+                "probeserve.layer": p.name,
+                "probeserve.layer_index": str(p.index),
+                "probeserve.shape": json.dumps(list(reducers[p.name].shape)),
+                "probeserve.reducer": json.dumps(reducers[p.name].describe()),
+                "probeserve.checkpoint": ckpt.key,
+                "probeserve.step": str(ckpt.step),
+                "probeserve.split": split,
+                "probeserve.spec_hash": sweep.spec_hash,
+                "probeserve.run": spec.run,
+            }
+            writers[p.name] = ShardWriter(
+                sweep.output,
+                join(layer_prefix(spec.run, ckpt, p.name), split),
+                n_features=reducers[p.name].n_features,
+                dtype=spec.output.dtype,
+                metadata=meta,
+                max_bytes=spec.output.max_shard_bytes,
+            )
+        labels = []
+        with ActivationCapture(model, points) as capture, torch.inference_mode():
+            for x, y in ds.batches(split, spec.resources.extract_batch_size):
+                model(x.to(device))
+                acts = capture.take()
+                labels.append(y)
+                for name, writer in list(writers.items()):
+                    try:
+                        writer.write(reducers[name](acts[name]).float().cpu().numpy(), y)
+                    except Exception as e:
+                        errors[name] = f"layer {name}: {describe_error(e)}"
+                        writer.abort()
+                        del writers[name]
+        for name, writer in writers.items():
+            shards[name][split] = writer.close()
+        y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+        counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
+    seconds = time.perf_counter() - t0
+    for p in points:
+        if p.name in errors:
+            continue
+        body = {
+            "layer": p.name,
+            "layer_index": p.index,
+            "checkpoint": ckpt.key,
+            "step": ckpt.step,
+            "spec_hash": sweep.spec_hash,
+            "n_features": reducers[p.name].n_features,
+            "shape": list(reducers[p.name].shape),
+            "dtype": spec.output.dtype,
+            "reducer": reducers[p.name].describe(),
+            "num_classes": ds.num_classes,
+            "class_counts": counts,
+            "extract_seconds": seconds,
+            "splits": {
+                s: {"rows": sum(i.rows for i in infos), "shards": [i.key for i in infos]}
+                for s, infos in shards[p.name].items()
+            },
+        }
+        sweep.output.publish_bytes(manifest_key(spec.run, ckpt, p.name), json.dumps(body, indent=1).encode())
+    return errors
+
+
+def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
+    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
+    from probeserve.probe import train_probe
+    from probeserve.shards import iter_chunks
+
+    t0 = time.perf_counter()
+    manifest = sweep.manifest(ckpt, layer)
+    if manifest is None:
+        raise ProbeserveError(f"layer {layer}: no activations for {ckpt.key}; extract first")
+    batch = sweep.spec.probe.batch_size
+    out = sweep.output
+
+    def source(split: str):
+        keys = manifest["splits"][split]["shards"]
+        return lambda: iter_chunks(out, keys, batch_rows=batch)
+
+    try:
+        res = train_probe(
+            source("train"),
+            source("val"),
+            source("test"),
+            num_classes=manifest["num_classes"],
+            spec=sweep.spec.probe,
+            device=device,
+        )
+    except ProbeserveError as e:
+        raise type(e)(f"layer {layer}: {e}") from None
+    train_counts = manifest["class_counts"]["train"]
+    test_counts = manifest["class_counts"]["test"]
+    majority = int(np.argmax(train_counts))
+    chance = 1.0 - test_counts[majority] / max(1, sum(test_counts))
+    return results.make_row(
+        run=sweep.spec.run,
+        spec_hash=sweep.spec_hash,
+        checkpoint=ckpt.key,
+        step=ckpt.step,
+        layer=layer,
+        layer_index=manifest["layer_index"],
+        n_features=manifest["n_features"],
+        num_classes=manifest["num_classes"],
+        n_train=res.n_train,
+        n_val=res.n_val,
+        n_test=res.n_test,
+        train_error=res.train_error,
+        val_error=res.val_error,
+        test_error=res.test_error,
+        train_loss=res.train_loss,
+        val_loss=res.val_loss,
+        test_loss=res.test_loss,
+        chance_error=chance,
+        epochs=res.epochs,
+        best_epoch=res.best_epoch,
+        status="ok",
+        error=None,
+        seconds=time.perf_counter() - t0,
+        device=res.device,
+    )
+
+
+def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> None:
+    """Drop a layer's shards (manifest first, so no reader is left with missing shards)."""
+    manifest = sweep.manifest(ckpt, layer)
+    sweep.output.delete(manifest_key(sweep.spec.run, ckpt, layer))
+    if manifest:
+        for split in manifest["splits"].values():
+            for key in split["shards"]:
+                sweep.output.delete(key)
+
+
+def log_failure(item: str, e: BaseException) -> None:
+    if isinstance(e, ProbeserveError):
+        log.error("%s failed: %s", item, e)
+    else:
+        log.error("%s failed:\n%s", item, "".join(traceback.format_exception(e)))

@@ -1,0 +1,134 @@
+"""Storage: the same contract for a local folder and a real S3 server (moto) on loopback."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from probeserve.errors import StorageError
+from probeserve.storage import LocalStorage, S3Storage, open_storage, redact
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "root"))
+    server = request.getfixturevalue("s3_server")
+    bucket = server.new_bucket()
+    return open_storage(f"s3://{bucket}/some/prefix", s3_endpoint=server.endpoint)
+
+
+def test_publish_read_list(storage):
+    storage.publish_bytes("a/b/one.bin", b"1")
+    storage.publish_bytes("a/two.bin", b"22")
+    storage.publish_bytes("c.bin", b"333")
+    assert storage.read_bytes("a/two.bin") == b"22"
+    assert [(o.key, o.size) for o in storage.list("")] == [("a/b/one.bin", 1), ("a/two.bin", 2), ("c.bin", 3)]
+    assert [o.key for o in storage.list("a/")] == ["a/b/one.bin", "a/two.bin"]
+    assert storage.stat("c.bin").size == 3
+    assert storage.stat("nope") is None
+    storage.publish_bytes("c.bin", b"replaced")
+    assert storage.read_bytes("c.bin") == b"replaced"
+    storage.delete("c.bin")
+    assert storage.stat("c.bin") is None
+
+
+def test_read_missing_names_key(storage):
+    with pytest.raises(StorageError, match="missing/key"):
+        storage.read_bytes("missing/key")
+
+
+def test_max_bytes_refuses_before_reading(storage):
+    storage.publish_bytes("big", b"x" * 100)
+    with pytest.raises(StorageError, match="over the limit"):
+        storage.read_bytes("big", max_bytes=10)
+
+
+def test_create_only(storage):
+    assert storage.create_only("ledger/claim", b"first") is True
+    assert storage.create_only("ledger/claim", b"second") is False
+    assert storage.read_bytes("ledger/claim") == b"first"
+
+
+def test_create_only_races_have_one_winner(storage):
+    wins = []
+
+    def claim(i):
+        if storage.create_only("race/x", str(i).encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert storage.read_bytes("race/x") == str(wins[0]).encode()
+
+
+def test_publish_file_moves_and_publishes(storage, tmp_path):
+    src = tmp_path / "staged.bin"
+    src.write_bytes(b"payload" * 1000)
+    storage.publish_file("files/p.bin", str(src))
+    assert storage.read_bytes("files/p.bin") == b"payload" * 1000
+    assert not src.exists()
+
+
+def test_keys_with_dotdot_are_refused(storage):
+    with pytest.raises(StorageError, match=r"\.\."):
+        storage.publish_bytes("../escape", b"x")
+
+
+def test_local_tmp_files_are_invisible(tmp_path):
+    s = LocalStorage(str(tmp_path))
+    s.publish_bytes("x/real", b"1")
+    (tmp_path / "x" / ".half.tmp-123").write_bytes(b"partial")
+    assert [o.key for o in s.list("")] == ["x/real"]
+
+
+def test_s3_pagination(s3_server):
+    bucket = s3_server.new_bucket()
+    s = open_storage(f"s3://{bucket}/p", s3_endpoint=s3_server.endpoint)
+    client = s3_server.client()
+    for i in range(25):
+        client.put_object(Bucket=bucket, Key=f"p/k{i:03d}", Body=b"")
+    client.put_object(Bucket=bucket, Key="other/k", Body=b"")
+    assert isinstance(s, S3Storage)
+    keys = [o.key for o in s.list("", page_size=4)]
+    assert keys == [f"k{i:03d}" for i in range(25)]
+
+
+def test_s3_missing_bucket_is_named(s3_server):
+    s = open_storage("s3://no-such-bucket-xyz/p", s3_endpoint=s3_server.endpoint)
+    assert s.root_exists() is False
+    with pytest.raises(StorageError, match="no-such-bucket-xyz"):
+        list(s.list(""))
+
+
+def test_s3_unreachable_endpoint_names_it_without_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRETVALUE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "supersecretvalue")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s = S3Storage("bucket", "p", endpoint_url="http://user:pw@127.0.0.1:9")
+    with pytest.raises(StorageError) as info:
+        s.read_bytes("k")
+    text = str(info.value)
+    assert "127.0.0.1:9" in text and "s3://bucket/p/k" in text
+    for secret in ("supersecretvalue", "AKIDSECRETVALUE", "pw@"):
+        assert secret not in text
+
+
+def test_open_storage_schemes(tmp_path):
+    assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
+    assert open_storage(str(tmp_path)).uri == os.path.abspath(tmp_path)
+    with pytest.raises(StorageError, match="gs://"):
+        open_storage("gs://bucket/x")
+    with pytest.raises(StorageError, match="bucket"):
+        open_storage("s3:///nobucket")
+
+
+def test_redact():
+    assert redact("http://a:b@host:9000/x") == "http://host:9000/x"
+    assert redact("http://host/x") == "http://host/x"
