@@ -230,8 +230,13 @@ class SweepSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
     def hash(self) -> str:
-        """Identity of everything that changes a probe's answer (not where it runs)."""
-        keep = self.model_dump(mode="json", include={"model", "layers", "reducer", "data", "probe"})
+        """Identity of everything that changes a probe's answer (not where it runs).
+
+        Which layers are selected is left out, so that adding layers to a run is allowed;
+        `layers.inputs` is in, because it changes every probe point's `layer_index`.
+        """
+        keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
+        keep["layers.inputs"] = self.layers.inputs
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

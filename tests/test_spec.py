@@ -1,0 +1,89 @@
+"""The spec: defaults, validation errors with field paths, overrides, hashing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from probeserve.errors import SpecError
+from probeserve.spec import dump_spec, load_spec, spec_from_dict
+
+BASE = {
+    "checkpoints": {"uri": "ckpts"},
+    "model": {"factory": "tiny"},
+    "data": {"kind": "gaussian", "dim": 8},
+    "output": {"uri": "out"},
+}
+
+
+def test_minimal_spec_fills_defaults():
+    spec = spec_from_dict(BASE)
+    assert spec.run == "default"
+    assert spec.layers.include == ["*"]
+    assert spec.probe.solver == "lbfgs"
+    assert spec.checkpoints.marker == "COMPLETE"
+    assert "probe:" in dump_spec(spec)
+
+
+def test_unknown_field_is_named():
+    bad = {**BASE, "probe": {"l3": 0.1}}
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(bad)
+    assert "probe.l3: unknown field" in str(info.value)
+
+
+def test_wrong_type_and_every_error_listed():
+    bad = {**BASE, "probe": {"max_epochs": "many"}, "reducer": {"kind": "subset"}}
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(bad)
+    text = str(info.value)
+    assert "probe.max_epochs" in text
+    assert "reducer" in text and "max_features" in text
+    assert len(info.value.errors) == 2
+
+
+def test_missing_required_section():
+    bad = {k: v for k, v in BASE.items() if k != "output"}
+    with pytest.raises(SpecError, match="output: Field required"):
+        spec_from_dict(bad)
+
+
+def test_bad_data_kind_names_discriminator():
+    with pytest.raises(SpecError, match="data"):
+        spec_from_dict({**BASE, "data": {"kind": "imagenet"}})
+
+
+def test_step_regex_needs_a_group():
+    with pytest.raises(SpecError, match="checkpoints.step_regex"):
+        spec_from_dict({**BASE, "checkpoints": {"uri": "c", "step_regex": r"step\d+"}})
+
+
+def test_overrides_parse_yaml_values():
+    spec = spec_from_dict(BASE, overrides=["probe.l2=0.5", "layers.include=[fc1, fc2]", "run=r2"])
+    assert spec.probe.l2 == 0.5
+    assert spec.layers.include == ["fc1", "fc2"]
+    assert spec.run == "r2"
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        spec_from_dict(BASE, overrides=["probe.l2"])
+
+
+def test_hash_ignores_where_but_not_what():
+    a = spec_from_dict(BASE)
+    assert a.hash() == spec_from_dict({**BASE, "output": {"uri": "elsewhere"}}).hash()
+    assert a.hash() == spec_from_dict({**BASE, "layers": {"include": ["fc1"]}}).hash()
+    assert a.hash() != spec_from_dict({**BASE, "probe": {"l2": 0.1}}).hash()
+
+
+def test_load_yaml_and_json_files(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(BASE))
+    (tmp_path / "s.yaml").write_text(
+        "checkpoints: {uri: c}\nmodel: {factory: tiny}\ndata: {kind: gaussian}\noutput: {uri: o}\n"
+    )
+    assert load_spec(tmp_path / "s.json").model.factory == "tiny"
+    assert load_spec(tmp_path / "s.yaml").checkpoints.uri == "c"
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [unclosed\n")
+    with pytest.raises(SpecError, match="cannot parse"):
+        load_spec(tmp_path / "broken.yaml")
