@@ -174,7 +174,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     con = duckdb.connect()
     con.register("results", table)
     try:
-        out = con.execute(args.sql or DEFAULT_SQL).fetch_arrow_table()
+        rel = con.sql(args.sql or DEFAULT_SQL)
+        if rel is None:  # a statement with no result set
+            raise ProbeserveError("--sql: the statement returns no rows; use a SELECT")
+        out = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise ProbeserveError(f"--sql: {first}") from None

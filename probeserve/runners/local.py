@@ -103,13 +103,13 @@ def run_local(spec: SweepSpec) -> RunSummary:
     """Run every pending item of the sweep in this process."""
     t0 = time.perf_counter()
     sweep = Sweep(spec)
-    sweep.record_spec()
     if spec.resources.torch_threads:
         import torch
 
         torch.set_num_threads(spec.resources.torch_threads)
     device = resolve_device(spec.resources.device)
-    plan = sweep.plan()
+    plan = sweep.plan()  # resolves data, model and layers: a bad spec stops here
+    sweep.record_spec()  # ...so only a spec that works gets bound to the run name
     summary = RunSummary()
     summarize_plan(plan, summary)
     by_ckpt: dict[str, list[Item]] = defaultdict(list)

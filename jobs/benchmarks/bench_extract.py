@@ -1,0 +1,86 @@
+"""Extraction cost: all probe points of mnist_convnet vs a plain forward pass.
+
+Runs `probeserve.sweep.extract` (one forward pass with hooks on every layer, reduction,
+shard writing and publishing) and a plain eval forward pass over the same data, on the
+same threads, and prints the ratio. Target: <= 1.25x.
+
+    python jobs/benchmarks/bench_extract.py [--n 4000] [--reducer none|avgpool]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+
+import torch
+
+from probeserve.checkpoints import save_checkpoint
+from probeserve.models import build_model
+from probeserve.spec import spec_from_dict
+from probeserve.sweep import SPLITS, Sweep, extract
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=4000, help="examples in the train split")
+    ap.add_argument("--reducer", choices=["none", "avgpool"], default="none")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float16")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
+    try:
+        reducer = {"kind": "none"} if args.reducer == "none" else {"kind": "avgpool", "max_features": 1024}
+        spec = spec_from_dict(
+            {
+                "checkpoints": {"uri": f"{tmp}/ckpts"},
+                "model": {"factory": "mnist_convnet"},
+                "reducer": reducer,
+                "data": {"kind": "idx", "train_size": args.n, "val_size": 500, "test_size": 500},
+                "output": {"uri": f"{tmp}/out", "dtype": args.dtype},
+                "resources": {"extract_batch_size": 256},
+            }
+        )
+        torch.manual_seed(0)
+        save_checkpoint(build_model(spec.model), spec.checkpoints.uri, 0)
+        sweep = Sweep(spec)
+        ckpt = sweep.discover().complete[0]
+        layers = [p.name for p in sweep.points]
+        ds = sweep.dataset
+        n = sum(ds.size(s) for s in SPLITS)
+        model = build_model(spec.model).eval()
+
+        def plain() -> None:
+            with torch.inference_mode():
+                for split in SPLITS:
+                    for x, _ in ds.batches(split, spec.resources.extract_batch_size):
+                        model(x)
+
+        def extraction() -> None:
+            shutil.rmtree(f"{tmp}/out", ignore_errors=True)
+            errors = extract(sweep, ckpt, layers, device="cpu")
+            assert not errors, errors
+
+        plain()  # warm up both paths (allocator, data decoding)
+        extraction()
+        t_plain = min(_time(plain) for _ in range(args.repeat))
+        t_extract = min(_time(extraction) for _ in range(args.repeat))
+        feats = sum(sweep.reducer(p).n_features for p in sweep.points)
+        print(f"mnist_convnet, {n} examples, {len(layers)} probe points, {feats} features/example after reducer '{args.reducer}', {args.dtype} shards, {torch.get_num_threads()} threads")
+        print(f"plain forward:        {t_plain:7.2f} s  ({n / t_plain:8.0f} examples/s)")
+        print(f"extract all layers:   {t_extract:7.2f} s  ({n / t_extract:8.0f} examples/s, {n * feats * (2 if args.dtype == 'float16' else 4) / t_extract / 1e9:.2f} GB/s of activations)")
+        print(f"ratio extract/plain:  {t_extract / t_plain:7.2f}x  (target <= 1.25x)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()

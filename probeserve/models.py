@@ -1,0 +1,350 @@
+"""Build the model a sweep's checkpoints belong to, and the built-in models of the paper.
+
+A checkpoint holds only weights, so probeserve needs the code that builds the matching
+`nn.Module`. `ModelSpec.factory` names that code: a built-in name from `BUILTIN_MODELS`, or
+`package.module:function` for a user's own factory, called with `ModelSpec.kwargs`. Every
+way that can go wrong (unknown name, module not importable, attribute missing, a keyword
+the factory does not take, a result that is not a module) becomes a `ModelError` that names
+the factory, because these are spec mistakes, not bugs.
+
+The built-ins reproduce the models of Alain & Bengio (2016): the deep MLP of section 3.4
+(with its auxiliary heads and the pathological skip connection) and the TensorFlow MNIST
+convnet of Figure 4. Every operation is its own named module (no inplace ops, no
+`nn.Sequential` wrappers around a layer) so that each one is a separate probe point and a
+captured activation is never overwritten later in the forward pass.
+
+Models may set `input_shape`, the shape of one example without the batch dimension; all
+built-ins do. `example_input` uses it to make the dummy batch that discovers probe points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from probeserve.errors import ModelError
+from probeserve.spec import ModelSpec
+
+_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _make_activation(activation: str, negative_slope: float) -> nn.Module:
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    if activation == "tanh":
+        return nn.Tanh()
+    if activation == "sigmoid":
+        return nn.Sigmoid()
+    if activation == "identity":
+        return nn.Identity()
+    raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}; got {activation!r}")
+
+
+def _glorot_linear(in_features: int, out_features: int) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_normal_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class MLP(nn.Module):
+    """The deep MLP of the paper's section 3.4.
+
+    Layers are numbered as in the paper: layer 0 is the (flattened) input and hidden layer
+    `k` (1 to `depth`) is `hidden.k`, made of `hidden.k.linear` then `hidden.k.act`. The
+    final logits come from `head`. Module names and argument numbers therefore agree:
+    `aux.k` reads the activation of hidden layer `k`, and the skip connection goes from the
+    activation of layer `skip_from` (0: the input) into the linear of layer `skip_to`,
+    whose input is `cat(activation of layer skip_to - 1, activation of layer skip_from)`.
+    That skip is the paper's pathological shortcut: training routes around the layers in
+    between, and their probes show it.
+
+    Each hidden layer is a `ModuleDict` that is never called itself, so it is not a probe
+    point of its own that would duplicate `hidden.k.act`. Auxiliary heads run only in
+    `forward_with_aux`; `forward` returns the main logits and ignores them.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        depth: int,
+        width: int,
+        num_classes: int,
+        activation: str,
+        negative_slope: float,
+        aux_every: int | None,
+        skip_from: int | None,
+        skip_to: int | None,
+    ) -> None:
+        super().__init__()
+        self.input_shape = input_shape
+        self.skip_from = skip_from
+        self.skip_to = skip_to
+        input_dim = math.prod(input_shape)
+
+        def width_of(layer: int) -> int:
+            return input_dim if layer == 0 else width
+
+        self.hidden = nn.ModuleDict()
+        for k in range(1, depth + 1):
+            in_features = width_of(k - 1)
+            if k == skip_to:
+                assert skip_from is not None
+                in_features += width_of(skip_from)
+            self.hidden[str(k)] = nn.ModuleDict(
+                {
+                    "linear": _glorot_linear(in_features, width),
+                    "act": _make_activation(activation, negative_slope),
+                }
+            )
+        self.head = _glorot_linear(width, num_classes)
+        # An auxiliary head on the last hidden layer would duplicate `head`, so none there.
+        aux_layers = range(aux_every, depth, aux_every) if aux_every else range(0)
+        self.aux = nn.ModuleDict({str(k): _glorot_linear(width, num_classes) for k in aux_layers})
+
+    def _run(self, x: torch.Tensor, *, with_aux: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = x.flatten(1)
+        skip_source = h if self.skip_from == 0 else None
+        aux_logits = []
+        for key, layer in self.hidden.items():
+            k = int(key)
+            if k == self.skip_to:
+                h = torch.cat([h, skip_source], dim=1)
+            h = layer["act"](layer["linear"](h))
+            if k == self.skip_from:
+                skip_source = h
+            if with_aux and key in self.aux:
+                aux_logits.append(self.aux[key](h))
+        return self.head(h), aux_logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, with_aux=False)[0]
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits and the auxiliary heads' logits, in layer order (for training)."""
+        return self._run(x, with_aux=True)
+
+
+def mlp(
+    *,
+    input_dim: int | None = None,
+    input_shape: list[int] | None = None,
+    depth: int = 4,
+    width: int = 128,
+    num_classes: int = 10,
+    activation: str = "relu",
+    negative_slope: float = 0.5,
+    aux_every: int | None = None,
+    skip_from: int | None = None,
+    skip_to: int | None = None,
+) -> MLP:
+    """The paper's deep MLP: `depth` hidden layers of `width` units, Glorot-normal init.
+
+    `input_shape` (for example `[1, 28, 28]`) lets it take images, flattened first;
+    `input_dim` is then optional and must agree. With neither, the input is 784 features.
+    `activation` is relu, leaky_relu (slope `negative_slope`; the paper uses 0.5), tanh,
+    sigmoid or identity. See `MLP` for `aux_every`, `skip_from` and `skip_to`.
+    """
+    if input_shape is not None:
+        if not isinstance(input_shape, (list, tuple)) or not input_shape:
+            raise ValueError(f"input_shape must be a non-empty list of sizes, got {input_shape!r}")
+        shape = tuple(_check_int("input_shape[]", s, minimum=1) for s in input_shape)
+        if input_dim is not None and input_dim != math.prod(shape):
+            raise ValueError(
+                f"input_dim={input_dim} disagrees with input_shape={list(shape)} "
+                f"({math.prod(shape)} features); give only one of them"
+            )
+    else:
+        shape = (_check_int("input_dim", 784 if input_dim is None else input_dim, minimum=1),)
+    _check_int("depth", depth, minimum=1)
+    _check_int("width", width, minimum=1)
+    _check_int("num_classes", num_classes, minimum=2)
+    _make_activation(activation, negative_slope)  # validates the name
+    if aux_every is not None:
+        _check_int("aux_every", aux_every, minimum=1)
+    if (skip_from is None) != (skip_to is None):
+        raise ValueError("skip_from and skip_to go together: set both or neither")
+    if skip_from is not None:
+        _check_int("skip_from", skip_from, minimum=0)
+        _check_int("skip_to", skip_to, minimum=1)
+        if not skip_from < skip_to <= depth:
+            raise ValueError(
+                f"need 0 <= skip_from < skip_to <= depth; got skip_from={skip_from}, "
+                f"skip_to={skip_to}, depth={depth} (0 is the input, 1..depth the hidden layers)"
+            )
+    return MLP(
+        input_shape=shape,
+        depth=depth,
+        width=width,
+        num_classes=num_classes,
+        activation=activation,
+        negative_slope=float(negative_slope),
+        aux_every=aux_every,
+        skip_from=skip_from,
+        skip_to=skip_to,
+    )
+
+
+class MnistConvNet(nn.Module):
+    """The TensorFlow MNIST tutorial convnet of the paper's Figure 4.
+
+    Each op is its own module so that the probes of Figure 5 (conv1 pre-activation,
+    post-activation, post-pooling, ...) are the probe points `conv1`, `relu1`, `pool1`, ...
+    The flatten before `fc1` happens in `forward`, so it is not a probe point (it would
+    only repeat `pool2`).
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.input_shape = (in_channels, image_size, image_size)
+        pooled = image_size // 2 // 2
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(pooled * pooled * 64, 512)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(x.flatten(1))))
+
+
+def mnist_convnet(*, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> MnistConvNet:
+    """The paper's Figure 4 convnet: 28x28 input, two 5x5 conv + 2x2 maxpool, fc 512, logits."""
+    _check_int("num_classes", num_classes, minimum=2)
+    _check_int("in_channels", in_channels, minimum=1)
+    _check_int("image_size", image_size, minimum=4)
+    return MnistConvNet(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+
+
+class Tiny(nn.Module):
+    """Two linear layers and a ReLU: a model small enough for every unit test."""
+
+    def __init__(self, *, input_dim: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.input_shape = (input_dim,)
+        self.fc1 = nn.Linear(input_dim, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def tiny(*, input_dim: int = 8, hidden: int = 16, num_classes: int = 2) -> Tiny:
+    """A 2-layer MLP (`fc1`, `act`, `fc2`) for fast tests."""
+    _check_int("input_dim", input_dim, minimum=1)
+    _check_int("hidden", hidden, minimum=1)
+    _check_int("num_classes", num_classes, minimum=2)
+    return Tiny(input_dim=input_dim, hidden=hidden, num_classes=num_classes)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "mnist_convnet": mnist_convnet,
+    "tiny": tiny,
+}
+
+
+def _resolve_factory(factory: str) -> Callable[..., Any]:
+    if factory in BUILTIN_MODELS:
+        return BUILTIN_MODELS[factory]
+    module_name, sep, attr_path = factory.partition(":")
+    if not sep:
+        raise ModelError(
+            f"model.factory: unknown built-in model {factory!r}; built-ins are "
+            f"{', '.join(sorted(BUILTIN_MODELS))}, or give an import path 'package.module:function'"
+        )
+    if not module_name or not attr_path:
+        raise ModelError(f"model.factory: {factory!r} is not of the form 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # user code: an import can fail in any way, all of them are spec errors
+        raise ModelError(
+            f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}"
+        ) from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(
+                f"model.factory {factory!r}: module {module_name!r} has no attribute {attr_path!r}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"model.factory {factory!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def _check_kwargs(factory: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Say which keyword is wrong before calling, rather than relay a bare TypeError."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature; the call will tell
+        return
+    params = sig.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [
+        name
+        for name, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown and not takes_any:
+        raise ModelError(
+            f"model.kwargs: factory {factory!r} does not take {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(accepted) or '(no keyword arguments)'}"
+        )
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ModelError(f"model.kwargs: factory {factory!r}: {e}") from None
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Call the factory `spec.factory` with `spec.kwargs`; the result has random weights."""
+    fn = _resolve_factory(spec.factory)
+    _check_kwargs(spec.factory, fn, spec.kwargs)
+    try:
+        model = fn(**spec.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"model.kwargs: factory {spec.factory!r} rejected its arguments: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model.factory {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def example_input(model: nn.Module, batch_size: int = 2) -> torch.Tensor | None:
+    """A random batch shaped like the model's input, or None if `model.input_shape` is unset.
+
+    The batch is on the device of the model's first parameter, in its floating dtype.
+    """
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return None
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch_size, *tuple(shape), device=device, dtype=dtype)

@@ -1,0 +1,215 @@
+"""Model factories: built-ins, import paths and the errors a wrong `model:` section gets."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from probeserve.errors import ModelError
+from probeserve.models import BUILTIN_MODELS, build_model, example_input, mlp, mnist_convnet, tiny
+from probeserve.spec import ModelSpec
+
+
+def _build(factory: str, **kwargs):
+    return build_model(ModelSpec(factory=factory, kwargs=kwargs))
+
+
+# --- build_model ------------------------------------------------------------------------
+
+
+def test_builtins_build_and_run_on_their_example_input():
+    for name in BUILTIN_MODELS:
+        model = _build(name)
+        x = example_input(model, batch_size=3)
+        assert x is not None and x.shape == (3, *model.input_shape)
+        assert model(x).shape == (3, 10 if name != "tiny" else 2)
+
+
+def test_import_path_factory_from_a_user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_factories.py").write_text(
+        textwrap.dedent(
+            """
+            import torch.nn as nn
+
+            def two_layers(*, width):
+                return nn.Sequential(nn.Linear(3, width), nn.Linear(width, 2))
+
+            NOT_A_MODULE = lambda: 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = _build("my_factories:two_layers", width=5)
+    assert isinstance(model, nn.Sequential) and model[0].out_features == 5
+
+    with pytest.raises(ModelError, match=r"returned a int, not a torch.nn.Module"):
+        _build("my_factories:NOT_A_MODULE")
+    with pytest.raises(ModelError, match=r"does not take 'depth'.*it takes: width"):
+        _build("my_factories:two_layers", width=5, depth=3)
+    with pytest.raises(ModelError, match=r"my_factories:two_layers.*missing a required argument: 'width'"):
+        _build("my_factories:two_layers")
+
+
+def test_import_path_to_a_library_class():
+    model = _build("torch.nn:Linear", in_features=4, out_features=3)
+    assert isinstance(model, nn.Linear) and model.weight.shape == (3, 4)
+    assert example_input(model) is None  # no input_shape attribute
+
+
+def test_unknown_builtin_lists_the_builtins():
+    with pytest.raises(ModelError, match=r"unknown built-in model 'resnet'.*mlp, mnist_convnet, tiny"):
+        _build("resnet")
+
+
+def test_unimportable_module_and_missing_attribute():
+    with pytest.raises(
+        ModelError, match=r"cannot import module 'no_such_package_xyz.models'.*No module named"
+    ):
+        _build("no_such_package_xyz.models:net")
+    with pytest.raises(ModelError, match=r"'torch.nn:NoSuchLayer'.*no attribute 'NoSuchLayer'"):
+        _build("torch.nn:NoSuchLayer")
+
+
+def test_bad_kwarg_of_a_builtin_names_it():
+    with pytest.raises(ModelError, match=r"'mlp' does not take 'widht'"):
+        _build("mlp", widht=10)
+    with pytest.raises(ModelError, match=r"depth must be >= 1"):
+        _build("mlp", depth=0)
+    with pytest.raises(ModelError, match=r"activation must be one of"):
+        _build("mlp", activation="gelu")
+    with pytest.raises(ModelError, match=r"width must be an integer"):
+        _build("mlp", width="128")
+
+
+# --- mlp --------------------------------------------------------------------------------
+
+
+def test_mlp_structure_and_names():
+    model = mlp(depth=3, width=7, input_shape=[1, 4, 4], num_classes=5, activation="leaky_relu")
+    names = [n for n, _ in model.named_modules()]
+    for k in (1, 2, 3):
+        assert f"hidden.{k}.linear" in names and f"hidden.{k}.act" in names
+    assert "head" in names and "hidden.0.linear" not in names
+    assert model.input_shape == (1, 4, 4)
+    assert model.hidden["1"].linear.in_features == 16
+    assert isinstance(model.hidden["2"].act, nn.LeakyReLU) and model.hidden["2"].act.negative_slope == 0.5
+    assert model(torch.randn(2, 1, 4, 4)).shape == (2, 5)
+
+
+def test_mlp_input_dim_must_agree_with_input_shape():
+    assert mlp(input_dim=12, depth=1).input_shape == (12,)
+    assert mlp(depth=1).input_shape == (784,)
+    with pytest.raises(ValueError, match="input_dim=10 disagrees with input_shape"):
+        mlp(input_dim=10, input_shape=[1, 28, 28])
+
+
+def test_mlp_skip_connection_concatenates():
+    model = mlp(input_dim=10, depth=5, width=6, skip_from=0, skip_to=4)
+    assert model.hidden["4"].linear.in_features == 6 + 10
+    assert all(model.hidden[str(k)].linear.in_features == 6 for k in (2, 3, 5))
+
+    # The skip really feeds layer 0 into layer 4: with layers 1..3 zeroed out, the output
+    # still depends on the input, through the skip alone.
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            model.hidden[str(k)].linear.weight.zero_()
+    x = torch.randn(4, 10)
+    assert not torch.allclose(model(x), model(torch.zeros(4, 10)))
+
+    model = mlp(input_dim=10, depth=4, width=6, skip_from=1, skip_to=3)
+    assert model.hidden["3"].linear.in_features == 12
+    assert model(torch.randn(2, 10)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"skip_from": 0}, "set both or neither"),
+        ({"skip_from": 2, "skip_to": 2}, "0 <= skip_from < skip_to <= depth"),
+        ({"skip_from": 0, "skip_to": 5}, "0 <= skip_from < skip_to <= depth"),
+        ({"skip_from": -1, "skip_to": 2}, "skip_from must be >= 0"),
+        ({"aux_every": 0}, "aux_every must be >= 1"),
+    ],
+)
+def test_mlp_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mlp(depth=4, **kwargs)
+
+
+def test_mlp_aux_heads():
+    model = mlp(input_dim=8, depth=7, width=5, num_classes=3, aux_every=3)
+    assert sorted(model.aux.keys()) == ["3", "6"]
+    x = torch.randn(2, 8)
+    logits, aux = model.forward_with_aux(x)
+    assert torch.equal(logits, model(x))
+    assert [a.shape for a in aux] == [(2, 3), (2, 3)]
+
+    # aux.3 reads the activation of hidden layer 3.
+    h = x
+    for k in (1, 2, 3):
+        h = model.hidden[str(k)].act(model.hidden[str(k)].linear(h))
+    torch.testing.assert_close(aux[0], model.aux["3"](h))
+
+    # No auxiliary head on the last hidden layer: that would be the main head again.
+    assert list(mlp(input_dim=8, depth=4, width=5, aux_every=2).aux.keys()) == ["2"]
+
+
+def test_mlp_glorot_normal_init():
+    model = mlp(input_dim=400, depth=2, width=600, num_classes=10)
+    linear = model.hidden["1"].linear
+    expected_std = math.sqrt(2.0 / (400 + 600))
+    assert linear.weight.std().item() == pytest.approx(expected_std, rel=0.03)
+    assert abs(linear.weight.mean().item()) < 0.02 * expected_std  # ~10 standard errors of the mean
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            assert torch.count_nonzero(m.bias) == 0
+    head_std = math.sqrt(2.0 / (600 + 10))
+    assert model.head.weight.std().item() == pytest.approx(head_std, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("activation", "kind"),
+    [("relu", nn.ReLU), ("tanh", nn.Tanh), ("sigmoid", nn.Sigmoid), ("identity", nn.Identity)],
+)
+def test_mlp_activations(activation, kind):
+    act = mlp(input_dim=4, depth=1, width=3, activation=activation).hidden["1"].act
+    assert isinstance(act, kind)
+    if isinstance(act, nn.ReLU):
+        assert not act.inplace
+
+
+# --- mnist_convnet and tiny -------------------------------------------------------------
+
+
+def test_mnist_convnet_modules_in_order():
+    model = mnist_convnet()
+    names = [n for n, _ in model.named_children()]
+    assert names == ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "fc1", "relu3", "fc2"]
+    assert model.input_shape == (1, 28, 28)
+    assert model.fc1.in_features == 7 * 7 * 64 and model.fc1.out_features == 512
+    assert model.conv1.kernel_size == (5, 5) and model.conv1.out_channels == 32
+    assert model.conv2.out_channels == 64
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def test_mnist_convnet_other_sizes():
+    model = mnist_convnet(in_channels=3, image_size=32, num_classes=4)
+    assert model.input_shape == (3, 32, 32)
+    assert model.fc1.in_features == 8 * 8 * 64
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_tiny():
+    model = tiny(input_dim=5, hidden=4, num_classes=3)
+    assert [n for n, _ in model.named_children()] == ["fc1", "act", "fc2"]
+    assert model(torch.randn(2, 5)).shape == (2, 3)
+
+
+def test_example_input_follows_model_dtype():
+    model = tiny().double()
+    x = example_input(model, batch_size=4)
+    assert x.dtype == torch.float64 and x.shape == (4, 8)

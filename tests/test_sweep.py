@@ -1,0 +1,245 @@
+"""The core, end to end on one machine: checkpoints in storage to committed results."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from probeserve import results
+from probeserve.checkpoints import save_checkpoint
+from probeserve.cli import main
+from probeserve.errors import SpecError
+from probeserve.models import build_model
+from probeserve.runners.local import run_local
+from probeserve.spec import ModelSpec, spec_from_dict
+from probeserve.storage import open_storage
+from probeserve.sweep import Sweep
+
+
+def tiny_spec(root, **over):
+    spec = {
+        "run": "t",
+        "checkpoints": {"uri": str(root / "ckpts")},
+        "model": {"factory": "tiny", "kwargs": {"input_dim": 6, "hidden": 12, "num_classes": 2}},
+        "layers": {"include": ["input", "fc1", "act", "fc2"]},
+        "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
+        "probe": {"max_epochs": 50, "l2": 1e-3},
+        "resources": {"device": "cpu"},
+        "output": {"uri": str(root / "out")},
+    }
+    for k, v in over.items():
+        spec[k] = v
+    return spec_from_dict(spec)
+
+
+def write_checkpoints(spec, steps=(0, 10)):
+    torch.manual_seed(1)
+    model = build_model(ModelSpec(**spec.model.model_dump()))
+    for s in steps:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * s)
+        save_checkpoint(model, spec.checkpoints.uri, s)
+
+
+def test_sweep_commits_one_row_per_item_and_rerun_does_nothing(tmp_path):
+    spec = tiny_spec(tmp_path)
+    write_checkpoints(spec)
+    summary = run_local(spec)
+    assert summary.ok == 8 and not summary.failed and summary.exit_code == 0
+    table = results.load(spec.output.uri)
+    assert table.num_rows == 8
+    rows = table.to_pylist()
+    assert {r["status"] for r in rows} == {"ok"}
+    assert [r["layer"] for r in rows[:4]] == ["input", "fc1", "act", "fc2"]
+    assert [r["layer_index"] for r in rows[:4]] == sorted(r["layer_index"] for r in rows[:4])
+    # the input layer of the gaussian problem is linearly separable by construction
+    inp = [r for r in rows if r["layer"] == "input"]
+    assert all(r["test_error"] < 0.1 < r["chance_error"] for r in inp)
+    assert all(r["n_train"] == 600 and r["n_val"] == 200 and r["n_test"] == 200 for r in rows)
+    keys = results.result_keys(open_storage(spec.output.uri), "t")
+    assert len(keys) == 8
+    # shards are self-describing Parquet that plain pyarrow reads
+    shard = next((tmp_path / "out" / "activations").rglob("part-00000.parquet"))
+    meta = pq.read_schema(shard).metadata
+    assert meta[b"probeserve.run"] == b"t" and b"probeserve.layer" in meta
+    before = {k: os.stat(tmp_path / "out" / k).st_mtime_ns for k in keys}
+    again = run_local(spec)
+    assert again.ok == 0 and again.skipped_done == 8 and not again.failed
+    assert before == {k: os.stat(tmp_path / "out" / k).st_mtime_ns for k in keys}
+
+
+def test_interrupted_run_resumes_only_missing_items(tmp_path, monkeypatch):
+    spec = tiny_spec(tmp_path)
+    write_checkpoints(spec)
+    import probeserve.runners.local as local
+
+    calls = {"n": 0}
+    real_probe = local.probe
+
+    def dying_probe(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # like a kill between two items
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(local, "probe", dying_probe)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec)
+    assert results.load(spec.output.uri).num_rows == 2
+    monkeypatch.setattr(local, "probe", real_probe)
+    summary = run_local(spec)
+    assert summary.skipped_done == 2 and summary.ok == 6
+    assert results.load(spec.output.uri).num_rows == 8
+
+
+def test_corrupt_checkpoint_fails_its_items_and_others_go_on(tmp_path, capsys):
+    spec = tiny_spec(tmp_path)
+    write_checkpoints(spec)
+    bad = os.path.join(spec.checkpoints.uri, "step=000000010", "model.safetensors")
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    summary = run_local(spec)
+    assert summary.ok == 4 and len(summary.failed) == 4 and summary.exit_code == 1
+    rows = results.load(spec.output.uri).to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["step"] for r in failed} == {10}
+    assert all("step=000000010/model.safetensors" in r["error"] for r in failed)
+    # rerun retries only the failed items
+    again = run_local(spec)
+    assert again.skipped_done == 4 and len(again.failed) == 4
+
+
+def test_checkpoint_without_marker_is_skipped_and_reported(tmp_path):
+    spec = tiny_spec(tmp_path)
+    write_checkpoints(spec)
+    os.unlink(os.path.join(spec.checkpoints.uri, "step=000000010", "COMPLETE"))
+    summary = run_local(spec)
+    assert summary.incomplete == ["step=000000010/model.safetensors"]
+    assert {r["step"] for r in results.load(spec.output.uri).to_pylist()} == {0}
+
+
+def test_run_name_reused_by_another_spec_is_refused(tmp_path):
+    spec = tiny_spec(tmp_path)
+    write_checkpoints(spec, steps=(0,))
+    run_local(spec)
+    other = tiny_spec(tmp_path, probe={"l2": 0.5})
+    with pytest.raises(SpecError, match="different spec"):
+        run_local(other)
+
+
+def test_adding_a_layer_to_a_finished_run_extracts_only_it(tmp_path):
+    spec = tiny_spec(tmp_path, layers={"include": ["fc1"]})
+    write_checkpoints(spec, steps=(0,))
+    run_local(spec)
+    more = tiny_spec(tmp_path, layers={"include": ["fc1", "fc2"]})
+    summary = run_local(more)
+    assert summary.ok == 1 and summary.skipped_done == 1
+
+
+def test_sweep_on_s3(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    bucket = s3_server.new_bucket()
+    spec = tiny_spec(
+        tmp_path,
+        checkpoints={"uri": f"s3://{bucket}/ckpts"},
+        output={"uri": f"s3://{bucket}/probes"},
+        layers={"include": ["input", "fc2"]},
+    )
+    write_checkpoints(spec, steps=(0,))
+    summary = run_local(spec)
+    assert summary.ok == 2 and not summary.failed
+    table = results.load(f"s3://{bucket}/probes")
+    assert table.column("status").to_pylist() == ["ok", "ok"]
+
+
+# ---- the command line: bad input gets one clear line and exit 2 ----
+
+
+def write_spec(tmp_path, spec) -> str:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec))
+    return str(path)
+
+
+def test_cli_validate_reports_field_paths(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("checkpoints: {uri: c}\nmodel: {factory: tiny}\ndata: {kind: gaussian}\noutput: {uri: o}\nprobe: {patience: soon, lr: 1}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "probe.patience" in err and "probe.lr: unknown field" in err
+    assert "Traceback" not in err
+
+
+def test_cli_unknown_layer_lists_available_names(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, layers={"include": ["fc9"]})
+    write_checkpoints(spec, steps=(0,))
+    assert main(["run", write_spec(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert "fc9" in err and "fc1" in err and "Traceback" not in err
+
+
+def test_cli_no_checkpoints_and_missing_prefix(tmp_path, capsys):
+    spec = tiny_spec(tmp_path)
+    assert main(["run", write_spec(tmp_path, spec)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    os.makedirs(spec.checkpoints.uri)
+    assert main(["plan", write_spec(tmp_path, spec)]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
+
+
+def test_cli_missing_label_column_and_single_class(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+    table = pa.table({"x": list(x), "target": np.zeros(300, dtype=np.int64)})
+    pq.write_table(table, tmp_path / "data.parquet")
+    data = {"kind": "parquet", "uri": str(tmp_path / "data.parquet"), "val_size": 50, "test_size": 50}
+    spec = tiny_spec(tmp_path, data=data)
+    write_checkpoints(spec, steps=(0,))
+    assert main(["run", write_spec(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert "label" in err and "target" in err
+    one_class = tiny_spec(tmp_path, data={**data, "label_column": "target"})
+    assert main(["run", write_spec(tmp_path, one_class)]) == 2
+    assert "single class" in capsys.readouterr().err
+
+
+def test_cli_run_plan_query(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec)
+    path = write_spec(tmp_path, spec)
+    assert main(["plan", path]) == 0
+    assert "4 pending" in capsys.readouterr().out
+    assert main(["run", path]) == 0
+    assert main(["plan", path]) == 0
+    assert "4 done" in capsys.readouterr().out
+    out = spec.output.uri
+    assert main(["query", out, "--sql", "SELECT count(*) AS n FROM results WHERE status = 'ok'", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": 4}]
+    assert main(["query", out, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith('"run","step","layer"')
+    assert main(["query", out, "--sql", "SELEC nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --sql:") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_layers_lists_probe_points(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, reducer={"kind": "subset", "max_features": 4})
+    assert main(["layers", write_spec(tmp_path, spec)]) == 0
+    out = capsys.readouterr().out
+    assert "fc1" in out and "input" in out and "after_reducer" in out
+
+
+def test_sweep_object_pickles_without_caches(tmp_path):
+    import pickle
+
+    spec = tiny_spec(tmp_path)
+    sweep = Sweep(spec)
+    _ = sweep.output
+    clone = pickle.loads(pickle.dumps(sweep))
+    assert clone.spec == spec and "output" not in clone.__dict__
