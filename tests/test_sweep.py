@@ -170,7 +170,9 @@ def write_spec(tmp_path, spec) -> str:
 
 def test_cli_validate_reports_field_paths(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text("checkpoints: {uri: c}\nmodel: {factory: tiny}\ndata: {kind: gaussian}\noutput: {uri: o}\nprobe: {patience: soon, lr: 1}\n")
+    path.write_text(
+        "checkpoints: {uri: c}\nmodel: {factory: tiny}\ndata: {kind: gaussian}\noutput: {uri: o}\nprobe: {patience: soon, lr: 1}\n"
+    )
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "probe.patience" in err and "probe.lr: unknown field" in err
@@ -219,7 +221,19 @@ def test_cli_run_plan_query(tmp_path, capsys):
     assert main(["plan", path]) == 0
     assert "4 done" in capsys.readouterr().out
     out = spec.output.uri
-    assert main(["query", out, "--sql", "SELECT count(*) AS n FROM results WHERE status = 'ok'", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                out,
+                "--sql",
+                "SELECT count(*) AS n FROM results WHERE status = 'ok'",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [{"n": 4}]
     assert main(["query", out, "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith('"run","step","layer"')
@@ -243,3 +257,25 @@ def test_sweep_object_pickles_without_caches(tmp_path):
     _ = sweep.output
     clone = pickle.loads(pickle.dumps(sweep))
     assert clone.spec == spec and "output" not in clone.__dict__
+
+
+def test_cli_missing_bucket_is_named(s3_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    spec = tiny_spec(tmp_path, checkpoints={"uri": "s3://no-such-bucket-here/ckpts"})
+    assert main(["plan", write_spec(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert "s3://no-such-bucket-here/ckpts does not exist" in err and "Traceback" not in err
+
+
+def test_cli_unsupported_checkpoint_file_fails_its_items(tmp_path, capsys):
+    spec = tiny_spec(
+        tmp_path, checkpoints={"uri": str(tmp_path / "ckpts"), "weights": "*/model.*", "completeness": "none"}
+    )
+    write_checkpoints(spec, steps=(0,))
+    (tmp_path / "ckpts" / "step=5").mkdir()
+    (tmp_path / "ckpts" / "step=5" / "model.onnx").write_bytes(b"\x08\x07onnx-ish bytes")
+    assert main(["run", write_spec(tmp_path, spec)]) == 1
+    captured = capsys.readouterr()
+    assert "unsupported checkpoint format" in captured.err and "step=5/model.onnx" in captured.err
+    rows = results.load(spec.output.uri).to_pylist()
+    assert {(r["step"], r["status"]) for r in rows} == {(0, "ok"), (5, "failed")}
