@@ -142,11 +142,22 @@ def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> N
     print(format_table(out, ["layer"] + [f"step {s}" for s in steps]))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from probeserve.runners.local import run_local
+def run_spec(spec, *, runner: str, address: str | None, max_actors: int | None = None):
+    """Run a spec with the chosen runner: Ray (local cluster unless an address is given) or in-process."""
+    if runner == "local":
+        if address:
+            raise ProbeserveError("--address goes with the ray runner, not --runner local")
+        from probeserve.runners.local import run_local
 
+        return run_local(spec)
+    from probeserve.runners.ray import run_ray
+
+    return run_ray(spec, address=address, max_actors=max_actors)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    summary = run_local(spec)
+    summary = run_spec(spec, runner=args.runner, address=args.address, max_actors=args.max_actors)
     print_results_table(spec.output.uri, spec.run, spec.storage.resolved_endpoint())
     print(
         f"\n{summary.ok} item(s) done now, {summary.skipped_done} already done, "
@@ -155,6 +166,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for ckpt, layer, error in summary.failed:
         print(f"FAILED {ckpt} {layer}: {error}", file=sys.stderr)
     return summary.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from probeserve.status import run_status
+
+    rows = run_status(args.output, run=args.run, s3_endpoint=args.s3_endpoint)
+    if not rows:
+        print(f"no runs under {args.output}")
+        return 0
+    print(format_table(rows, ["run", "checkpoints", "items", "done", "failed", "running", "pending"]))
+    return 0
 
 
 DEFAULT_SQL = (
@@ -195,7 +217,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from probeserve.demo import run_demo
 
-    return run_demo(out=args.out, quick=args.quick)
+    return run_demo(out=args.out, quick=args.quick, runner=args.runner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_layers
     )
     with_spec("plan", "show done, failed and pending items with activation sizes").set_defaults(func=cmd_plan)
-    with_spec("run", "run every pending item in this process").set_defaults(func=cmd_run)
+    r = with_spec("run", "run every pending item: on Ray (a local one unless --address), or in-process")
+    r.add_argument(
+        "--address", help="Ray cluster: auto, host:port or ray://host:port (default: start a local Ray)"
+    )
+    r.add_argument("--runner", choices=["ray", "local"], default="ray", help="local: in this process, no Ray")
+    r.add_argument("--max-actors", type=int, help="at most this many probe actors")
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="progress of the runs in an output location, read from storage")
+    st.add_argument("output", help="the spec's output.uri")
+    st.add_argument("--run", help="only this run")
+    st.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
+    st.set_defaults(func=cmd_status)
 
     q = sub.add_parser("query", help="query the results table with SQL (a view named 'results')")
     q.add_argument("results", help="the spec's output.uri (or its results/ folder)")
@@ -234,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train mnist_convnet on Fashion-MNIST, checkpoint it, probe every layer")
     d.add_argument("--out", default="demo-output", help="folder used as the bucket (default: demo-output)")
     d.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
+    d.add_argument("--runner", choices=["ray", "local"], default="ray", help="local: in this process, no Ray")
     d.set_defaults(func=cmd_demo)
     return parser
 

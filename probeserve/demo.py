@@ -98,10 +98,9 @@ def train_and_checkpoint(spec, steps: tuple[int, ...], *, quick: bool) -> None:
         step += 1
 
 
-def run_demo(*, out: str = "demo-output", quick: bool = False) -> int:
-    from probeserve.cli import print_results_table
+def run_demo(*, out: str = "demo-output", quick: bool = False, runner: str = "ray") -> int:
+    from probeserve.cli import print_results_table, run_spec
     from probeserve.data import find_fashion_mnist
-    from probeserve.runners.local import run_local
     from probeserve.spec import spec_from_dict
 
     out = os.path.abspath(out)
@@ -122,7 +121,7 @@ def run_demo(*, out: str = "demo-output", quick: bool = False) -> int:
     with open(os.path.join(out, "demo-spec.yaml"), "w") as f:
         yaml.safe_dump(spec_dict, f, sort_keys=False)
     train_and_checkpoint(spec, QUICK_STEPS if quick else STEPS, quick=quick)
-    summary = run_local(spec)
+    summary = run_spec(spec, runner=runner, address=None)
     print_results_table(out, spec.run, None)
     print(
         f"\n{summary.ok} probe(s) trained now, {summary.skipped_done} already done, "

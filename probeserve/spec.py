@@ -189,7 +189,9 @@ class ResourcesSpec(_Strict):
     extract_batch_size: int = Field(default=256, gt=0)
     num_cpus_per_probe: float = Field(default=1.0, gt=0)
     num_gpus_per_probe: float = Field(default=0.25, ge=0)
-    num_gpus_per_extract: float = Field(default=1.0, ge=0)
+    num_gpus_per_extract: float = Field(
+        default=0.5, ge=0, description="leave room for probe actors on the same GPU"
+    )
     max_checkpoints_in_flight: int = Field(default=2, gt=0)
     torch_threads: int | None = Field(default=None, gt=0)
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -173,23 +175,29 @@ class Sweep:
         return plan
 
     def record_spec(self) -> None:
-        """Save the resolved spec beside the results; refuse a run name used by another spec."""
+        """Save the resolved spec beside the results; refuse a run name used by another spec.
+
+        Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
+        which reads progress without building the model.
+        """
         key = join(RUNS_DIR, self.spec.run, "spec.json")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
         if self.output.create_only(key, body.encode()):
             self.output.publish_bytes(
                 join(RUNS_DIR, self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
             )
-            return
-        stored = json.loads(self.output.read_bytes(key))
-        if stored.get("spec_hash") != self.spec_hash:
-            raise SpecError(
-                [
-                    f"run: run {self.spec.run!r} in {self.output.uri} was made with a different spec "
-                    f"(hash {stored.get('spec_hash')} vs {self.spec_hash}: model, data, reducer, probe or "
-                    "layers.inputs changed); choose another run name or output.uri"
-                ]
-            )
+        else:
+            stored = json.loads(self.output.read_bytes(key))
+            if stored.get("spec_hash") != self.spec_hash:
+                raise SpecError(
+                    [
+                        f"run: run {self.spec.run!r} in {self.output.uri} was made with a different spec "
+                        f"(hash {stored.get('spec_hash')} vs {self.spec_hash}: model, data, reducer, probe or "
+                        "layers.inputs changed); choose another run name or output.uri"
+                    ]
+                )
+        layers = [{"layer": p.name, "layer_index": p.index} for p in self.points]
+        self.output.publish_bytes(join(RUNS_DIR, self.spec.run, "layers.json"), json.dumps(layers).encode())
 
     def manifest(self, ckpt: Checkpoint, layer: str) -> dict[str, Any] | None:
         key = manifest_key(self.spec.run, ckpt, layer)
@@ -384,3 +392,61 @@ def log_failure(item: str, e: BaseException) -> None:
         log.error("%s failed: %s", item, e)
     else:
         log.error("%s failed:\n%s", item, "".join(traceback.format_exception(e)))
+
+
+RUNNING_DIR = "running"
+
+
+def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
+    return join(
+        RUNNING_DIR,
+        run,
+        results.checkpoint_dir(ckpt.key, ckpt.step),
+        results.layer_file(layer)[:-8] + ".json",
+    )
+
+
+def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str, str]:
+    """Extract the layers of one checkpoint that have no manifest; commit a failed row for
+    each layer that could not be extracted. Returns {layer: error} of those."""
+    ckpt = items[0].checkpoint
+    need = [i for i in items if sweep.manifest(ckpt, i.layer) is None]
+    if not need:
+        return {}
+    t0 = time.perf_counter()
+    try:
+        errors = extract(sweep, ckpt, [i.layer for i in need], device=device)
+    except Exception as e:
+        log_failure(f"extract {ckpt.key}", e)
+        errors = {i.layer: describe_error(e) for i in need}
+    for item in need:
+        if item.layer in errors:
+            row = sweep.failed_row(
+                ckpt, item.layer, item.layer_index, errors[item.layer], time.perf_counter() - t0
+            )
+            results.commit(sweep.output, row)
+    return errors
+
+
+def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
+    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+
+    While it runs, a small `running/...` object says so, for `probeserve status` on any machine.
+    """
+    ckpt = item.checkpoint
+    marker = running_key(sweep.spec.run, ckpt, item.layer)
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "device": device}
+    sweep.output.publish_bytes(marker, json.dumps(info).encode())
+    t0 = time.perf_counter()
+    try:
+        row = probe(sweep, ckpt, item.layer, device=device)
+    except Exception as e:
+        log_failure(f"probe {ckpt.key} {item.layer}", e)
+        row = sweep.failed_row(
+            ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+        )
+    results.commit(sweep.output, row)
+    sweep.output.delete(marker)
+    if row["status"] == "ok" and not sweep.spec.output.keep_activations:
+        delete_activations(sweep, ckpt, item.layer)
+    return row

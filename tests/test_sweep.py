@@ -78,10 +78,10 @@ def test_sweep_commits_one_row_per_item_and_rerun_does_nothing(tmp_path):
 def test_interrupted_run_resumes_only_missing_items(tmp_path, monkeypatch):
     spec = tiny_spec(tmp_path)
     write_checkpoints(spec)
-    import probeserve.runners.local as local
+    import probeserve.sweep as sweep_mod
 
     calls = {"n": 0}
-    real_probe = local.probe
+    real_probe = sweep_mod.probe
 
     def dying_probe(*args, **kwargs):
         calls["n"] += 1
@@ -89,11 +89,11 @@ def test_interrupted_run_resumes_only_missing_items(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # like a kill between two items
         return real_probe(*args, **kwargs)
 
-    monkeypatch.setattr(local, "probe", dying_probe)
+    monkeypatch.setattr(sweep_mod, "probe", dying_probe)
     with pytest.raises(KeyboardInterrupt):
         run_local(spec)
     assert results.load(spec.output.uri).num_rows == 2
-    monkeypatch.setattr(local, "probe", real_probe)
+    monkeypatch.setattr(sweep_mod, "probe", real_probe)
     summary = run_local(spec)
     assert summary.skipped_done == 2 and summary.ok == 6
     assert results.load(spec.output.uri).num_rows == 8
@@ -182,14 +182,14 @@ def test_cli_validate_reports_field_paths(tmp_path, capsys):
 def test_cli_unknown_layer_lists_available_names(tmp_path, capsys):
     spec = tiny_spec(tmp_path, layers={"include": ["fc9"]})
     write_checkpoints(spec, steps=(0,))
-    assert main(["run", write_spec(tmp_path, spec)]) == 2
+    assert main(["run", write_spec(tmp_path, spec), "--runner", "local"]) == 2
     err = capsys.readouterr().err
     assert "fc9" in err and "fc1" in err and "Traceback" not in err
 
 
 def test_cli_no_checkpoints_and_missing_prefix(tmp_path, capsys):
     spec = tiny_spec(tmp_path)
-    assert main(["run", write_spec(tmp_path, spec)]) == 2
+    assert main(["run", write_spec(tmp_path, spec), "--runner", "local"]) == 2
     assert "does not exist" in capsys.readouterr().err
     os.makedirs(spec.checkpoints.uri)
     assert main(["plan", write_spec(tmp_path, spec)]) == 2
@@ -203,11 +203,11 @@ def test_cli_missing_label_column_and_single_class(tmp_path, capsys):
     data = {"kind": "parquet", "uri": str(tmp_path / "data.parquet"), "val_size": 50, "test_size": 50}
     spec = tiny_spec(tmp_path, data=data)
     write_checkpoints(spec, steps=(0,))
-    assert main(["run", write_spec(tmp_path, spec)]) == 2
+    assert main(["run", write_spec(tmp_path, spec), "--runner", "local"]) == 2
     err = capsys.readouterr().err
     assert "label" in err and "target" in err
     one_class = tiny_spec(tmp_path, data={**data, "label_column": "target"})
-    assert main(["run", write_spec(tmp_path, one_class)]) == 2
+    assert main(["run", write_spec(tmp_path, one_class), "--runner", "local"]) == 2
     assert "single class" in capsys.readouterr().err
 
 
@@ -217,7 +217,7 @@ def test_cli_run_plan_query(tmp_path, capsys):
     path = write_spec(tmp_path, spec)
     assert main(["plan", path]) == 0
     assert "4 pending" in capsys.readouterr().out
-    assert main(["run", path]) == 0
+    assert main(["run", path, "--runner", "local"]) == 0
     assert main(["plan", path]) == 0
     assert "4 done" in capsys.readouterr().out
     out = spec.output.uri
@@ -274,7 +274,7 @@ def test_cli_unsupported_checkpoint_file_fails_its_items(tmp_path, capsys):
     write_checkpoints(spec, steps=(0,))
     (tmp_path / "ckpts" / "step=5").mkdir()
     (tmp_path / "ckpts" / "step=5" / "model.onnx").write_bytes(b"\x08\x07onnx-ish bytes")
-    assert main(["run", write_spec(tmp_path, spec)]) == 1
+    assert main(["run", write_spec(tmp_path, spec), "--runner", "local"]) == 1
     captured = capsys.readouterr()
     assert "unsupported checkpoint format" in captured.err and "step=5/model.onnx" in captured.err
     rows = results.load(spec.output.uri).to_pylist()

@@ -1,0 +1,258 @@
+"""The Ray runner: the same work functions as the in-process runner, fanned out on Ray.
+
+Per checkpoint, one extraction task (on a GPU when the cluster has one) runs the single
+forward pass and writes the shards; then each pending (checkpoint, layer) goes to a probe
+actor, which streams that layer's shards, trains the probe and commits the row itself. Only
+small things travel through Ray (the spec, checkpoint keys, result rows); activations go
+through object storage.
+
+Faults: extraction tasks are retried (`max_retries`) and probe actors are restarted
+(`max_restarts`) with their in-flight call retried (`max_task_retries`); a retried item just
+commits its row again, which is harmless because an item is idempotent. If the driver dies,
+Ray tears down its actors and tasks; nothing committed is lost and the next run does only
+what is missing. Work is pipelined across checkpoints with at most
+`resources.max_checkpoints_in_flight` checkpoints extracted but not yet fully probed, so
+memory and storage use stay flat however many checkpoints there are.
+
+This is the only module that imports ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+from probeserve import results
+from probeserve.errors import ProbeserveError
+from probeserve.progress import Progress
+from probeserve.runners.local import RunSummary, group_by_checkpoint, start
+from probeserve.spec import SweepSpec
+from probeserve.sweep import Item, Sweep, describe_error, extract_missing, probe_and_commit
+
+log = logging.getLogger("probeserve")
+
+EXTRACT_RETRIES = 2  # a killed extraction worker is retried this many times
+ACTOR_RESTARTS = 2  # a killed probe actor is restarted this many times...
+ACTOR_TASK_RETRIES = 2  # ...and the call it was running is retried
+
+_sweeps: dict[str, Sweep] = {}
+
+
+def _worker_sweep(spec: SweepSpec) -> Sweep:
+    """One `Sweep` per spec per worker process, so datasets and storage clients are reused."""
+    key = spec.model_dump_json()
+    if key not in _sweeps:
+        _sweeps.clear()
+        _sweeps[key] = Sweep(spec)
+    return _sweeps[key]
+
+
+def _device(spec: SweepSpec, gpus: float) -> str:
+    from probeserve.probe import resolve_device
+
+    if spec.resources.device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    return resolve_device(spec.resources.device)
+
+
+def _extract(spec: SweepSpec, items: list[Item], gpus: float) -> dict[str, str]:
+    sweep = _worker_sweep(spec)
+    return extract_missing(sweep, items, device=_device(spec, gpus))
+
+
+class _ProbeActor:
+    """Trains probes, one (checkpoint, layer) per call, and commits each row itself."""
+
+    def __init__(self, spec: SweepSpec, gpus: float) -> None:
+        self.spec = spec
+        self.gpus = gpus
+        if spec.resources.torch_threads:
+            import torch
+
+            torch.set_num_threads(spec.resources.torch_threads)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def probe(self, item: Item) -> dict[str, Any]:
+        return probe_and_commit(_worker_sweep(self.spec), item, device=_device(self.spec, self.gpus))
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast: ray.init keeps retrying an address nobody listens on."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ProbeserveError(f"--address {address}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ProbeserveError(
+            f"--address {address}: cannot connect to a Ray cluster: nothing answers at {host}:{port} ({e.strerror or e})"
+        ) from None
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` ("auto", "ray://host:port", host:port), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address not in (None, "auto", "local"):
+        _check_reachable(address)
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None:
+        kwargs["include_dashboard"] = False
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProbeserveError(f"--address {address}: cannot connect to a Ray cluster: {first}") from None
+
+
+def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
+    """GPUs per extraction task and per probe actor, and how many probe actors to run.
+
+    On a cluster without GPUs both fall back to CPU. A request for more GPUs per actor than
+    any node has is an error before anything runs.
+    """
+    import ray
+
+    res = spec.resources
+    node_gpus = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    max_gpus = max(node_gpus, default=0.0)
+    total_cpus = ray.cluster_resources().get("CPU", 1.0)
+    # probe actors hold their resources while alive: leave room for one extraction task,
+    # or the first checkpoint could never be extracted
+    if res.device == "cpu" or max_gpus == 0:
+        if res.device == "cuda":
+            raise ProbeserveError("resources.device: cuda, but no node of the Ray cluster has a GPU")
+        actors = max(1, int((total_cpus - 1) // res.num_cpus_per_probe))
+        return 0.0, 0.0, actors
+    for name, want in (
+        ("resources.num_gpus_per_probe", res.num_gpus_per_probe),
+        ("resources.num_gpus_per_extract", res.num_gpus_per_extract),
+    ):
+        if want > max_gpus:
+            raise ProbeserveError(f"{name}: {want} GPUs asked, but the largest node has {max_gpus:g}")
+        if want > 1 and want != int(want):
+            raise ProbeserveError(f"{name}: above 1, Ray needs a whole number of GPUs, got {want}")
+    spare_gpus = sum(node_gpus) - res.num_gpus_per_extract
+    by_gpu = int(spare_gpus // res.num_gpus_per_probe) if res.num_gpus_per_probe > 0 else 10**6
+    if by_gpu < 1:
+        raise ProbeserveError(
+            f"resources: the cluster's {sum(node_gpus):g} GPU(s) cannot hold one extraction task "
+            f"({res.num_gpus_per_extract:g} GPU) and one probe actor ({res.num_gpus_per_probe:g} GPU) at once; "
+            "lower resources.num_gpus_per_extract or resources.num_gpus_per_probe"
+        )
+    actors = max(1, min(by_gpu, int((total_cpus - 1) // res.num_cpus_per_probe)))
+    return res.num_gpus_per_extract, res.num_gpus_per_probe, actors
+
+
+def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | None = None) -> RunSummary:
+    """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
+    import ray
+
+    t0 = time.perf_counter()
+    sweep, plan, summary = start(spec)
+    pending = plan.pending()
+    connect(address)
+    extract_gpus, probe_gpus, n_actors = plan_resources(spec)
+    if max_actors:
+        n_actors = min(n_actors, max_actors)
+    n_actors = min(n_actors, len(pending))
+    log.info(
+        "run %s (ray): %d checkpoint(s), %d layer(s), %d item(s) pending, %d already done; "
+        "%d probe actor(s) with %g GPU each, extraction with %g GPU",
+        spec.run,
+        len(plan.discovery.complete),
+        len(sweep.points),
+        len(pending),
+        summary.skipped_done,
+        n_actors,
+        probe_gpus,
+        extract_gpus,
+    )
+    progress = Progress(len(pending))
+    if not pending:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    extract_task = ray.remote(_extract).options(
+        num_cpus=1, num_gpus=extract_gpus, max_retries=EXTRACT_RETRIES, retry_exceptions=False
+    )
+    actor_cls = ray.remote(_ProbeActor).options(
+        num_cpus=spec.resources.num_cpus_per_probe,
+        num_gpus=probe_gpus,
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_TASK_RETRIES,
+    )
+    actors = [actor_cls.remote(spec, probe_gpus) for _ in range(n_actors)]
+    idle = deque(actors)
+    todo = deque(group_by_checkpoint(pending))
+    extracting: dict[Any, list[Item]] = {}  # ref -> items of one checkpoint
+    ready: deque[Item] = deque()  # extracted, waiting for an actor
+    probing: dict[Any, tuple[Any, Item]] = {}  # ref -> (actor, item)
+    open_items: dict[str, int] = {}  # checkpoint -> items not yet finished
+
+    def finish(row: dict[str, Any]) -> None:
+        summary.record(row, progress)
+        key = row["checkpoint"]
+        open_items[key] -= 1
+        if open_items[key] == 0:
+            del open_items[key]
+
+    try:
+        while todo or extracting or ready or probing:
+            while todo and len(open_items) < spec.resources.max_checkpoints_in_flight:
+                items = todo.popleft()
+                open_items[items[0].checkpoint.key] = len(items)
+                extracting[extract_task.remote(spec, items, extract_gpus)] = items
+            while idle and ready:
+                actor, item = idle.popleft(), ready.popleft()
+                probing[actor.probe.remote(item)] = (actor, item)
+            done, _ = ray.wait([*extracting, *probing], num_returns=1, timeout=5.0)
+            for ref in done:
+                if ref in extracting:
+                    items = extracting.pop(ref)
+                    try:
+                        failed = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        failed = {
+                            i.layer: f"extraction lost after {EXTRACT_RETRIES} retries: {describe_error(e)}"
+                            for i in items
+                        }
+                        for i in items:
+                            row = sweep.failed_row(i.checkpoint, i.layer, i.layer_index, failed[i.layer], 0.0)
+                            results.commit(sweep.output, row)
+                    for item in items:
+                        if item.layer in failed:
+                            finish(
+                                sweep.failed_row(
+                                    item.checkpoint, item.layer, item.layer_index, failed[item.layer], 0.0
+                                )
+                            )
+                        else:
+                            ready.append(item)
+                else:
+                    actor, item = probing.pop(ref)
+                    try:
+                        row = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        error = f"probe actor lost after {ACTOR_RESTARTS} restarts: {describe_error(e)}"
+                        row = sweep.failed_row(item.checkpoint, item.layer, item.layer_index, error, 0.0)
+                        results.commit(sweep.output, row)
+                        actor = actor_cls.remote(spec, probe_gpus)  # replace the dead actor
+                        actors.append(actor)
+                    idle.append(actor)
+                    finish(row)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    summary.seconds = time.perf_counter() - t0
+    return summary
