@@ -19,7 +19,7 @@ from probeserve.storage import open_storage
 from probeserve.sweep import RUNNING_DIR
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_sweep import tiny_spec, write_checkpoints  # noqa: E402
+from test_sweep import tiny_spec, write_checkpoints
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
