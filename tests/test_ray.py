@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -232,23 +236,37 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
     path.write_text(json.dumps(spec.model_dump(mode="json")))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": bindir + os.pathsep + os.environ["PATH"]}
     port = 8265 + (os.getpid() % 500)
-    head = subprocess.run(
+    short_tmp = tempfile.mkdtemp(prefix="pray-", dir="/tmp")
+    # --block keeps `ray start` in the foreground, so stopping its process group stops this
+    # head only; `ray stop` would stop every Ray on the machine, other tests' included
+    head = subprocess.Popen(
         [
             ray_cli,
             "start",
             "--head",
+            "--block",
             "--num-cpus=2",
             f"--dashboard-port={port}",
             "--dashboard-host=127.0.0.1",
             "--port=0",
+            f"--temp-dir={short_tmp}",  # Ray's socket paths must stay under 108 bytes
         ],
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        stdout=open(tmp_path / "head.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    assert head.returncode == 0, head.stderr
     try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering, if only to say that a token is needed
+            except OSError:
+                assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+                time.sleep(1)
         job = subprocess.run(
             [
                 ray_cli,
@@ -273,4 +291,10 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
         rows = results.load(spec.output.uri).to_pylist()
         assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(short_tmp, ignore_errors=True)
