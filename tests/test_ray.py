@@ -252,7 +252,7 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
             f"--temp-dir={short_tmp}",  # Ray's socket paths must stay under 108 bytes
         ],
         env=env,
-        stdout=open(tmp_path / "head.log", "w"),  # noqa: SIM115
+        stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
