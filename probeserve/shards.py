@@ -5,18 +5,37 @@ format is chosen for fast, simple streaming rather than for analytics:
 
 - One Parquet file per shard ("part"), uncompressed, with no dictionary and no statistics.
   Activations do not compress, and statistics on a blob column mean nothing.
-- Three columns: `row` (int64, the example's index within its split), `label` (int32) and
-  `x`, a `fixed_size_binary(n_features * itemsize)` holding the example's reduced activation
-  vector as raw little-endian float16 or float32 bytes. Parquet then handles one value per
-  example; a `FixedSizeList<float16>` column is about 10x slower to write and read, because
-  every float becomes a separate value with its own levels. pyarrow still copies each byte
-  two or three times on the way to the file, so a shard writes at about 0.3-0.4x the speed
-  of a plain file write (jobs/benchmarks/bench_shards.py measures both).
+- Three REQUIRED columns: `row` (int64, the example's index within its split), `label`
+  (int32) and `x`, a `fixed_size_binary(n_features * itemsize)` holding the example's reduced
+  activation vector as raw little-endian float16 or float32 bytes. Parquet then handles one
+  value per example; a `FixedSizeList<float16>` column is about 10x slower to write and read,
+  because every float becomes a separate value with its own levels.
 - File-level key/value metadata, all strings, keys prefixed `probeserve.`: `format_version`
   ("1"), `layer`, `layer_index`, `shape` (JSON list, the per-example shape after reduction),
   `n_features`, `dtype`, `reducer` (JSON), `checkpoint`, `step`, `split`, `spec_hash`, `run`,
   plus whatever the caller adds. The writer sets `format_version`, `n_features` and `dtype`
   itself; the caller supplies the rest.
+
+The files are written by a small Parquet writer of our own rather than by pyarrow, which
+copies every byte two or three times on the way to the file and so wrote at about 0.3x the
+speed of a plain file write (jobs/benchmarks/bench_shards.py measures both). For REQUIRED
+columns with PLAIN encoding and no compression, a column's data page is just its values as
+a little-endian buffer, so each row group is written as:
+
+- `x`: one data page whose values are the caller's array bytes, written as they arrive with
+  no copy; its page header (whose sizes are only known when the group ends) goes into room
+  left in front of them, so a few unused zero bytes precede it;
+- `row` and `label`: one data page each, written when the row group ends;
+
+followed by the usual footer (Thrift compact `FileMetaData`, its length, `PAR1`). Every page
+starts its values at a multiple of 64 bytes. Parquet locates pages through the footer's
+offsets, so the order of the column chunks in the file and the unused bytes between them are
+invisible to readers: pyarrow, pandas and DuckDB read these files like any other.
+
+`read_shard` and `iter_chunks` read our own files (footer `created_by` "probeserve") by
+locating each page from the footer and viewing its values in place, in a memory map of a local
+file or in the bytes of a fetched one: no decoding and no copy. Other Parquet files with the
+shard schema and metadata (for example written by pyarrow) are decoded through pyarrow.
 
 Plain pyarrow or pandas users can read a shard without probeserve::
 
@@ -30,8 +49,7 @@ Plain pyarrow or pandas users can read a shard without probeserve::
     x = numpy.frombuffer(b"".join(df["x"]), dtype).reshape(len(df), -1)
 
 (`table_x` does the first for you.) Parts are written to a local staging file and published
-only once closed, because pyarrow does not make writes atomic: an exception inside a
-`ParquetWriter` block still leaves a truncated file that reads back without error.
+only once closed, so no reader ever sees a part without its footer.
 """
 
 from __future__ import annotations
@@ -39,14 +57,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -70,9 +90,11 @@ COL_X = "x"
 DTYPES = ("float16", "float32")
 FLOAT16_MAX = 65504.0
 
-# Columns are REQUIRED (non-nullable): no definition levels to write or read.
-_WRITE_OPTIONS = {"compression": None, "use_dictionary": False, "write_statistics": False}
+CREATED_BY = "probeserve"  # the footer's `created_by`: our reader views the pages of these files in place
 _CAST_BLOCK = 1 << 20  # elements cast and checked at a time, so both stay in cache
+_ROW_BLOCK = 1 << 20  # row numbers generated and written at a time
+_MAX_GROUP_BYTES = 2**30  # Parquet page sizes are int32; one page per column chunk stays below
+_ALIGN = 64  # page values start at a multiple of this, so arrays viewed in place are aligned
 
 
 def shard_schema(n_features: int, dtype: str, metadata: dict[str, str] | None = None) -> pa.Schema:
@@ -84,6 +106,214 @@ def shard_schema(n_features: int, dtype: str, metadata: dict[str, str] | None = 
         pa.field(COL_X, pa.binary(width), nullable=False),
     ]
     return pa.schema(fields, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet, the little we write: parquet-format's parquet.thrift in the Thrift compact protocol
+
+_MAGIC = b"PAR1"
+# Thrift compact type ids
+_T_I32, _T_I64, _T_BINARY, _T_LIST, _T_STRUCT = 5, 6, 8, 9, 12
+# parquet.thrift enums
+_INT32, _INT64, _FIXED_LEN_BYTE_ARRAY = 1, 2, 7  # Type
+_REQUIRED = 0  # FieldRepetitionType
+_PLAIN, _RLE = 0, 3  # Encoding
+_UNCOMPRESSED = 0  # CompressionCodec
+_DATA_PAGE = 0  # PageType
+
+# A struct is a list of (field id, Thrift type, value) in increasing field id order; a list
+# value is (element type, items); a struct value is another such list.
+_Struct = list[tuple[int, int, Any]]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _zigzag(n: int) -> int:
+    return n << 1 if n >= 0 else (-n << 1) - 1
+
+
+def _encode_value(kind: int, value: Any) -> bytes:
+    if kind in (_T_I32, _T_I64):
+        return _varint(_zigzag(value))
+    if kind == _T_BINARY:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return _varint(len(data)) + data
+    if kind == _T_STRUCT:
+        return _encode_struct(value)
+    assert kind == _T_LIST, kind
+    item_kind, items = value
+    head = bytes([len(items) << 4 | item_kind]) if len(items) < 15 else bytes([0xF0 | item_kind])
+    size = _varint(len(items)) if len(items) >= 15 else b""
+    return head + size + b"".join(_encode_value(item_kind, item) for item in items)
+
+
+def _encode_struct(fields: _Struct) -> bytes:
+    out = bytearray()
+    last = 0
+    for field_id, kind, value in fields:
+        delta = field_id - last
+        assert delta > 0, "fields must be in increasing id order"
+        out += bytes([delta << 4 | kind]) if delta <= 15 else bytes([kind]) + _varint(_zigzag(field_id))
+        out += _encode_value(kind, value)
+        last = field_id
+    out.append(0)  # stop
+    return bytes(out)
+
+
+def _decode_struct(buf: Any, pos: int) -> tuple[dict[int, Any], int]:
+    """A Thrift compact struct at `buf[pos:]` as {field id: value}, and the position after it.
+
+    Values are ints, bytes, lists and nested dicts; fields of a type that parquet.thrift does
+    not use raise ValueError, as does a struct that runs past the end (IndexError)."""
+    fields: dict[int, Any] = {}
+    last = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        if byte == 0:
+            return fields, pos
+        kind, delta = byte & 0x0F, byte >> 4
+        if delta:
+            field_id = last + delta
+        else:
+            raw, pos = _decode_varint(buf, pos)
+            field_id = raw >> 1 ^ -(raw & 1)
+        if kind in (1, 2):  # a bool field carries its value in its type
+            fields[field_id] = kind == 1
+        else:
+            fields[field_id], pos = _decode_value(buf, pos, kind)
+        last = field_id
+
+
+def _decode_varint(buf: Any, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _decode_value(buf: Any, pos: int, kind: int) -> tuple[Any, int]:
+    if kind in (4, _T_I32, _T_I64):  # i16, i32, i64: zigzag varints
+        raw, pos = _decode_varint(buf, pos)
+        return raw >> 1 ^ -(raw & 1), pos
+    if kind == 3:  # byte
+        return buf[pos], pos + 1
+    if kind == _T_BINARY:
+        size, pos = _decode_varint(buf, pos)
+        if pos + size > len(buf):
+            raise IndexError("binary runs past the end")
+        return bytes(buf[pos : pos + size]), pos + size
+    if kind == _T_STRUCT:
+        return _decode_struct(buf, pos)
+    if kind in (_T_LIST, 10):  # list, set
+        head = buf[pos]
+        pos += 1
+        size, item_kind = head >> 4, head & 0x0F
+        if size == 15:
+            size, pos = _decode_varint(buf, pos)
+        items = []
+        for _ in range(size):
+            if item_kind in (1, 2):  # bools in a list are one byte each
+                item, pos = buf[pos] == 1, pos + 1
+            else:
+                item, pos = _decode_value(buf, pos, item_kind)
+            items.append(item)
+        return items, pos
+    raise ValueError(f"Thrift compact type {kind} does not occur in Parquet metadata")
+
+
+def _page_header(num_values: int, nbytes: int) -> bytes:
+    """The header of a v1 data page of `num_values` PLAIN values, uncompressed, no levels."""
+    data_page = [(1, _T_I32, num_values), (2, _T_I32, _PLAIN), (3, _T_I32, _RLE), (4, _T_I32, _RLE)]
+    return _encode_struct(
+        [(1, _T_I32, _DATA_PAGE), (2, _T_I32, nbytes), (3, _T_I32, nbytes), (5, _T_STRUCT, data_page)]
+    )
+
+
+_MAX_PAGE_HEADER = len(_page_header(2**31 - 1, 2**31 - 1))
+# (name, Parquet type, bytes per value or None for x) of the columns, in schema order
+_COLUMNS = ((COL_ROW, _INT64, 8), (COL_LABEL, _INT32, 4), (COL_X, _FIXED_LEN_BYTE_ARRAY, None))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Where one column chunk (a single page) of a row group lies in the file."""
+
+    offset: int  # of the page header
+    size: int  # page header and values
+
+
+def _file_metadata(width: int, groups: list[tuple[int, list[_Chunk]]], metadata: dict[str, str]) -> bytes:
+    """The footer (`FileMetaData`) of a part with `groups` of (rows, chunks in schema order)."""
+    schema: list[_Struct] = [[(4, _T_BINARY, "schema"), (5, _T_I32, len(_COLUMNS))]]
+    for name, kind, _ in _COLUMNS:
+        length = [(2, _T_I32, width)] if kind == _FIXED_LEN_BYTE_ARRAY else []
+        schema.append([(1, _T_I32, kind), *length, (3, _T_I32, _REQUIRED), (4, _T_BINARY, name)])
+    row_groups: list[_Struct] = []
+    for rows, chunks in groups:
+        columns: list[_Struct] = []
+        for (name, kind, _), chunk in zip(_COLUMNS, chunks, strict=True):
+            meta = [
+                (1, _T_I32, kind),
+                (2, _T_LIST, (_T_I32, [_PLAIN, _RLE])),  # RLE: the (empty) levels' declared encoding
+                (3, _T_LIST, (_T_BINARY, [name])),
+                (4, _T_I32, _UNCOMPRESSED),
+                (5, _T_I64, rows),
+                (6, _T_I64, chunk.size),
+                (7, _T_I64, chunk.size),
+                (9, _T_I64, chunk.offset),
+            ]
+            columns.append([(2, _T_I64, 0), (3, _T_STRUCT, meta)])  # 2: deprecated, 0 in new files
+        size = sum(c.size for c in chunks)
+        row_groups.append(
+            [
+                (1, _T_LIST, (_T_STRUCT, columns)),
+                (2, _T_I64, size),
+                (3, _T_I64, rows),
+                (5, _T_I64, min(c.offset for c in chunks)),
+                (6, _T_I64, size),
+            ]
+        )
+    key_values: list[_Struct] = [[(1, _T_BINARY, k), (2, _T_BINARY, v)] for k, v in metadata.items()]
+    return _encode_struct(
+        [
+            (1, _T_I32, 1),
+            (2, _T_LIST, (_T_STRUCT, schema)),
+            (3, _T_I64, sum(rows for rows, _ in groups)),
+            (4, _T_LIST, (_T_STRUCT, row_groups)),
+            (5, _T_LIST, (_T_STRUCT, key_values)),
+            (6, _T_BINARY, CREATED_BY),
+        ]
+    )
+
+
+def _write_page(f: BinaryIO, num_values: int, nbytes: int, values: Iterable[np.ndarray]) -> _Chunk:
+    """Append a data page holding `values` (`nbytes` in all), its values aligned; where it is."""
+    header = _page_header(num_values, nbytes)
+    start = f.tell()
+    pad = -(start + len(header)) % _ALIGN
+    f.write(bytes(pad))
+    f.write(header)
+    for block in values:
+        f.write(block.data.cast("B"))
+    return _Chunk(start + pad, len(header) + nbytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
 
 
 @dataclass(frozen=True)
@@ -105,8 +335,12 @@ class ShardWriter:
     truncated one. The list returned by `close()` is the authoritative set of parts; a prefix
     can also hold complete parts left by an earlier, failed attempt.
 
-    Rows are buffered into row groups of about `row_group_bytes`, so the caller's batch size
-    does not decide the file layout. Used as a context manager, it closes on success and
+    Activations go to the staging file as they arrive, straight from the caller's (cast)
+    array; only the labels of the open row group are held in memory. Rows form row groups of
+    about `row_group_bytes` (at most 1 GiB, the limit of one Parquet page), so the caller's
+    batch size does not decide the file layout. The default makes a part of up to 1 GiB a
+    single row group, which `read_shard` views in place without a copy; Parquet's own guidance
+    is row groups of 512 MiB to 1 GiB. Used as a context manager, it closes on success and
     aborts on an exception.
     """
 
@@ -120,7 +354,7 @@ class ShardWriter:
         metadata: dict[str, str],
         max_bytes: int,
         staging_dir: str | None = None,
-        row_group_bytes: int = 64 * 2**20,
+        row_group_bytes: int = 2**30,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
@@ -135,55 +369,69 @@ class ShardWriter:
         self.n_features = n_features
         self.dtype = dtype
         self.metadata = _shard_metadata(metadata, n_features=n_features, dtype=dtype)
-        self._schema = shard_schema(n_features, dtype, self.metadata)
         self._np_dtype = np.dtype(dtype).newbyteorder("<")
         self._width = n_features * self._np_dtype.itemsize
+        if self._width > _MAX_GROUP_BYTES:
+            raise ValueError(
+                f"one example of {n_features} {dtype} values is {self._width} bytes, over the "
+                f"{_MAX_GROUP_BYTES} bytes a shard page holds; reduce the layer's activations further"
+            )
         row_bytes = self._width + 12  # the blob, the row number and the label
         self._rows_per_part = max(1, max_bytes // row_bytes)
-        self._rows_per_group = max(1, min(row_group_bytes // row_bytes, self._rows_per_part))
+        group_bytes = min(row_group_bytes, _MAX_GROUP_BYTES)
+        self._rows_per_group = max(1, min(group_bytes // row_bytes, self._rows_per_part))
 
         self._staging = tempfile.mkdtemp(prefix="probeserve-shards-", dir=staging_dir)
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._staging, ignore_errors=True)
-        self._buf_x: np.ndarray | None = None  # one row group of rows, reused; allocated on demand
-        self._buf_y: np.ndarray | None = None
-        self._buffered = 0  # rows in the buffer
-        self._next_row = 0  # row number of the first row not yet written to a part
-        self._writer: pq.ParquetWriter | None = None
+        self._file: BinaryIO | None = None  # the open part's staging file
         self._part_path = ""
-        self._part_rows = 0  # rows written to the open part
+        self._groups: list[tuple[int, list[_Chunk]]] = []  # the open part's finished row groups
+        self._part_rows = 0  # rows in those row groups
+        self._group_rows = 0  # rows in the open row group, whose x values are in the file
+        self._x_start = 0  # file offset of the open row group's first x value
+        self._labels: np.ndarray | None = None  # the open row group's labels; allocated on demand
+        self._next_row = 0  # row number of the next row
         self._parts: list[ShardInfo] = []
         self._state = "open"  # -> "closed" | "aborted"
 
     @property
     def rows_written(self) -> int:
-        return self._next_row + self._buffered
+        return self._next_row
 
     def write(self, x: Any, y: Any) -> None:
         """Append a batch: `x` [n, n_features] floats (numpy or torch), `y` [n] integer labels.
 
-        Whole row groups are written straight from the batch; the rest is copied into a
-        row-group buffer, so the caller may reuse its arrays as soon as this returns.
+        The rows are in the staging file (or the writer's copy of the labels) when this
+        returns, so the caller may reuse its arrays. An error while writing aborts the writer;
+        invalid input is refused before anything is written, and the writer stays open.
         """
         if self._state != "open":
             raise ValueError(f"write() on a {self._state} ShardWriter")
         x = _as_rows(x, self.n_features, self._np_dtype, self.metadata.get(KEY_LAYER))
         y = _as_labels(y, len(x))
-        group = self._rows_per_group
-        start = 0
-        while start < len(x):
-            fits = min(self._rows_per_part - self._part_rows - self._buffered, len(x) - start)
-            if self._buffered == 0 and fits >= group:
-                n = fits - fits % group
-                self._write_rows(x[start : start + n], y[start : start + n])
-            else:
-                n = min(fits, group - self._buffered)
-                self._buffer(x[start : start + n], y[start : start + n])
-                if self._buffered == group:
-                    self._write_buffer()
-            start += n
-            if self._part_rows + self._buffered == self._rows_per_part:
-                self._write_buffer()
-                self._finish_part()
+        try:
+            start = 0
+            while start < len(x):
+                if self._group_rows == 0:
+                    self._start_group()
+                assert self._file is not None and self._labels is not None
+                room = min(
+                    self._rows_per_group - self._group_rows,
+                    self._rows_per_part - self._part_rows - self._group_rows,
+                )
+                n = min(room, len(x) - start)
+                self._file.write(x[start : start + n].data.cast("B"))
+                self._labels[self._group_rows : self._group_rows + n] = y[start : start + n]
+                self._group_rows += n
+                self._next_row += n
+                start += n
+                if n == room:
+                    self._finish_group()
+                    if self._part_rows == self._rows_per_part:
+                        self._finish_part()
+        except BaseException:
+            self.abort()  # the open part may be inconsistent; it is never published
+            raise
 
     def close(self) -> list[ShardInfo]:
         """Write what is buffered, publish the last part and return every part, in order.
@@ -195,27 +443,28 @@ class ShardWriter:
         if self._state != "open":
             raise ValueError("close() on an aborted ShardWriter")
         try:
-            self._write_buffer()
-            if self._writer is not None:
+            if self._group_rows:
+                self._finish_group()
+            if self._file is not None:
                 self._finish_part()
         except BaseException:
             self.abort()
             raise
         self._state = "closed"
-        self._buf_x = self._buf_y = None
+        self._labels = None
         self._cleanup()
         return list(self._parts)
 
     def abort(self) -> None:
-        """Discard buffered rows and the unfinished part; parts already published stay."""
+        """Discard the unfinished part; parts already published stay."""
         if self._state != "open":
             return
         self._state = "aborted"
-        self._buf_x = self._buf_y = None
-        if self._writer is not None:
+        self._labels = None
+        if self._file is not None:
             with contextlib.suppress(Exception):  # the part is discarded; keep the original error
-                self._writer.close()
-            self._writer = None
+                self._file.close()
+            self._file = None
         self._cleanup()
 
     def __enter__(self) -> ShardWriter:
@@ -227,41 +476,48 @@ class ShardWriter:
         else:
             self.abort()
 
-    def _buffer(self, x: np.ndarray, y: np.ndarray) -> None:
-        if self._buf_x is None or self._buf_y is None:
-            self._buf_x = np.empty((self._rows_per_group, self.n_features), self._np_dtype)
-            self._buf_y = np.empty(self._rows_per_group, np.int32)
-        self._buf_x[self._buffered : self._buffered + len(x)] = x
-        self._buf_y[self._buffered : self._buffered + len(y)] = y
-        self._buffered += len(x)
-
-    def _write_buffer(self) -> None:
-        if self._buffered and self._buf_x is not None and self._buf_y is not None:
-            n, self._buffered = self._buffered, 0
-            self._write_rows(self._buf_x[:n], self._buf_y[:n])
-
-    def _write_rows(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Write rows to the open part (opening one if needed) as row groups of the set size.
-
-        pyarrow encodes them into its own pages before returning, so `x` may be reused after.
-        """
-        if self._writer is None:
+    def _start_group(self) -> None:
+        """Open a part if none is open, and leave room for the x page header of a new row group."""
+        if self._file is None:
             self._part_path = os.path.join(self._staging, f"part-{len(self._parts):05d}.parquet")
-            self._writer = pq.ParquetWriter(self._part_path, self._schema, **_WRITE_OPTIONS)
-        n = len(x)
-        blob = pa.FixedSizeBinaryArray.from_buffers(
-            self._schema.field(COL_X).type, n, [None, pa.py_buffer(x)]
+            self._file = open(self._part_path, "wb")  # closed by _finish_part or abort
+            self._file.write(_MAGIC)
+            self._groups = []
+        if self._labels is None:
+            self._labels = np.empty(self._rows_per_group, "<i4")
+        start = self._file.tell()
+        self._x_start = start + _MAX_PAGE_HEADER + (-(start + _MAX_PAGE_HEADER) % _ALIGN)
+        self._file.write(bytes(self._x_start - start))
+
+    def _finish_group(self) -> None:
+        """Put the x page header in front of the x values, then write the row and label pages."""
+        f, n = self._file, self._group_rows
+        assert f is not None and self._labels is not None and n > 0
+        header = _page_header(n, n * self._width)
+        x_chunk = _Chunk(self._x_start - len(header), len(header) + n * self._width)
+        end = f.tell()
+        assert end == self._x_start + n * self._width
+        f.seek(x_chunk.offset)
+        f.write(header)
+        f.seek(end)
+        first = self._next_row - n
+        row_blocks = (
+            np.arange(first + s, first + min(s + _ROW_BLOCK, n), dtype="<i8") for s in range(0, n, _ROW_BLOCK)
         )
-        rows = pa.array(np.arange(self._next_row, self._next_row + n, dtype=np.int64))
-        table = pa.Table.from_arrays([rows, pa.array(y), blob], schema=self._schema)
-        self._writer.write_table(table, row_group_size=self._rows_per_group)
-        self._next_row += n
+        row_chunk = _write_page(f, n, 8 * n, row_blocks)
+        label_chunk = _write_page(f, n, 4 * n, [self._labels[:n]])
+        self._groups.append((n, [row_chunk, label_chunk, x_chunk]))
         self._part_rows += n
+        self._group_rows = 0
 
     def _finish_part(self) -> None:
-        assert self._writer is not None and self._part_rows > 0
-        self._writer.close()
-        self._writer = None
+        assert self._file is not None and self._part_rows > 0 and self._group_rows == 0
+        footer = _file_metadata(self._width, self._groups, self.metadata)
+        self._file.write(footer)
+        self._file.write(struct.pack("<I", len(footer)))
+        self._file.write(_MAGIC)
+        self._file.close()
+        self._file = None
         key = join(self.key_prefix, f"part-{len(self._parts):05d}.parquet")
         size = os.path.getsize(self._part_path)
         self.storage.publish_file(key, self._part_path)
@@ -367,6 +623,10 @@ def _as_labels(y: Any, n: int) -> np.ndarray:
     return np.ascontiguousarray(y)
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
 @dataclass
 class Shard:
     x: np.ndarray  # [rows, n_features], float16 or float32
@@ -376,20 +636,30 @@ class Shard:
 
 
 class _ShardFile:
-    """An open shard, read one row group at a time."""
+    """An open shard, read one row group at a time.
+
+    Our own files are read in place: each page's values are viewed where they lie, in a
+    read-only memory map of a local file or in the bytes given. The arrays keep the map alive;
+    it is unmapped when the last of them goes. Mapping is safe because a published shard is
+    never changed in place (storage replaces a file by renaming a new one over it). Any other
+    Parquet file is decoded by pyarrow.
+    """
 
     def __init__(self, source: bytes | str, name: str = "") -> None:
         self.name = name or (source if isinstance(source, str) else "shard")
         try:
-            if isinstance(source, str):  # decoding from mapped pages saves a copy: ~2x faster here
-                self.file = pq.ParquetFile(source, memory_map=True)
+            if isinstance(source, str):
+                with open(source, "rb") as f:
+                    self.data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             else:
-                self.file = pq.ParquetFile(pa.BufferReader(source))
+                self.data = source
+            self.file = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data)))
         except FileNotFoundError:
             raise StorageError(f"{self.name}: no such file") from None
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: mmap of an empty file
             raise StorageError(f"{self.name}: not a readable Parquet file ({e})") from None
-        self.metadata = _decode_metadata(self.file.metadata.metadata)
+        parquet = self.file.metadata
+        self.metadata = _decode_metadata(parquet.metadata)
         version = self.metadata.get(KEY_FORMAT_VERSION)
         if version is None:
             raise StorageError(f"{self.name}: not a probeserve shard (no {KEY_FORMAT_VERSION} metadata)")
@@ -399,22 +669,84 @@ class _ShardFile:
             )
         self.n_features = int(self.metadata[KEY_N_FEATURES])
         self.dtype = np.dtype(self.metadata[KEY_DTYPE]).newbyteorder("<")
-        self.num_rows = self.file.metadata.num_rows
+        self.width = self.n_features * self.dtype.itemsize
+        self.num_rows = parquet.num_rows
+        self.in_place = (parquet.created_by or "").split(" ")[0] == CREATED_BY
+        if self.in_place:
+            self._check_schema()
 
     def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x, y, rows) of the whole shard. pyarrow decodes all row groups of a fixed-size
-        column into one array, so x is normally a view of it, not a second copy."""
-        return self._arrays(self.file.read(columns=[COL_ROW, COL_LABEL, COL_X]))
+        """(x, y, rows) of the whole shard: views of the file when it is one row group of
+        ours, otherwise one copy (the row groups' pages are apart in the file)."""
+        if not self.in_place:  # pyarrow decodes a fixed-size column into one array: no 2nd copy
+            return self._arrays(self.file.read(columns=[COL_ROW, COL_LABEL, COL_X]))
+        groups = list(self.row_groups())
+        if len(groups) == 1:
+            return groups[0]
+        if not groups:
+            return np.empty((0, self.n_features), self.dtype), np.empty(0, "<i4"), np.empty(0, "<i8")
+        x, y, rows = zip(*groups, strict=True)
+        return np.concatenate(x), np.concatenate(y), np.concatenate(rows)
 
     def row_groups(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(x, y, rows) of each row group in turn, so only one is decoded at a time."""
+        """(x, y, rows) of each row group in turn; ours are views, others decoded one at a time."""
         for i in range(self.file.num_row_groups):
-            yield self._arrays(self.file.read_row_group(i, columns=[COL_ROW, COL_LABEL, COL_X]))
+            if self.in_place:
+                yield self._group_in_place(i)
+            else:
+                yield self._arrays(self.file.read_row_group(i, columns=[COL_ROW, COL_LABEL, COL_X]))
+
+    def _check_schema(self) -> None:
+        schema = self.file.metadata.schema
+        flba = "FIXED_LEN_BYTE_ARRAY"
+        want = [(COL_ROW, "INT64", 0), (COL_LABEL, "INT32", 0), (COL_X, flba, self.width)]
+        have = [(c.name, c.physical_type, c.length if c.physical_type == flba else 0) for c in schema]
+        if have != want or any(c.max_definition_level or c.max_repetition_level for c in schema):
+            raise StorageError(
+                f"{self.name}: columns {have} are not those of a shard of "
+                f"n_features={self.n_features} {self.dtype} ({want}, all REQUIRED)"
+            )
+
+    def _group_in_place(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        group = self.file.metadata.row_group(i)
+        n = group.num_rows
+        x = self._values(group, i, 2, n, self.width, self.dtype).reshape(n, self.n_features)
+        y = self._values(group, i, 1, n, 4, np.dtype("<i4"))
+        rows = self._values(group, i, 0, n, 8, np.dtype("<i8"))
+        return x, y, rows
+
+    def _values(self, group: Any, i: int, column: int, n: int, width: int, dtype: np.dtype) -> np.ndarray:
+        """The values of a column chunk that is one PLAIN, uncompressed page, viewed in place."""
+        chunk = group.column(column)
+        offset, size, nbytes = chunk.data_page_offset, chunk.total_compressed_size, n * width
+        header: dict[int, Any] = {}
+        start = -1
+        if chunk.compression == "UNCOMPRESSED" and chunk.num_values == n and 4 <= offset:
+            try:
+                header, start = _decode_struct(memoryview(self.data)[offset : offset + size], 0)
+            except (IndexError, ValueError):
+                pass
+        page = header.get(5)
+        if not isinstance(page, dict):
+            page = {}
+        if (
+            header.get(1) != _DATA_PAGE
+            or header.get(2) != nbytes
+            or header.get(3) != nbytes
+            or page.get(1) != n
+            or page.get(2) != _PLAIN
+            or start + nbytes != size
+            or offset + size > len(self.data) - 8  # the footer length and magic follow
+        ):
+            raise StorageError(
+                f"{self.name}: column {chunk.path_in_schema!r} of row group {i} is not the single "
+                f"plain page of {n} values this shard's footer describes; the file is damaged"
+            )
+        return np.frombuffer(self.data, dtype, count=n * width // dtype.itemsize, offset=offset + start)
 
     def _arrays(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        width = self.n_features * self.dtype.itemsize
         column = table.column(COL_X)
-        if column.type != pa.binary(width) or column.null_count:
+        if column.type != pa.binary(self.width) or column.null_count:
             raise StorageError(
                 f"{self.name}: x column does not hold n_features={self.n_features} {self.dtype}"
             )
@@ -440,7 +772,8 @@ def _decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, str]:
 def read_shard(source: bytes | str) -> Shard:
     """A whole shard from its bytes or a local file path (read through a memory map).
 
-    `x` is normally a view of the buffer pyarrow decoded into, with no further copy."""
+    For a shard of one row group written by probeserve, the arrays are read-only views of the
+    bytes or of the map, with no copy; otherwise x, y and rows are each one new array."""
     shard = _ShardFile(source)
     x, y, rows = shard.read()
     return Shard(x=x, y=y, rows=rows, metadata=shard.metadata)
@@ -462,8 +795,9 @@ def iter_chunks(
     storage: Storage, keys: list[str], *, batch_rows: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream the shards at `keys` in order as (x, y) chunks of `batch_rows` rows (the last
-    may be shorter), holding one shard's bytes and one decoded row group in memory. Chunks do not depend on how the rows
-    were split into parts; a chunk that spans two row groups is a copy, the others are views."""
+    may be shorter). A local shard is memory-mapped, another is fetched whole; either way one
+    shard at a time is held. Chunks do not depend on how the rows were split into parts or row
+    groups; a chunk that spans two row groups is a copy, the others are read-only views."""
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, not {batch_rows}")
     carry_x: list[np.ndarray] = []
@@ -471,7 +805,6 @@ def iter_chunks(
     carried = 0
     layout = None
     for key in keys:
-        # a local object is read in place through a memory map; others are fetched whole
         source = storage.uri_for(key) if isinstance(storage, LocalStorage) else storage.read_bytes(key)
         shard = _ShardFile(source, name=storage.uri_for(key))
         if layout is None:

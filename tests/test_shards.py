@@ -1,4 +1,5 @@
-"""Activation shards: exact round trips, bounded parts, atomic publishing, plain-pyarrow reading."""
+"""Activation shards: exact round trips, bounded parts, atomic publishing, and files that
+pyarrow, pandas and DuckDB read like any Parquet file."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import torch
 
 from probeserve.errors import LayerError, StorageError
 from probeserve.shards import (
+    CREATED_BY,
     FORMAT_VERSION,
     ShardInfo,
     ShardWriter,
+    _decode_struct,
+    _encode_struct,
     iter_chunks,
     read_metadata,
     read_shard,
+    shard_schema,
     table_x,
 )
 from probeserve.storage import LocalStorage
@@ -245,6 +250,18 @@ def test_failed_publish_on_close_cleans_up(tmp_path, staging):
     assert os.listdir(staging) == []
 
 
+def test_failed_publish_inside_write_aborts_the_writer(tmp_path, staging):
+    storage = FailingStorage(str(tmp_path / "store"), fail_at=1)
+    row_bytes = D * 4 + 12
+    x, y, _ = batches(150, 150)
+    w = make_writer(storage, staging, max_bytes=100 * row_bytes)
+    with pytest.raises(StorageError, match="upload failed"):
+        w.write(x, y)  # the first part fills up and fails to publish
+    with pytest.raises(ValueError, match="aborted"):
+        w.write(x, y)
+    assert published(storage) == [] and os.listdir(staging) == []
+
+
 def test_buffered_rows_do_not_alias_the_callers_memory(storage, staging):
     x = np.ones((10, D), np.float32)
     y = np.zeros(10, np.int64).astype(np.int32)
@@ -331,6 +348,202 @@ def test_reading_something_else_is_a_storage_error(tmp_path):
     pq.write_table(pa.table({"a": [1, 2]}), path)
     with pytest.raises(StorageError, match="not a probeserve shard"):
         read_metadata(path)
+
+
+def write_shards(storage, staging, x, y, *, dtype="float32", metadata=META, **kw) -> list[ShardInfo]:
+    w = ShardWriter(
+        storage,
+        "acts/train",
+        n_features=x.shape[1],
+        dtype=dtype,
+        metadata=metadata,
+        max_bytes=kw.pop("max_bytes", 2**30),
+        staging_dir=staging,
+        **kw,
+    )
+    with w:
+        for start in range(0, len(x), 37):
+            w.write(x[start : start + 37], y[start : start + 37])
+    return w.close()
+
+
+def own_metadata(metadata: dict[str, str], n_features: int, dtype: str) -> dict[str, str]:
+    own = {
+        "probeserve.format_version": "1",
+        "probeserve.n_features": str(n_features),
+        "probeserve.dtype": dtype,
+    }
+    return {**metadata, **own}
+
+
+def test_pyarrow_sees_the_shard_schema_metadata_and_row_groups(storage, staging):
+    # 23 metadata entries and a 300-byte value: Thrift's long list and multi-byte length forms
+    metadata = {**META, **{f"extra.{i}": "v" * 30 * i for i in range(11)}}
+    x, y, _ = batches(500, 500, dtype=np.float16)
+    row_bytes = 2 * D + 12
+    infos = write_shards(
+        storage,
+        staging,
+        x,
+        y,
+        dtype="float16",
+        metadata=metadata,
+        max_bytes=300 * row_bytes,
+        row_group_bytes=128 * row_bytes,
+    )
+    assert [i.rows for i in infos] == [300, 200]
+    expected_meta = own_metadata(metadata, D, "float16")
+    tables = []
+    for info, groups in zip(infos, ([128, 128, 44], [128, 72]), strict=True):
+        path = storage.uri_for(info.key)
+        assert pq.read_schema(path).equals(shard_schema(D, "float16", expected_meta), check_metadata=True)
+        parquet = pq.ParquetFile(path).metadata
+        assert parquet.created_by == CREATED_BY and parquet.num_rows == info.rows
+        assert [parquet.row_group(g).num_rows for g in range(parquet.num_row_groups)] == groups
+        for g in range(parquet.num_row_groups):
+            for c, (name, kind) in enumerate(
+                [("row", "INT64"), ("label", "INT32"), ("x", "FIXED_LEN_BYTE_ARRAY")]
+            ):
+                column = parquet.row_group(g).column(c)
+                assert (column.path_in_schema, column.physical_type) == (name, kind)
+                assert column.compression == "UNCOMPRESSED" and column.statistics is None
+                assert column.num_values == groups[g] and "PLAIN" in column.encodings
+        table = pq.read_table(path)
+        assert {k.decode(): v.decode() for k, v in table.schema.metadata.items()} == expected_meta
+        tables.append(table)
+    assert [r["row"] for t in tables for r in t.to_pylist()] == list(range(500))
+    assert [r["label"] for t in tables for r in t.to_pylist()] == y.tolist()
+    assert [r["x"] for t in tables for r in t.to_pylist()] == [row.tobytes() for row in x]
+    assert np.concatenate([table_x(t) for t in tables]).tobytes() == x.tobytes()
+    batches_read = list(pq.ParquetFile(storage.uri_for(infos[0].key)).iter_batches(batch_size=50))
+    assert sum(len(b) for b in batches_read) == 300
+
+
+def test_duckdb_reads_shards(storage, staging):
+    duckdb = pytest.importorskip("duckdb")
+    x, y, _ = batches(300, 300)
+    row_bytes = 4 * D + 12
+    infos = write_shards(storage, staging, x, y, max_bytes=200 * row_bytes, row_group_bytes=64 * row_bytes)
+    assert len(infos) == 2
+    paths = [storage.uri_for(i.key) for i in infos]
+    files = f"[{', '.join(repr(p) for p in paths)}]"
+    got = duckdb.sql(
+        f"select count(*), min(row), max(row), sum(label), min(octet_length(x)) from read_parquet({files})"
+    ).fetchall()
+    assert got == [(300, 0, 299, int(y.sum()), 4 * D)]
+    rows = duckdb.sql(f"select row, label, x from read_parquet({files}) order by row").fetchall()
+    assert [r[0] for r in rows] == list(range(300)) and [r[1] for r in rows] == y.tolist()
+    assert b"".join(r[2] for r in rows) == x.tobytes()
+    kv = duckdb.sql(f"select key, value from parquet_kv_metadata({paths[0]!r})").fetchall()
+    assert {k.decode(): v.decode() for k, v in kv} == own_metadata(META, D, "float32")
+    count = duckdb.sql(f"select count(*) from {paths[0]!r} where row % 7 = 0").fetchall()
+    assert count == [(sum(1 for r in range(200) if r % 7 == 0),)]
+
+
+def test_a_row_group_of_one_large_page_reads_everywhere(storage, staging):
+    duckdb = pytest.importorskip("duckdb")
+    n_features, n = 4096, 8200  # one 67 MB x page
+    x = np.random.default_rng(1).integers(0, 2**15, (n, n_features), dtype=np.uint16).view(np.float16)
+    y = np.arange(n) % 3
+    with ShardWriter(
+        storage,
+        "big",
+        n_features=n_features,
+        dtype="float16",
+        metadata={},
+        max_bytes=2**30,
+        staging_dir=staging,
+    ) as w:
+        for start in range(0, n, 1000):
+            w.write(x[start : start + 1000], y[start : start + 1000])
+    path = storage.uri_for(w.close()[0].key)
+    parquet = pq.ParquetFile(path).metadata
+    assert parquet.num_row_groups == 1 and parquet.row_group(0).column(2).total_compressed_size > 64 * 2**20
+    assert np.array_equal(table_x(pq.read_table(path)).view(np.uint16), x.view(np.uint16))
+    got = duckdb.sql(f"select count(*), max(row), sum(label), sum(octet_length(x)) from {path!r}").fetchall()
+    assert got == [(n, n - 1, int(y.sum()), x.nbytes)]
+    shard = read_shard(path)
+    assert np.array_equal(shard.x.view(np.uint16), x.view(np.uint16)) and np.array_equal(shard.y, y)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_our_reader_and_pyarrow_agree(storage, staging, groups):
+    x, y, _ = batches(240, 240)
+    infos = write_shards(storage, staging, x, y, row_group_bytes=240 // groups * (4 * D + 12))
+    path = storage.uri_for(infos[0].key)
+    assert pq.ParquetFile(path).metadata.num_row_groups == groups
+    table = pq.read_table(path)
+    for shard in (read_shard(path), read_shard(storage.read_bytes(infos[0].key))):
+        assert shard.x.tobytes() == table_x(table).tobytes() == x.tobytes()
+        assert np.array_equal(shard.y, table.column("label").to_numpy()) and shard.y.dtype == np.int32
+        assert np.array_equal(shard.rows, table.column("row").to_numpy()) and shard.rows.dtype == np.int64
+        assert shard.x.ctypes.data % 16 == 0  # page values are aligned, so are views of them
+    if groups == 1:  # a single row group is viewed in place, read-only
+        assert not read_shard(path).x.flags.writeable
+
+
+def test_a_shard_written_by_pyarrow_is_read_through_pyarrow(storage, tmp_path):
+    """Files with the shard schema written by other Parquet writers (multi-page chunks here)."""
+    x, y, _ = batches(300, 300)
+    schema = shard_schema(D, "float32", own_metadata(META, D, "float32"))
+    blob = pa.FixedSizeBinaryArray.from_buffers(schema.field("x").type, 300, [None, pa.py_buffer(x)])
+    table = pa.Table.from_arrays(
+        [pa.array(np.arange(300)), pa.array(y.astype(np.int32)), blob], schema=schema
+    )
+    path = str(tmp_path / "store" / "pa.parquet")
+    os.makedirs(os.path.dirname(path))
+    pq.write_table(table, path, row_group_size=128, data_page_size=1000, use_dictionary=False)
+    assert pq.ParquetFile(path).metadata.created_by != CREATED_BY
+    shard = read_shard(path)
+    assert shard.x.tobytes() == x.tobytes() and np.array_equal(shard.y, y)
+    assert np.array_equal(shard.rows, np.arange(300)) and shard.metadata == own_metadata(META, D, "float32")
+    chunks = list(iter_chunks(storage, ["pa.parquet"], batch_rows=100))
+    assert np.concatenate([c for c, _ in chunks]).tobytes() == x.tobytes()
+
+
+def test_truncated_or_damaged_shards_are_refused(storage, staging, tmp_path):
+    x, y, _ = batches(100, 100)
+    infos = write_shards(storage, staging, x, y, row_group_bytes=40 * (4 * D + 12))
+    data = storage.read_bytes(infos[0].key)
+    for size in (0, 3, 4, 100, len(data) // 2, len(data) - 9, len(data) - 8, len(data) - 1):
+        path = tmp_path / f"cut-{size}.parquet"
+        path.write_bytes(data[:size])
+        for source in (data[:size], str(path)):
+            with pytest.raises(StorageError, match="not a readable Parquet file"):
+                read_shard(source)
+    # a footer that no longer matches the pages: the first x page header overwritten
+    offset = pq.ParquetFile(pa.BufferReader(data)).metadata.row_group(0).column(2).data_page_offset
+    damaged = data[:offset] + bytes(8) + data[offset + 8 :]
+    with pytest.raises(StorageError, match="row group 0 is not the single plain page.*damaged"):
+        read_shard(damaged)
+    storage.publish_bytes("damaged.parquet", damaged)
+    with pytest.raises(StorageError, match="damaged"):
+        list(iter_chunks(storage, ["damaged.parquet"], batch_rows=10))
+
+
+def test_thrift_compact_round_trip():
+    nested = [(1, 5, -1), (2, 8, b"")]
+    fields = [
+        (1, 5, 2**31 - 1),
+        (2, 6, -(2**63)),
+        (3, 8, "x" * 200),
+        (20, 9, (5, list(range(-20, 20)))),  # a field id jump over 15, a long list
+        (21, 9, (12, [nested] * 3)),
+        (300, 12, nested),
+    ]
+    encoded = _encode_struct(fields)
+    decoded, end = _decode_struct(encoded + b"tail", 0)
+    assert end == len(encoded)
+    assert decoded == {
+        1: 2**31 - 1,
+        2: -(2**63),
+        3: b"x" * 200,
+        20: list(range(-20, 20)),
+        21: [{1: -1, 2: b""}] * 3,
+        300: {1: -1, 2: b""},
+    }
+    with pytest.raises(IndexError):
+        _decode_struct(encoded[:-3], 0)
 
 
 @pytest.mark.integration

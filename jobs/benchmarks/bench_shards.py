@@ -4,25 +4,35 @@
 
 Each repeat writes the activations once as a raw file (one unsynced `write` of the numpy
 buffer) and once through `ShardWriter` into a `LocalStorage` (staging on the same file
-system, publish included), then reads both back: the raw file with one `read` into new
-memory and with `readinto` a reused buffer, the shards with `read_shard` and `iter_chunks`.
+system, publish included), then reads both back: the raw file with `read` into new memory,
+with `readinto` a reused buffer and through a memory map (the way `read_shard` and
+`iter_chunks` read local shards), the shards with `read_shard` and `iter_chunks`.
+
+Every read ends with a checksum over every activation byte it returned, --batch-rows rows at
+a time as a probe consumes them (the same checksum for all, compared with the raw file's): a
+mapped read defers its page faults to the first access, so a read that only returned arrays
+would not have read anything. The checksum's own speed is printed; it is part of every read
+time, which brings read ratios closer to 1 than the reads alone would be.
+
 Every read is of a file written moments before and, unless --cold evicts it (fsync, then
 POSIX_FADV_DONTNEED), comes from the page cache; the output says which. Speeds are GB/s of
-activation bytes, best of --repeats (median in brackets). The ratios compare shard with raw
-(reads with the faster raw read), target >= 0.7. "pyarrow write" is one ParquetWriter call on
-the whole table with the shard options: the floor under ShardWriter.
+activation bytes, best of --repeats (median in brackets), all in one run on one machine. The
+ratios compare shard writes with the raw write and shard reads with the fastest raw read;
+target >= 0.7. "pyarrow write" is one pyarrow ParquetWriter call on the whole table with the
+shard options, which is how shards were written before ShardWriter wrote Parquet itself.
 The FixedSizeList<float16> line shows the layout the shard format avoids.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -41,10 +51,16 @@ def evict(path: str) -> None:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def checksum(arrays: Iterable[np.ndarray], batch_rows: int) -> int:
+    """Read every byte of the [rows, n_features] `arrays` once, `batch_rows` rows at a time as a
+    consumer would: the sum of their 64-bit words, modulo 2**64."""
+    total = 0
+    for a in arrays:
+        for start in range(0, len(a), batch_rows):
+            words = a[start : start + batch_rows].reshape(-1).view(np.uint8)
+            whole = len(words) - len(words) % 8
+            total += int(words[:whole].view(np.uint64).sum(dtype=np.uint64)) + int(words[whole:].sum())
+    return total % 2**64
 
 
 def main() -> None:
@@ -66,24 +82,27 @@ def main() -> None:
     x = rng.standard_normal((rows, args.features), dtype=np.float32).astype(dtype)
     y = rng.integers(0, 10, rows).astype(np.int32)
     nbytes = x.nbytes
+    expected = checksum([x], args.batch_rows)
     root = tempfile.mkdtemp(prefix="bench-shards-", dir=args.dir)
     print(f"{rows} rows x {args.features} {args.dtype} = {nbytes / 1e9:.2f} GB per repeat, in {root}")
     print(
         f"reads: {'cold (fsync + fadvise DONTNEED)' if args.cold else 'page cache (just written, not dropped)'}"
     )
 
-    times: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "raw write",
-            "raw read",
-            "raw readinto",
-            "pyarrow write",
-            "shard write",
-            "read_shard",
-            "iter_chunks",
-        )
-    }
+    names = ["raw write", "pyarrow write", "shard write", "checksum alone", "raw read", "raw readinto"]
+    names += ["raw mmap", "read_shard", "iter_chunks"]
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    def timed(name: str, fn: Callable[[], object], paths: list[str] = []) -> None:  # noqa: B006
+        """Time `fn`; when it returns arrays, checksum them inside the timing and check the sum."""
+        for path in paths if args.cold else []:
+            evict(path)
+        start = time.perf_counter()
+        out = fn()
+        got = checksum(out, args.batch_rows) if out is not None else expected  # type: ignore[arg-type]
+        times[name].append(time.perf_counter() - start)
+        assert got == expected, f"{name} returned different bytes"
+
     try:
         for rep in range(args.repeats):
             raw_path = os.path.join(root, f"raw-{rep}.bin")
@@ -92,29 +111,37 @@ def main() -> None:
                 with open(path, "wb") as f:
                     f.write(memoryview(x).cast("B"))
 
-            times["raw write"].append(timed(raw_write))
-            if args.cold:
-                evict(raw_path)
+            timed("raw write", raw_write)
+            timed("checksum alone", lambda: [x])
 
-            def raw_read(path: str = raw_path) -> np.ndarray:
+            def raw_read(path: str = raw_path) -> list[np.ndarray]:
                 with open(path, "rb") as f:
-                    return np.frombuffer(f.read(), dtype).reshape(-1, args.features)
+                    return [np.frombuffer(f.read(), dtype).reshape(rows, -1)]
 
-            times["raw read"].append(timed(raw_read))
-            if args.cold:
-                evict(raw_path)
-            reused = np.empty_like(x)  # faulted in before timing, like pyarrow's reused pool memory
+            timed("raw read", raw_read, [raw_path])
+            reused = np.empty_like(x)  # faulted in before timing: a buffer reused across reads
             reused.fill(0)
 
-            def raw_readinto(path: str = raw_path, out: np.ndarray = reused) -> None:
+            def raw_readinto(path: str = raw_path, out: np.ndarray = reused) -> list[np.ndarray]:
                 with open(path, "rb") as f:
                     f.readinto(memoryview(out).cast("B"))
+                return [out]
 
-            times["raw readinto"].append(timed(raw_readinto))
+            timed("raw readinto", raw_readinto, [raw_path])
             del reused
+
+            def raw_mmap(path: str = raw_path) -> list[np.ndarray]:
+                with open(path, "rb") as f:
+                    return [
+                        np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype).reshape(
+                            rows, -1
+                        )
+                    ]
+
+            timed("raw mmap", raw_mmap, [raw_path])
             os.unlink(raw_path)
 
-            def pyarrow_write(path: str = raw_path + ".parquet") -> None:  # ShardWriter minus its own work
+            def pyarrow_write(path: str = raw_path + ".parquet") -> None:
                 schema = shard_schema(args.features, args.dtype)
                 blob = pa.FixedSizeBinaryArray.from_buffers(
                     schema.field("x").type, rows, [None, pa.py_buffer(x)]
@@ -125,7 +152,7 @@ def main() -> None:
                 ) as w:
                     w.write_table(table, row_group_size=64 * 2**20 // (args.features * dtype.itemsize + 12))
 
-            times["pyarrow write"].append(timed(pyarrow_write))
+            timed("pyarrow write", pyarrow_write)
             os.unlink(raw_path + ".parquet")
 
             storage = LocalStorage(os.path.join(root, f"store-{rep}"))
@@ -150,21 +177,14 @@ def main() -> None:
                         writer.write(x[start : start + args.batch_rows], y[start : start + args.batch_rows])
                 infos.extend(writer.close())
 
-            times["shard write"].append(timed(shard_write))
+            timed("shard write", shard_write)
             paths = [storage.uri_for(info.key) for info in infos]
-            if args.cold:
-                for path in paths:
-                    evict(path)
-            times["read_shard"].append(timed(lambda paths=paths: [read_shard(p) for p in paths]))
-            if args.cold:
-                for path in paths:
-                    evict(path)
+            timed("read_shard", lambda paths=paths: [read_shard(p).x for p in paths], paths)
 
-            def stream(storage: LocalStorage = storage, keys: list[str] = [i.key for i in infos]) -> None:  # noqa: B006
-                for _ in iter_chunks(storage, keys, batch_rows=args.batch_rows):
-                    pass
+            def stream(storage: LocalStorage = storage, keys: list[str] = [i.key for i in infos]):  # noqa: B006
+                return (cx for cx, _ in iter_chunks(storage, keys, batch_rows=args.batch_rows))
 
-            times["iter_chunks"].append(timed(stream))
+            timed("iter_chunks", stream, paths)
             shutil.rmtree(storage.root)
 
         fsl_rows = min(rows, args.fsl_mb * 2**20 // (args.features * dtype.itemsize))
@@ -176,19 +196,20 @@ def main() -> None:
             table = pa.table({"row": np.arange(fsl_rows), "label": y[:fsl_rows], "x": column})
             pq.write_table(table, fsl_path, compression=None, use_dictionary=False, write_statistics=False)
 
-        fsl_seconds = timed(fsl_write)
+        start = time.perf_counter()
+        fsl_write()
+        fsl_seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     speed = {k: nbytes / min(v) / 1e9 for k, v in times.items()}
     median = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
     for name in times:
-        print(f"{name:>13}: {speed[name]:6.2f} GB/s  ({median[name]:.2f} median of {args.repeats})")
+        print(f"{name:>14}: {speed[name]:6.2f} GB/s  ({median[name]:.2f} median of {args.repeats})")
     print(
         f"FixedSizeList<{args.dtype}> write: {fsl_rows * args.features * dtype.itemsize / fsl_seconds / 1e9:.2f} GB/s"
     )
-    # reads are compared with the faster of the two raw reads
-    raw_read = max(("raw read", "raw readinto"), key=speed.__getitem__)
+    raw_read = max(("raw read", "raw readinto", "raw mmap"), key=speed.__getitem__)
     pairs = [("pyarrow write", "raw write"), ("shard write", "raw write")]
     for shard, raw in [*pairs, ("read_shard", raw_read), ("iter_chunks", raw_read)]:
         ratio = speed[shard] / speed[raw]
