@@ -279,3 +279,24 @@ def test_cli_unsupported_checkpoint_file_fails_its_items(tmp_path, capsys):
     assert "unsupported checkpoint format" in captured.err and "step=5/model.onnx" in captured.err
     rows = results.load(spec.output.uri).to_pylist()
     assert {(r["step"], r["status"]) for r in rows} == {(0, "ok"), (5, "failed")}
+
+
+def test_cli_status_reads_progress_from_storage(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 10, 20))
+    run_local(spec)
+    # a new checkpoint arrives and one item is being probed somewhere right now
+    write_checkpoints(spec, steps=(30,))
+    out = open_storage(spec.output.uri)
+    from probeserve.checkpoints import discover
+    from probeserve.sweep import running_key
+
+    new = next(
+        c for c in discover(open_storage(spec.checkpoints.uri), spec.checkpoints).complete if c.step == 30
+    )
+    out.publish_bytes(running_key("t", new, "fc2"), b"{}")
+    assert main(["status", spec.output.uri]) == 0
+    text = capsys.readouterr().out
+    header, _, row = text.strip().splitlines()[:3]
+    assert header.split() == ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
+    assert row.split() == ["t", "4", "8", "6", "0", "1", "1"]
