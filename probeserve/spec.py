@@ -174,7 +174,7 @@ class ProbeSpec(_Strict):
     learning_rate: float = Field(default=1e-3, gt=0, description="adam only")
     batch_size: int = Field(default=8192, gt=0, description="rows per chunk (adam: per step)")
     max_epochs: int = Field(default=300, gt=0)
-    patience: int | None = Field(default=30, gt=0, description="epochs without val improvement; None: off")
+    patience: int | None = Field(default=10, gt=0, description="epochs without val improvement; None: off")
     l2: float = Field(default=1e-4, ge=0, description="weight decay on W (not b), per example")
     standardize: bool = Field(default=True, description="z-score features with train statistics")
     tolerance: float = Field(default=1e-6, gt=0, description="stop when the relative loss change is smaller")
