@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast lint format bench data clean
+.PHONY: demo test test-fast lint format bench system-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,19 +18,28 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]" "$(TORCH)"
 	touch $(STAMP)
 
-data:
-	@if [ ! -d $(FASHION_MNIST) ]; then \
+# Debian packages: Fashion-MNIST for the demo and the benchmarks, chromium for the report's
+# browser test. Without root or apt they are skipped: the demo then uses synthetic data
+# (and says so) and the browser test is skipped with its reason.
+DEBS := dataset-fashion-mnist chromium
+
+system-deps:
+	@missing=""; \
+	[ -d $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
-	      echo "note: could not install dataset-fashion-mnist; synthetic data will be used"; \
-	  else echo "note: Fashion-MNIST absent (apt-get install dataset-fashion-mnist); synthetic data will be used"; fi; \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1; } || \
+	      echo "note: could not install$$missing; the tests and demo that need them say so"; \
+	  else echo "note: missing Debian packages$$missing (not root or no apt); the tests and demo that need them say so"; fi; \
 	fi
 
-demo: $(STAMP) data
+demo: $(STAMP) system-deps
 	$(BIN)/probeserve demo --out demo-output
 
-test: $(STAMP) data
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -44,10 +53,11 @@ format: $(STAMP)
 	$(BIN)/ruff format probeserve tests jobs
 	$(BIN)/ruff check --fix probeserve tests jobs
 
-bench: $(STAMP) data
+bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_shards.py
 	$(BIN)/python jobs/benchmarks/bench_extract.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
+	$(BIN)/python jobs/benchmarks/bench_ray.py
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache

@@ -32,9 +32,17 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    kwargs = {"input_dim": args.dim, "depth": args.depth, "width": args.width, "num_classes": 2, "activation": "leaky_relu"}
+    kwargs = {
+        "input_dim": args.dim,
+        "depth": args.depth,
+        "width": args.width,
+        "num_classes": 2,
+        "activation": "leaky_relu",
+    }
     model = build_model(ModelSpec(factory="mlp", kwargs=kwargs))
-    data = load_dataset(GaussianData(kind="gaussian", dim=args.dim, train_size=5000, val_size=1000, test_size=1000))
+    data = load_dataset(
+        GaussianData(kind="gaussian", dim=args.dim, train_size=5000, val_size=1000, test_size=1000)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = 0
     while True:

@@ -1,4 +1,4 @@
-"""The `probeserve` command: validate | layers | plan | run | query | demo.
+"""The `probeserve` command: validate | layers | plan | run | status | query | watch | demo.
 
 Every knob lives in the spec; `--set key.path=value` overrides a field of the spec file for
 one invocation. User errors print one clear message (no traceback) and exit 2; a run in
@@ -214,6 +214,90 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from probeserve.storage import open_storage
+    from probeserve.watch import LocalSubmitter, RayJobSubmitter, Watcher, ledger_rows
+
+    spec = _spec(args)
+    if args.status:
+        storage = open_storage(spec.output.uri, s3_endpoint=spec.storage.resolved_endpoint())
+        rows = ledger_rows(storage, spec.run, page_size=args.page_size)
+        if not rows:
+            print(f"the ledger of run {spec.run} in {spec.output.uri} is empty")
+        else:
+            print(format_table(rows, ["checkpoint", "step", "state", "generation", "submission_id", "error"]))
+        return 0
+    if args.address and args.runner == "local":
+        raise ProbeserveError("--address submits Ray jobs; it does not go with --runner local")
+    submitter = RayJobSubmitter(args.address) if args.address else LocalSubmitter(args.runner)
+    watcher = Watcher(
+        spec,
+        submitter,
+        policy=args.policy,
+        claim_timeout=args.claim_timeout,
+        max_attempts=args.max_attempts,
+        keep_activations=args.keep_activations,
+        page_size=args.page_size,
+        health_file=args.health_file,
+    )
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("%s: finishing the current step, then exiting", signal.Signals(signum).name)
+        watcher.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return watcher.run(interval=args.interval, once=args.once)
+
+
+def _split_list(values: Sequence[str] | None) -> list[str] | None:
+    """`--layers a b`, `--layers a,b` or both; None when the flag was not given."""
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from probeserve import plots, results
+
+    table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
+    if table.num_rows == 0:
+        where = f"run {args.run!r} under {args.results}" if args.run else args.results
+        raise ProbeserveError(f"no results yet for {where}: nothing to plot (see `probeserve status`)")
+    steps = _split_list(args.steps)
+    try:
+        step_values = None if steps is None else [int(s) for s in steps]
+    except ValueError:
+        raise ProbeserveError(
+            f"--steps: expected checkpoint step numbers, got {' '.join(steps or [])}"
+        ) from None
+    path = plots.plot(
+        args.kind,
+        table,
+        args.out,
+        run=args.run,
+        metric=args.metric,
+        steps=step_values,
+        layers=_split_list(args.layers),
+        s3_endpoint=args.s3_endpoint,
+    )
+    print(path)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from probeserve.report import write_report
+
+    print(
+        write_report(
+            args.results, args.out, run=args.run, s3_endpoint=args.s3_endpoint, refresh_seconds=args.refresh
+        )
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from probeserve.demo import run_demo
 
@@ -264,6 +348,69 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--run", help="only this run")
     q.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     q.set_defaults(func=cmd_query)
+
+    w = with_spec("watch", "watch the checkpoint prefix and probe every new complete checkpoint once")
+    w.add_argument("--address", help="submit Ray jobs to this job API (http://head:8265); default: run here")
+    w.add_argument(
+        "--runner", choices=["ray", "local"], default="ray", help="without --address: local Ray or in-process"
+    )
+    w.add_argument("--once", action="store_true", help="one scan, submit, exit (cron, Kubernetes CronJob)")
+    w.add_argument("--interval", type=float, default=60.0, help="seconds between scans (default 60)")
+    w.add_argument(
+        "--policy",
+        choices=["all", "newest"],
+        default="all",
+        help="probe every checkpoint, or only the newest",
+    )
+    w.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=600.0,
+        help="take over a claim unchanged this long whose job is unknown",
+    )
+    w.add_argument(
+        "--max-attempts", type=int, default=3, help="claim generations before a dying job ends failed"
+    )
+    w.add_argument(
+        "--keep-activations", action="store_true", help="keep activation shards (default: delete once probed)"
+    )
+    w.add_argument("--health-file", help="touched after every successful scan, for a liveness check")
+    w.add_argument("--page-size", type=int, default=1000, help="keys per listing request")
+    w.add_argument("--status", action="store_true", help="print the ledger and exit")
+    w.set_defaults(func=cmd_watch)
+
+    pl = sub.add_parser("plot", help="plot the results: error by layer, heatmap, by step, or an animation")
+    pl.add_argument("results", help="the spec's output.uri (or its results/ folder)")
+    pl.add_argument(
+        "--kind",
+        choices=["layers", "heatmap", "steps", "animation"],
+        default="layers",
+        help="layers: error by layer, a line per step; heatmap: step x layer; steps: error by step, "
+        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg)",
+    )
+    pl.add_argument(
+        "--out", required=True, help="file to write: .png, .svg, .pdf; .gif or .mp4 for animation"
+    )
+    pl.add_argument("--run", help="the run to plot (needed when the results hold several)")
+    pl.add_argument(
+        "--metric",
+        choices=["test_error", "val_error", "train_error", "test_loss", "val_loss", "train_loss"],
+        default="test_error",
+    )
+    pl.add_argument("--steps", nargs="+", metavar="STEP", help="checkpoint steps (default: up to 6, spread)")
+    pl.add_argument("--layers", nargs="+", metavar="LAYER", help="layer names (default: all)")
+    pl.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
+    pl.set_defaults(func=cmd_plot)
+
+    rp = sub.add_parser("report", help="write one self-contained HTML report of a sweep, finished or not")
+    rp.add_argument("results", help="the spec's output.uri (or its results/ folder)")
+    rp.add_argument("--out", required=True, help="the HTML file to write (a path or s3:// URI)")
+    rp.add_argument("--run", help="only this run (default: every run there)")
+    rp.add_argument(
+        "--refresh", type=int, metavar="SECONDS", help="make an open page reload itself this often"
+    )
+    rp.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="train mnist_convnet on Fashion-MNIST, checkpoint it, probe every layer")
     d.add_argument("--out", default="demo-output", help="folder used as the bucket (default: demo-output)")

@@ -20,7 +20,7 @@ import yaml
 
 log = logging.getLogger("probeserve")
 
-STEPS = (0, 30, 100, 300)
+STEPS = (0, 20, 60, 200)
 QUICK_STEPS = (0, 40)
 
 
@@ -50,7 +50,7 @@ def demo_spec(out: str, data_path: str | None, *, quick: bool) -> dict:
         "data": {
             "kind": "idx",
             "path": data_path,
-            "train_size": 2000 if quick else 10000,
+            "train_size": 2000 if quick else 8000,
             "val_size": 1000 if quick else 2000,
             "test_size": 1000 if quick else 2000,
         },

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -213,7 +214,10 @@ class _Split:
         self.block_rows, self.device = block_rows, device
 
     def prepare(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, torch.float32)
+        with warnings.catch_warnings():
+            # shards arrive as read-only views of a memory-mapped file; they are only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, torch.float32)
         xt = (xt - self.shift) * self.scale
         return xt, torch.from_numpy(np.ascontiguousarray(y)).to(self.device, torch.int64)
 

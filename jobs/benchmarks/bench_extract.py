@@ -68,9 +68,13 @@ def main() -> None:
         t_plain = min(_time(plain) for _ in range(args.repeat))
         t_extract = min(_time(extraction) for _ in range(args.repeat))
         feats = sum(sweep.reducer(p).n_features for p in sweep.points)
-        print(f"mnist_convnet, {n} examples, {len(layers)} probe points, {feats} features/example after reducer '{args.reducer}', {args.dtype} shards, {torch.get_num_threads()} threads")
+        print(
+            f"mnist_convnet, {n} examples, {len(layers)} probe points, {feats} features/example after reducer '{args.reducer}', {args.dtype} shards, {torch.get_num_threads()} threads"
+        )
         print(f"plain forward:        {t_plain:7.2f} s  ({n / t_plain:8.0f} examples/s)")
-        print(f"extract all layers:   {t_extract:7.2f} s  ({n / t_extract:8.0f} examples/s, {n * feats * (2 if args.dtype == 'float16' else 4) / t_extract / 1e9:.2f} GB/s of activations)")
+        print(
+            f"extract all layers:   {t_extract:7.2f} s  ({n / t_extract:8.0f} examples/s, {n * feats * (2 if args.dtype == 'float16' else 4) / t_extract / 1e9:.2f} GB/s of activations)"
+        )
         print(f"ratio extract/plain:  {t_extract / t_plain:7.2f}x  (target <= 1.25x)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -103,8 +103,12 @@ def demo_like(root: str, *, actors_list: tuple[int, ...], compare_local: bool) -
         assert not s.failed
     items = 2 * 10
     if compare_local:
-        print(f"2. demo-like sweep ({items} items, mnist_convnet, Fashion-MNIST 5k/1k/1k, {os.cpu_count()} cores)")
-        print(f"   in-process {t['local']:6.1f} s, ray ({actors_list[0]} actor) {t[actors_list[0]]:6.1f} s, ratio {t[actors_list[0]] / t['local']:.2f}x (target <= 1.5x)")
+        print(
+            f"2. demo-like sweep ({items} items, mnist_convnet, Fashion-MNIST 5k/1k/1k, {os.cpu_count()} cores)"
+        )
+        print(
+            f"   in-process {t['local']:6.1f} s, ray ({actors_list[0]} actor) {t[actors_list[0]]:6.1f} s, ratio {t[actors_list[0]] / t['local']:.2f}x (target <= 1.5x)"
+        )
     print("3. scaling with probe actors on this machine")
     for n in actors_list:
         print(f"   {n} actor(s): {t[n]:6.1f} s  ({items / t[n] * 60:5.1f} items/min)")

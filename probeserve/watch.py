@@ -1,0 +1,631 @@
+"""The watch daemon: probe every checkpoint a training job writes, exactly once, with no database.
+
+Each scan lists the checkpoint prefix in full (paginated; never a cursor, so a key written
+"behind" the last one seen is still found), keeps the complete checkpoints (marker written
+last, or size and mtime unchanged across scans `stable_seconds` apart), and submits one sweep
+per new checkpoint, restricted to that checkpoint's step.
+
+Exactly once comes from a ledger in the output storage, not from the daemon's memory:
+
+    {output}/ledger/{run}/{checkpoint dir}/claim-{gen:04d}.json   create-only (If-None-Match: *)
+    {output}/ledger/{run}/{checkpoint dir}/state-{gen:04d}.json   submitted | done | failed
+
+A daemon submits a checkpoint only after *creating* claim generation 1, and create-only writes
+have one winner, so two daemons on one bucket never both submit it. A claim whose job died (the
+submitter says failed without every layer having a committed row, or it does not know the
+job and nobody has updated the ledger for `claim_timeout` seconds) is taken over by creating
+the next generation's claim, create-only again. Submission ids are deterministic (run,
+checkpoint key, generation), so a daemon that died between claiming and recording can still
+find the job it started. A sweep that ran and committed a row for every layer, some failed
+(a corrupt checkpoint, say), ends `failed` for good with the error; results already committed
+are never recomputed, because the sweep itself skips committed items.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from probeserve import results
+from probeserve.checkpoints import Checkpoint, discover
+from probeserve.errors import ProbeserveError
+from probeserve.spec import SweepSpec, dump_spec, spec_from_dict
+from probeserve.storage import ObjectInfo, Storage, join, open_storage
+
+log = logging.getLogger("probeserve.watch")
+
+LEDGER_DIR = "ledger"
+JobState = Literal["running", "succeeded", "failed", "unknown"]
+Policy = Literal["all", "newest"]
+
+
+# ---------------------------------------------------------------------------- submitters
+
+
+class Submitter(Protocol):
+    """Starts the sweep of one checkpoint and reports on it later.
+
+    `submit` must be idempotent for one `submission_id`: submitting an id that already exists
+    is not an error (the daemon may have died after submitting, before recording it).
+    """
+
+    synchronous: bool  # True: submit() returns only when the sweep has finished
+
+    def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str: ...
+    def state(self, submission_id: str) -> JobState: ...
+    def error(self, submission_id: str) -> str | None: ...
+
+
+def spec_for_checkpoint(spec: SweepSpec, ckpt: Checkpoint, *, keep_activations: bool) -> SweepSpec:
+    """The sweep spec restricted to one checkpoint's step (and activations kept or not)."""
+    data = spec.model_dump(mode="json")
+    data["checkpoints"]["steps"] = [ckpt.step]
+    data["output"]["keep_activations"] = keep_activations
+    if spec.storage.resolved_endpoint():  # a job elsewhere has no $PROBESERVE_S3_ENDPOINT
+        data["storage"]["s3_endpoint"] = spec.storage.resolved_endpoint()
+    return spec_from_dict(data, source=f"spec for {ckpt.key}")
+
+
+class LocalSubmitter:
+    """Runs the sweep right here, before `submit` returns: in-process, or on a local Ray."""
+
+    synchronous = True
+
+    def __init__(self, runner: Literal["local", "ray"] = "local") -> None:
+        self.runner = runner
+        self._done: dict[str, tuple[JobState, str | None]] = {}
+
+    def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str:
+        if submission_id in self._done:
+            return submission_id
+        try:
+            if self.runner == "local":
+                from probeserve.runners.local import run_local
+
+                summary = run_local(spec)
+            else:
+                from probeserve.runners.ray import run_ray
+
+                summary = run_ray(spec)
+        except ProbeserveError as e:
+            self._done[submission_id] = ("failed", str(e))
+            return submission_id
+        if summary.failed:
+            first = summary.failed[0]
+            more = f" (and {len(summary.failed) - 1} more)" if len(summary.failed) > 1 else ""
+            self._done[submission_id] = ("failed", f"{first[1]}: {first[2]}{more}")
+        else:
+            self._done[submission_id] = ("succeeded", None)
+        return submission_id
+
+    def state(self, submission_id: str) -> JobState:
+        # a sweep of another process (or of this one before a restart) is unknown here
+        return self._done.get(submission_id, ("unknown", None))[0]
+
+    def error(self, submission_id: str) -> str | None:
+        return self._done.get(submission_id, ("unknown", None))[1]
+
+
+def _sweep_entrypoint() -> str | None:
+    path = Path(__file__).resolve().parents[1] / "jobs" / "sweep.py"
+    return str(path) if path.is_file() else None
+
+
+class RayJobSubmitter:
+    """Submits each checkpoint's sweep as a Ray job through the job-submission API.
+
+    The job's working directory is a small folder made per submission: the resolved spec
+    (restricted to the checkpoint) and `jobs/sweep.py`. The cluster's image must have
+    probeserve installed. No credentials travel: runtime_env is readable by anyone who can
+    read the job API, so S3 credentials must come from the cluster's own environment.
+    """
+
+    synchronous = False
+
+    def __init__(self, address: str, *, client: Any = None) -> None:
+        self.address = address
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.address)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ProbeserveError(
+                    f"--address {self.address}: cannot reach the Ray job API: {e}"
+                ) from None
+        return self._client
+
+    def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str:
+        if self.state(submission_id) != "unknown":
+            return submission_id  # submitted before a restart: the same deterministic id
+        tmp = tempfile.mkdtemp(prefix="probeserve-job-")
+        try:
+            Path(tmp, "spec.yaml").write_text(dump_spec(spec))
+            entry = _sweep_entrypoint()
+            if entry:
+                os.makedirs(os.path.join(tmp, "jobs"))
+                shutil.copyfile(entry, os.path.join(tmp, "jobs", "sweep.py"))
+                entrypoint = "python jobs/sweep.py spec.yaml"
+            else:  # an installed package without the repo: the same command
+                entrypoint = "python -m probeserve run spec.yaml --address auto"
+            entrypoint += f" --set checkpoints.steps=[{checkpoint.step}]"
+            entrypoint += f" --set output.keep_activations={str(spec.output.keep_activations).lower()}"
+            try:
+                self.client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": tmp},
+                    metadata={"probeserve.run": spec.run, "probeserve.checkpoint": checkpoint.key},
+                )
+            except RuntimeError as e:
+                if "already exists" not in str(e):
+                    raise ProbeserveError(f"Ray job API at {self.address}: submit failed: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return submission_id
+
+    def _info(self, submission_id: str) -> Any:
+        try:
+            return self.client.get_job_info(submission_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                return None
+            raise ProbeserveError(f"Ray job API at {self.address}: {e}") from None
+
+    def state(self, submission_id: str) -> JobState:
+        info = self._info(submission_id)
+        if info is None:
+            return "unknown"
+        status = str(getattr(info.status, "value", info.status)).upper()
+        if status in ("PENDING", "RUNNING"):
+            return "running"
+        if status == "SUCCEEDED":
+            return "succeeded"
+        return "failed"  # FAILED, STOPPED
+
+    def error(self, submission_id: str) -> str | None:
+        info = self._info(submission_id)
+        return None if info is None else (info.message or None)
+
+
+# ---------------------------------------------------------------------------- the ledger
+
+
+@dataclass
+class LedgerEntry:
+    """The newest claim of one checkpoint and its state."""
+
+    checkpoint_dir: str
+    gen: int = 0
+    claim: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] | None = None
+    state_mtime: float = 0.0
+    claim_mtime: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return self.state["state"] if self.state else "claimed"
+
+    def last_update(self) -> float:
+        stamps = [self.claim_mtime, self.state_mtime, self.claim.get("claimed_at", 0.0)]
+        if self.state:
+            stamps.append(self.state.get("updated_at", 0.0))
+        return max(stamps)
+
+
+def ledger_prefix(run: str) -> str:
+    return join(LEDGER_DIR, run) + "/"
+
+
+def claim_key(run: str, ckpt_dir: str, gen: int) -> str:
+    return join(LEDGER_DIR, run, ckpt_dir, f"claim-{gen:04d}.json")
+
+
+def state_key(run: str, ckpt_dir: str, gen: int) -> str:
+    return join(LEDGER_DIR, run, ckpt_dir, f"state-{gen:04d}.json")
+
+
+def submission_id(run: str, checkpoint_key: str, gen: int) -> str:
+    """Deterministic: the same claim always names the same job."""
+    digest = hashlib.sha256(f"{run}\0{checkpoint_key}".encode()).hexdigest()[:12]
+    return f"probeserve-{run}-{digest}-g{gen:04d}"
+
+
+def read_ledger(storage: Storage, run: str, *, page_size: int = 1000) -> dict[str, LedgerEntry]:
+    """{checkpoint dir: newest entry}, from one paginated listing of the run's ledger."""
+    newest: dict[str, dict[str, ObjectInfo]] = {}
+    gens: dict[str, int] = {}
+    for obj in storage.list(ledger_prefix(run), page_size=page_size):
+        parts = obj.key.split("/")
+        if len(parts) != 4 or not parts[3].endswith(".json"):
+            continue
+        ckpt_dir, name = parts[2], parts[3]
+        kind, _, gen_s = name[:-5].partition("-")
+        if kind not in ("claim", "state") or not gen_s.isdigit():
+            continue
+        gen = int(gen_s)
+        if gen > gens.get(ckpt_dir, 0) and kind == "claim":
+            gens[ckpt_dir] = gen
+        newest.setdefault(ckpt_dir, {})[f"{kind}-{gen}"] = obj
+    out = {}
+    for ckpt_dir, gen in gens.items():
+        objs = newest[ckpt_dir]
+        entry = LedgerEntry(ckpt_dir, gen=gen)
+        claim_obj = objs[f"claim-{gen}"]
+        entry.claim = json.loads(storage.read_bytes(claim_obj.key, max_bytes=1 << 20))
+        entry.claim_mtime = claim_obj.mtime
+        state_obj = objs.get(f"state-{gen}")
+        if state_obj is not None:
+            entry.state = json.loads(storage.read_bytes(state_obj.key, max_bytes=1 << 20))
+            entry.state_mtime = state_obj.mtime
+        out[ckpt_dir] = entry
+    return out
+
+
+def ledger_rows(storage: Storage, run: str, *, page_size: int = 1000) -> list[dict[str, Any]]:
+    """The ledger as table rows for `probeserve watch --status`."""
+    rows = []
+    for entry in read_ledger(storage, run, page_size=page_size).values():
+        state = entry.state or {}
+        rows.append(
+            {
+                "checkpoint": entry.claim.get("checkpoint"),
+                "step": entry.claim.get("step"),
+                "state": entry.status,
+                "generation": entry.gen,
+                "submission_id": state.get("submission_id") or entry.claim.get("submission_id"),
+                "error": state.get("error"),
+            }
+        )
+    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["checkpoint"] or ""))
+    return rows
+
+
+# ---------------------------------------------------------------------------- the daemon
+
+
+class _PagedStorage:
+    """A storage whose `list` uses a given page size (discovery calls `list` without one)."""
+
+    def __init__(self, inner: Storage, page_size: int) -> None:
+        self._inner = inner
+        self._page_size = page_size
+
+    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
+        del page_size
+        return self._inner.list(prefix, page_size=self._page_size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@dataclass
+class ScanReport:
+    """What one scan saw and did."""
+
+    complete: int = 0
+    waiting: list[str] = field(default_factory=list)  # not complete yet
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    submitted: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    taken_over: list[str] = field(default_factory=list)
+
+
+class Watcher:
+    """One daemon: scans, claims, submits and follows up, with state only in storage.
+
+    The previous scan's sizes and mtimes are the only thing held in memory, for
+    `completeness: stable_size`; a restarted daemon simply waits `stable_seconds` again.
+    """
+
+    def __init__(
+        self,
+        spec: SweepSpec,
+        submitter: Submitter,
+        *,
+        policy: Policy = "all",
+        claim_timeout: float = 600.0,
+        max_attempts: int = 3,
+        keep_activations: bool = False,
+        page_size: int = 1000,
+        health_file: str | None = None,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if policy not in ("all", "newest"):
+            raise ProbeserveError(f"--policy {policy}: expected all or newest")
+        if claim_timeout <= 0:
+            raise ProbeserveError("--claim-timeout must be > 0 seconds")
+        self.spec = spec
+        self.submitter = submitter
+        self.policy = policy
+        self.claim_timeout = claim_timeout
+        self.max_attempts = max_attempts
+        self.keep_activations = keep_activations
+        self.page_size = page_size
+        self.health_file = health_file
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.clock = clock
+        endpoint = spec.storage.resolved_endpoint()
+        self.checkpoints = open_storage(spec.checkpoints.uri, s3_endpoint=endpoint)
+        self.output = open_storage(spec.output.uri, s3_endpoint=endpoint)
+        self._seen: dict[str, tuple[int, float, float]] = {}  # key -> (size, mtime, first seen)
+        self._reported: set[str] = set()
+        self.stop = threading.Event()
+
+    # -- discovery
+
+    def find_checkpoints(self, report: ScanReport) -> list[Checkpoint]:
+        spec = self.spec.checkpoints
+        stable = spec.completeness == "stable_size"
+        disc_spec = spec.model_copy(update={"completeness": "none"}) if stable else spec
+        found = discover(_PagedStorage(self.checkpoints, self.page_size), disc_spec)
+        for key, why in found.rejected:
+            report.rejected.append((key, why))
+            if key not in self._reported:
+                self._reported.add(key)
+                log.warning("ignoring checkpoint key %r: %s", key, why)
+        report.waiting = [c.key for c in found.incomplete]
+        complete = list(found.complete)
+        if stable:
+            now = self.clock()
+            seen, complete = self._seen, []
+            self._seen = {}
+            for c in found.complete:
+                size, mtime, first = seen.get(c.key, (c.size, c.mtime, now))
+                if (size, mtime) != (c.size, c.mtime):
+                    first = now  # changed since the last scan: start over
+                self._seen[c.key] = (c.size, c.mtime, first)
+                if now - first >= spec.stable_seconds and c.key in seen:
+                    complete.append(c)
+                else:
+                    report.waiting.append(c.key)
+        report.complete = len(complete)
+        if self.policy == "newest" and complete:
+            complete = [max(complete, key=lambda c: (c.step, c.key))]
+        return complete
+
+    # -- ledger writes
+
+    def _write_state(
+        self, ckpt: Checkpoint, gen: int, state: str, sid: str, error: str | None = None
+    ) -> None:
+        body = {
+            "state": state,
+            "checkpoint": ckpt.key,
+            "step": ckpt.step,
+            "generation": gen,
+            "submission_id": sid,
+            "error": error,
+            "owner": self.owner,
+            "updated_at": self.clock(),
+        }
+        key = state_key(self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step), gen)
+        self.output.publish_bytes(key, json.dumps(body, indent=1).encode())
+
+    def _claim(self, ckpt: Checkpoint, gen: int) -> bool:
+        body = {
+            "checkpoint": ckpt.key,
+            "step": ckpt.step,
+            "generation": gen,
+            "submission_id": submission_id(self.spec.run, ckpt.key, gen),
+            "owner": self.owner,
+            "claimed_at": self.clock(),
+        }
+        key = claim_key(self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step), gen)
+        return self.output.create_only(key, json.dumps(body, indent=1).encode())
+
+    # -- results
+
+    def _all_layers_committed(self, ckpt: Checkpoint) -> tuple[bool, str | None]:
+        """(every selected layer has a committed row, the first failed row's error)."""
+        layers_key = join("runs", self.spec.run, "layers.json")
+        if self.output.stat(layers_key) is None:
+            return False, None
+        layers = {x["layer"] for x in json.loads(self.output.read_bytes(layers_key))}
+        prefix = join(results.RESULTS_DIR, self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step)) + "/"
+        import pyarrow.parquet as pq
+
+        seen, error = set(), None
+        for obj in self.output.list(prefix, page_size=self.page_size):
+            layer = results.layer_from_file(obj.key.rsplit("/", 1)[-1])
+            if layer not in layers:
+                continue
+            seen.add(layer)
+            row = pq.read_table(io.BytesIO(self.output.read_bytes(obj.key))).to_pylist()[0]
+            if row["status"] != "ok" and error is None:
+                error = f"{layer}: {row['error']}"
+        return seen >= layers, error
+
+    # -- one checkpoint
+
+    def _submit(self, ckpt: Checkpoint, gen: int, report: ScanReport) -> None:
+        sid = submission_id(self.spec.run, ckpt.key, gen)
+        spec = spec_for_checkpoint(self.spec, ckpt, keep_activations=self.keep_activations)
+        log.info("step %d (%s): submitting %s", ckpt.step, ckpt.key, sid)
+        if not self.submitter.synchronous:
+            self.submitter.submit(ckpt, spec, submission_id=sid)
+            self._write_state(ckpt, gen, "submitted", sid)
+            report.submitted.append(ckpt.key)
+            return
+        self._write_state(ckpt, gen, "submitted", sid)
+        report.submitted.append(ckpt.key)
+        with self._heartbeat(ckpt, gen, sid):
+            self.submitter.submit(ckpt, spec, submission_id=sid)
+        self._follow_up(ckpt, gen, sid, self.submitter.state(sid), report)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, ckpt: Checkpoint, gen: int, sid: str) -> Iterator[None]:
+        """While a sweep runs here, refresh its state so no other daemon takes it over."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.claim_timeout / 4):
+                try:
+                    self._write_state(ckpt, gen, "submitted", sid)
+                except ProbeserveError as e:
+                    log.warning("heartbeat for step %d failed: %s", ckpt.step, e)
+
+        t = threading.Thread(target=beat, name="probeserve-heartbeat", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
+    def _follow_up(self, ckpt: Checkpoint, gen: int, sid: str, state: JobState, report: ScanReport) -> bool:
+        """Record a finished job; return True when the claim is dead and may be taken over."""
+        if state == "succeeded":
+            self._write_state(ckpt, gen, "done", sid)
+            report.done.append(ckpt.key)
+            log.info("step %d (%s): done (%s)", ckpt.step, ckpt.key, sid)
+            return False
+        if state == "failed":
+            complete, error = self._all_layers_committed(ckpt)
+            if complete or gen >= self.max_attempts:
+                error = error or self.submitter.error(sid) or "the sweep job failed"
+                if not complete:
+                    error = f"gave up after {gen} attempt(s): {error}"
+                self._write_state(ckpt, gen, "failed", sid, error)
+                report.failed.append(ckpt.key)
+                log.error("step %d (%s): failed (%s): %s", ckpt.step, ckpt.key, sid, error)
+                return False
+            log.warning(
+                "step %d (%s): job %s died before finishing; taking it over", ckpt.step, ckpt.key, sid
+            )
+            return True
+        return False
+
+    def process(self, ckpt: Checkpoint, ledger: dict[str, LedgerEntry], report: ScanReport) -> None:
+        entry = ledger.get(results.checkpoint_dir(ckpt.key, ckpt.step))
+        if entry is None:
+            if self._claim(ckpt, 1):
+                self._submit(ckpt, 1, report)
+            return
+        if entry.status in ("done", "failed"):
+            return
+        gen = entry.gen
+        sid = submission_id(self.spec.run, ckpt.key, gen)
+        if entry.claim.get("owner") == self.owner and entry.state is None:
+            self._submit(ckpt, gen, report)  # our own claim whose submit failed: retry it
+            return
+        state = self.submitter.state(sid)
+        if state == "running" and entry.state is None:
+            self._write_state(ckpt, gen, "submitted", sid)  # its daemon died before recording it
+        dead = self._follow_up(ckpt, gen, sid, state, report)
+        stale = self.clock() - entry.last_update() > self.claim_timeout
+        if state == "unknown" and stale:
+            log.warning(
+                "step %d (%s): claim %d by %s has not moved for %.0f s and its job %s is unknown; taking it over",
+                ckpt.step,
+                ckpt.key,
+                gen,
+                entry.claim.get("owner"),
+                self.clock() - entry.last_update(),
+                sid,
+            )
+            dead = True
+        if dead:
+            if self._claim(ckpt, gen + 1):
+                report.taken_over.append(ckpt.key)
+                self._submit(ckpt, gen + 1, report)
+
+    # -- scans and the loop
+
+    def scan(self) -> ScanReport:
+        """One full scan: discover, read the ledger, claim/submit/follow up each checkpoint."""
+        report = ScanReport()
+        checkpoints = self.find_checkpoints(report)
+        ledger = read_ledger(self.output, self.spec.run, page_size=self.page_size)
+        for ckpt in checkpoints:
+            if self.stop.is_set():
+                break
+            self.process(ckpt, ledger, report)
+        if self.health_file:
+            Path(self.health_file).touch()
+        return report
+
+    def run(
+        self,
+        *,
+        interval: float = 60.0,
+        once: bool = False,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+    ) -> int:
+        """Scan until stopped (SIGTERM/SIGINT set `self.stop`); with `once`, one scan.
+
+        A failed scan (storage or Ray unreachable, ...) is logged with when it will be retried,
+        and retried with exponential backoff up to `backoff_cap` seconds.
+        """
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                report = self.scan()
+            except Exception as e:  # keep the daemon alive whatever one scan hits
+                failures += 1
+                what = str(e) if isinstance(e, ProbeserveError) else f"{type(e).__name__}: {e}"
+                if once:
+                    log.error("scan failed: %s", what)
+                    return 1
+                delay = min(backoff_cap, backoff_base * 2 ** (failures - 1))
+                log.warning(
+                    "scan failed (%d in a row): %s; retrying in %.1f s at %s",
+                    failures,
+                    what,
+                    delay,
+                    time.strftime("%H:%M:%S", time.localtime(time.time() + delay)),
+                )
+                self.stop.wait(delay)
+                continue
+            if failures:
+                log.info("scan succeeded again after %d failure(s)", failures)
+            failures = 0
+            log.info(
+                "scan: %d complete checkpoint(s), %d waiting, %d rejected; %d submitted, %d done, %d failed",
+                report.complete,
+                len(report.waiting),
+                len(report.rejected),
+                len(report.submitted),
+                len(report.done),
+                len(report.failed),
+            )
+            if once:
+                return 0
+            self.stop.wait(interval)
+        log.info("stopping: the current step finished, exiting")
+        return 0
+
+
+__all__ = [
+    "LedgerEntry",
+    "LocalSubmitter",
+    "RayJobSubmitter",
+    "ScanReport",
+    "Submitter",
+    "Watcher",
+    "ledger_rows",
+    "read_ledger",
+    "spec_for_checkpoint",
+    "submission_id",
+]

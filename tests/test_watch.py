@@ -1,0 +1,495 @@
+"""The watch daemon against a real S3 server process (moto) on loopback.
+
+Most tests use the in-process runner or a counting fake submitter; one runs a sweep on a
+real local Ray. The ledger in the bucket is what every test checks: one claim per
+checkpoint, states moving to done or failed, and results committed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from probeserve import results
+from probeserve.checkpoints import marker_key
+from probeserve.cli import main
+from probeserve.spec import spec_from_dict
+from probeserve.storage import open_storage
+from probeserve.watch import (
+    LocalSubmitter,
+    RayJobSubmitter,
+    Watcher,
+    claim_key,
+    read_ledger,
+    submission_id,
+)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import S3Server
+from test_sweep import write_checkpoints
+
+pytestmark = pytest.mark.integration
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = ["input", "fc1", "act", "fc2"]
+
+
+def s3_spec(bucket: str, endpoint: str | None = None, **over):
+    spec = {
+        "run": "w",
+        "checkpoints": {"uri": f"s3://{bucket}/ckpts"},
+        "model": {"factory": "tiny", "kwargs": {"input_dim": 6, "hidden": 12, "num_classes": 2}},
+        "layers": {"include": LAYERS},
+        "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
+        "probe": {"max_epochs": 50, "l2": 1e-3},
+        "resources": {"device": "cpu", "torch_threads": 1},
+        "output": {"uri": f"s3://{bucket}/out"},
+        "storage": {"s3_endpoint": endpoint},
+    }
+    for k, v in over.items():
+        spec[k] = {**spec[k], **v} if isinstance(spec.get(k), dict) else v
+    return spec_from_dict(spec)
+
+
+@pytest.fixture
+def endpoint(s3_server, monkeypatch):
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    return s3_server.endpoint
+
+
+class CountingSubmitter:
+    """Counts submissions (optionally shared between daemons); runs `inner` if given."""
+
+    synchronous = True
+
+    def __init__(self, calls: list | None = None, *, delay: float = 0.0, inner=None) -> None:
+        self.calls = [] if calls is None else calls
+        self.delay = delay
+        self.inner = inner
+        self._states: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, checkpoint, spec, *, submission_id):
+        with self._lock:
+            self.calls.append((checkpoint.key, submission_id, spec.checkpoints.steps))
+        time.sleep(self.delay)
+        if self.inner:
+            self.inner.submit(checkpoint, spec, submission_id=submission_id)
+            self._states[submission_id] = self.inner.state(submission_id)
+        else:
+            self._states[submission_id] = "succeeded"
+        return submission_id
+
+    def state(self, sid):
+        return self._states.get(sid, "unknown")
+
+    def error(self, sid):
+        return self.inner.error(sid) if self.inner else None
+
+
+def ledger_states(spec) -> dict[str, tuple[str, int]]:
+    """{checkpoint key: (state, generation)}."""
+    out = open_storage(spec.output.uri)
+    return {e.claim["checkpoint"]: (e.status, e.gen) for e in read_ledger(out, spec.run).values()}
+
+
+def result_rows(spec) -> list[dict]:
+    return results.load(spec.output.uri, run=spec.run).to_pylist()
+
+
+def test_backfill_then_a_new_checkpoint_is_probed_once(s3_bucket, endpoint, capsys, tmp_path):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(0, 10))
+    sub = CountingSubmitter(inner=LocalSubmitter("local"))
+    w = Watcher(spec, sub)
+    report = w.scan()
+    assert sorted(report.submitted) == [
+        "step=000000000/model.safetensors",
+        "step=000000010/model.safetensors",
+    ]
+    assert [c[2] for c in sub.calls] == [[0], [10]]  # each sweep restricted to its checkpoint
+    rows = result_rows(spec)
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
+    # the daemon deletes activation shards once their probes committed
+    assert not list(open_storage(spec.output.uri).list("activations/"))
+    assert w.scan().submitted == []  # nothing new: nothing submitted
+    write_checkpoints(spec, steps=(20,))
+    assert w.scan().submitted == ["step=000000020/model.safetensors"]
+    assert len(sub.calls) == 3 and len({c[0] for c in sub.calls}) == 3
+    assert set(ledger_states(spec).values()) == {("done", 1)}
+    assert len(result_rows(spec)) == 12
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["watch", str(path), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" done ") == 3
+    assert submission_id("w", "step=000000020/model.safetensors", 1) in out
+
+
+def test_checkpoint_without_marker_is_ignored_until_it_appears(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(5,))
+    ckpts = open_storage(spec.checkpoints.uri)
+    marker = marker_key("step=000000005/model.safetensors")
+    body = ckpts.read_bytes(marker)
+    ckpts.delete(marker)
+    sub = CountingSubmitter()
+    w = Watcher(spec, sub)
+    for _ in range(2):
+        report = w.scan()
+        assert report.waiting == ["step=000000005/model.safetensors"] and not report.submitted
+    assert not list(open_storage(spec.output.uri).list("ledger/"))
+    ckpts.publish_bytes(marker, body)
+    assert w.scan().submitted == ["step=000000005/model.safetensors"]
+    assert len(sub.calls) == 1
+
+
+def test_stable_size_needs_two_scans_stable_seconds_apart(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket, checkpoints={"completeness": "stable_size", "stable_seconds": 30})
+    write_checkpoints(spec, steps=(1,))
+    now = [1000.0]
+    sub = CountingSubmitter()
+    w = Watcher(spec, sub, clock=lambda: now[0])
+    assert w.scan().waiting  # first sight
+    now[0] += 10
+    assert w.scan().waiting  # unchanged, but not for long enough
+    # the training job rewrites the file (size changes): the clock starts over
+    ckpts = open_storage(spec.checkpoints.uri)
+    key = "step=000000001/model.safetensors"
+    ckpts.publish_bytes(key, ckpts.read_bytes(key) + b" ")
+    now[0] += 25
+    assert w.scan().waiting
+    now[0] += 25
+    assert w.scan().waiting  # 25 s since the change
+    now[0] += 10
+    assert w.scan().submitted == [key]
+    assert len(sub.calls) == 1
+
+
+def test_policy_newest_submits_only_the_newest(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(0, 10, 20))
+    sub = CountingSubmitter()
+    Watcher(spec, sub, policy="newest").scan()
+    assert [c[0] for c in sub.calls] == ["step=000000020/model.safetensors"]
+
+
+def test_two_daemons_never_both_submit_a_checkpoint(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(0, 1, 2, 3, 4, 5))
+    calls: list = []
+    daemons = [Watcher(spec, CountingSubmitter(calls, delay=0.05)) for _ in range(3)]
+    barrier = threading.Barrier(len(daemons))
+
+    def loop(w):
+        for _ in range(3):
+            barrier.wait()
+            w.scan()
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in daemons]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(c[0] for c in calls) == sorted({c[0] for c in calls}) and len(calls) == 6
+    assert set(ledger_states(spec).values()) == {("done", 1)}
+
+
+def test_a_dead_claim_is_taken_over_once_and_a_live_one_is_left_alone(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(0, 1))
+    out = open_storage(spec.output.uri)
+    # the server stamps objects with the real time: an hour from now, both claims look old
+    # by their LastModified, but the live one says it was claimed "now"
+    now = time.time() + 3600
+    dead, live = "step=000000000/model.safetensors", "step=000000001/model.safetensors"
+    for key, step, at in ((dead, 0, 1000.0), (live, 1, now)):
+        claim = {"checkpoint": key, "step": step, "generation": 1, "owner": "gone:1:x", "claimed_at": at}
+        out.publish_bytes(claim_key("w", results.checkpoint_dir(key, step), 1), json.dumps(claim).encode())
+    calls: list = []
+    daemons = [Watcher(spec, CountingSubmitter(calls), claim_timeout=60, clock=lambda: now) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda w: w.scan(), daemons))
+    assert [c[0] for c in calls] == [dead]  # taken over by exactly one daemon
+    assert calls[0][1] == submission_id("w", dead, 2)
+    assert ledger_states(spec) == {dead: ("done", 2), live: ("claimed", 1)}
+
+
+def test_a_corrupt_checkpoint_ends_failed_and_the_daemon_goes_on(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 10))
+    ckpts = open_storage(spec.checkpoints.uri)
+    ckpts.publish_bytes("step=000000010/model.safetensors", b"\x80\x04 not a checkpoint")
+    w = Watcher(spec, LocalSubmitter("local"))
+    report = w.scan()
+    assert report.failed == ["step=000000010/model.safetensors"]
+    entry = {e.claim["checkpoint"]: e for e in read_ledger(open_storage(spec.output.uri), "w").values()}
+    bad = entry["step=000000010/model.safetensors"]
+    assert bad.status == "failed" and bad.gen == 1
+    assert "step=000000010/model.safetensors" in bad.state["error"]
+    assert entry["step=000000000/model.safetensors"].status == "done"
+    write_checkpoints(spec, steps=(20,))
+    report = w.scan()
+    assert report.submitted == ["step=000000020/model.safetensors"]  # the failed one is not retried
+    assert ledger_states(spec)["step=000000020/model.safetensors"] == ("done", 1)
+
+
+def test_more_than_1000_keys_are_all_listed(s3_server, s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    client = s3_server.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: client.put_object(Bucket=s3_bucket, Key=f"ckpts/junk/{i:05d}.bin", Body=b"x"),
+                range(1010),
+            )
+        )
+    write_checkpoints(spec, steps=(1, 2))  # "step=..." sorts after "junk/...": past the first pages
+    sub = CountingSubmitter()
+    w = Watcher(spec, sub, page_size=100)
+    requests = []
+    w.checkpoints._client.meta.events.register(
+        "before-call.s3.ListObjectsV2", lambda **kw: requests.append(1)
+    )
+    report = w.scan()
+    assert len(requests) >= 11
+    assert sorted(report.submitted) == [
+        "step=000000001/model.safetensors",
+        "step=000000002/model.safetensors",
+    ]
+
+
+def test_unsafe_keys_are_skipped_and_nothing_is_written_outside_the_output_prefix(
+    s3_server, s3_bucket, endpoint
+):
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(3,))
+    client = s3_server.client()
+    good = open_storage(spec.checkpoints.uri)
+    blob = good.read_bytes("step=000000003/model.safetensors")
+    bad_keys = ["ckpts/x/../step=000000004/model.safetensors", "ckpts//step=000000005/model.safetensors"]
+    for key in bad_keys:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=blob)
+        client.put_object(Bucket=s3_bucket, Key=key.rsplit("/", 1)[0] + "/COMPLETE", Body=b"{}")
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert set(bad_keys) <= listed  # the server kept the keys as they are
+    before = listed
+    report = Watcher(spec, LocalSubmitter("local")).scan()
+    assert report.submitted == ["step=000000003/model.safetensors"]
+    assert sorted(k for k, _ in report.rejected) == sorted(k[len("ckpts/") :] for k in bad_keys)
+    after = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    new = after - before
+    assert new and all(k.startswith("out/") and ".." not in k.split("/") for k in new)
+    assert len(result_rows(spec)) == 1
+
+
+def test_storage_outage_backs_off_logs_and_recovers(s3_server, monkeypatch, caplog):
+    server = S3Server()  # its own server: a restarted moto comes back empty
+    server.start()
+    try:
+        monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", server.endpoint)
+        bucket = server.new_bucket()
+        spec = s3_spec(bucket, endpoint=server.endpoint)
+        write_checkpoints(spec, steps=(0,))
+        w = Watcher(spec, CountingSubmitter())
+        rc: list = []
+        t = threading.Thread(target=lambda: rc.append(w.run(interval=0.2, backoff_base=0.2, backoff_cap=1.0)))
+        caplog.set_level(logging.INFO, logger="probeserve")
+        t.start()
+
+        def wait_for(cond, timeout=90):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                with contextlib.suppress(Exception):
+                    if cond():
+                        return
+                time.sleep(0.2)
+            raise AssertionError("timed out")
+
+        wait_for(lambda: ledger_states(spec).get("step=000000000/model.safetensors") == ("done", 1))
+        server.stop()
+        wait_for(lambda: sum("scan failed" in r.message for r in caplog.records) >= 2)
+        failures = [r.message for r in caplog.records if "scan failed" in r.message]
+        assert "retrying in" in failures[0] and "cannot reach the S3 endpoint" in failures[0]
+        assert t.is_alive()
+        server.start()
+        server.client().create_bucket(Bucket=bucket)
+        write_checkpoints(spec, steps=(0, 10))
+        wait_for(lambda: ledger_states(spec).get("step=000000010/model.safetensors") == ("done", 1))
+        assert any("succeeded again" in r.message for r in caplog.records)
+        w.stop.set()
+        t.join(30)
+        assert rc == [0]
+    finally:
+        server.stop()
+
+
+def _wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(Exception):
+            if cond():
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_scan_then_restart_skips_nothing_and_submits_nothing_twice(s3_bucket, endpoint, tmp_path):
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
+    steps = (0, 1, 2, 3, 4)
+    write_checkpoints(spec, steps=steps)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    health = tmp_path / "alive"
+    cmd = [sys.executable, "-m", "probeserve", "watch", str(path), "--runner", "local", "--interval", "0.3"]
+    cmd += ["--claim-timeout", "4", "--health-file", str(health)]
+    env = {**os.environ, "PROBESERVE_S3_ENDPOINT": endpoint}
+    log1 = open(tmp_path / "d1.log", "w")
+    d1 = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: sum(s == "done" for s, _ in ledger_states(spec).values()) >= 2, 120, "two done")
+        d1.send_signal(signal.SIGKILL)
+        d1.wait(10)
+    finally:
+        if d1.poll() is None:
+            d1.kill()
+    at_kill = ledger_states(spec)
+    done_before = {k for k, (s, _) in at_kill.items() if s == "done"}
+    assert len(done_before) < len(steps), "the daemon finished before it could be killed"
+    out = open_storage(spec.output.uri)
+    stamps = {
+        k: out.stat(k).mtime
+        for k in results.result_keys(out, "w")
+        for c in done_before
+        if results.checkpoint_dir(c, int(c[5:14])) in k
+    }
+    log2 = open(tmp_path / "d2.log", "w")
+    d2 = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log2, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: [s for s, _ in ledger_states(spec).values()] == ["done"] * len(steps), 180, "all done")
+        d2.send_signal(signal.SIGTERM)
+        assert d2.wait(60) == 0, (tmp_path / "d2.log").read_text()[-3000:]
+    finally:
+        if d2.poll() is None:
+            d2.kill()
+    final = ledger_states(spec)
+    for key, (state, gen) in final.items():
+        assert state == "done"
+        if key in done_before:
+            assert gen == 1  # a finished checkpoint was never claimed again
+        else:
+            assert gen <= 2  # the one in flight was taken over once, the rest claimed once
+    # claims are create-only: each generation has one claim object, so one submission each
+    claims = [o.key for o in out.list("ledger/") if "/claim-" in o.key]
+    assert len(claims) == len(steps) + sum(g - 1 for _, g in final.values())
+    rows = result_rows(spec)
+    assert len(rows) == len(steps) * 2 and {r["status"] for r in rows} == {"ok"}
+    assert stamps and all(out.stat(k).mtime == m for k, m in stamps.items())  # never recomputed
+    assert health.exists()
+    assert "SIGTERM" in (tmp_path / "d2.log").read_text()
+
+
+def test_once_scans_submits_and_exits(s3_bucket, endpoint, tmp_path):
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(0,))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["watch", str(path), "--runner", "local", "--once"]) == 0
+    assert ledger_states(spec) == {"step=000000000/model.safetensors": ("done", 1)}
+    assert main(["watch", str(path), "--runner", "local", "--once"]) == 0
+    assert ledger_states(spec) == {"step=000000000/model.safetensors": ("done", 1)}
+
+
+class FakeJobClient:
+    """The two calls RayJobSubmitter makes of ray.job_submission.JobSubmissionClient."""
+
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        if submission_id in self.jobs:
+            raise RuntimeError(f"Job with submission_id {submission_id} already exists.")
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), runtime_env["working_dir"])
+            for d, _, fs in os.walk(runtime_env["working_dir"])
+            for f in fs
+        )
+        spec = open(os.path.join(runtime_env["working_dir"], "spec.yaml")).read()
+        self.jobs[submission_id] = {
+            "entrypoint": entrypoint,
+            "files": files,
+            "spec": spec,
+            "status": "RUNNING",
+        }
+        return submission_id
+
+    def get_job_info(self, sid):
+        if sid not in self.jobs:
+            raise RuntimeError(f"Job {sid} does not exist.")
+
+        class Info:
+            status = self.jobs[sid]["status"]
+            message = "exit 1" if status == "FAILED" else None
+
+        return Info()
+
+
+def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(7,))
+    client = FakeJobClient()
+    w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client))
+    assert w.scan().submitted == ["step=000000007/model.safetensors"]
+    ((sid, job),) = client.jobs.items()
+    assert sid == submission_id("w", "step=000000007/model.safetensors", 1)
+    assert job["entrypoint"].startswith("python jobs/sweep.py spec.yaml")
+    assert "--set checkpoints.steps=[7]" in job["entrypoint"]
+    assert "--set output.keep_activations=false" in job["entrypoint"]
+    assert job["files"] == ["jobs/sweep.py", "spec.yaml"]
+    assert endpoint in job["spec"] and "secret" not in job["spec"].lower()
+    assert ledger_states(spec) == {"step=000000007/model.safetensors": ("submitted", 1)}
+    assert w.scan().submitted == []  # running: left alone
+    client.jobs[sid]["status"] = "SUCCEEDED"
+    assert w.scan().done == ["step=000000007/model.safetensors"]
+    assert ledger_states(spec) == {"step=000000007/model.safetensors": ("done", 1)}
+    assert len(client.jobs) == 1
+
+
+def test_ray_job_that_died_is_resubmitted_under_the_next_generation(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(7,))
+    client = FakeJobClient()
+    w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client), max_attempts=2)
+    w.scan()
+    client.jobs[submission_id("w", "step=000000007/model.safetensors", 1)]["status"] = "FAILED"
+    report = w.scan()  # no result rows: the job died, so the next generation takes over
+    assert report.taken_over == ["step=000000007/model.safetensors"] and len(client.jobs) == 2
+    client.jobs[submission_id("w", "step=000000007/model.safetensors", 2)]["status"] = "FAILED"
+    report = w.scan()  # out of attempts: failed for good, with the job's message
+    assert report.failed == ["step=000000007/model.safetensors"] and len(client.jobs) == 2
+    entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
+    assert entry.status == "failed" and "gave up after 2" in entry.state["error"]
+
+
+def test_local_ray_sweep_for_one_checkpoint(s3_bucket, endpoint):
+    ray = pytest.importorskip("ray")
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 4))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        w = Watcher(spec, LocalSubmitter("ray"), policy="newest")
+        assert w.scan().done == ["step=000000004/model.safetensors"]
+    finally:
+        ray.shutdown()
+    rows = result_rows(spec)
+    assert [(r["step"], r["status"]) for r in rows] == [(4, "ok"), (4, "ok")]
