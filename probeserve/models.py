@@ -329,6 +329,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = fn(**spec.kwargs)
     except (TypeError, ValueError) as e:
         raise ModelError(f"model.kwargs: factory {spec.factory!r} rejected its arguments: {e}") from e
+    except Exception as e:  # user code: report it on one line, naming the factory
+        raise ModelError(f"model.factory {spec.factory!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"model.factory {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module"

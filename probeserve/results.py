@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from probeserve.errors import StorageError
 from probeserve.storage import Storage, join, open_storage
 
 RESULTS_DIR = "results"
@@ -104,6 +105,29 @@ def commit(storage: Storage, row: Mapping[str, Any]) -> str:
     return key
 
 
+def read_row(storage: Storage, run: str, checkpoint: str, step: int, layer: str) -> dict[str, Any] | None:
+    """The committed row of one item, or None."""
+    key = result_key(run, checkpoint, step, layer)
+    if storage.stat(key) is None:
+        return None
+    return _read_file(storage, key).to_pylist()[0]
+
+
+def is_done(storage: Storage, run: str, checkpoint: str, step: int, layer: str) -> bool:
+    row = read_row(storage, run, checkpoint, step, layer)
+    return row is not None and row["status"] == "ok"
+
+
+def _read_file(storage: Storage, key: str) -> pa.Table:
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
+        return table.select(COLUMN_NAMES).cast(SCHEMA)
+    except (pa.ArrowException, KeyError, ValueError) as e:
+        raise StorageError(
+            f"{storage.uri_for(key)}: not a probeserve result file ({e}); move it out of results/"
+        ) from None
+
+
 def result_keys(storage: Storage, run: str | None = None) -> list[str]:
     prefix = join(RESULTS_DIR, run) + "/" if run else RESULTS_DIR + "/"
     return [o.key for o in storage.list(prefix) if o.key.endswith(".parquet")]
@@ -111,10 +135,10 @@ def result_keys(storage: Storage, run: str | None = None) -> list[str]:
 
 def read_table(storage: Storage, run: str | None = None) -> pa.Table:
     """Every committed row (of one run, or all), sorted by run, step, layer_index."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(k))) for k in result_keys(storage, run)]
+    tables = [_read_file(storage, k) for k in result_keys(storage, run)]
     if not tables:
         return SCHEMA.empty_table()
-    table = pa.concat_tables([t.select(COLUMN_NAMES).cast(SCHEMA) for t in tables])
+    table = pa.concat_tables(tables)
     return table.sort_by([("run", "ascending"), ("step", "ascending"), ("layer_index", "ascending")])
 
 

@@ -61,6 +61,11 @@ class CheckpointsSpec(_Strict):
     max_bytes: int = Field(default=16 * GiB, gt=0, description="refuse larger weights files")
     steps: list[int] | None = Field(default=None, description="probe only these steps")
 
+    @field_validator("marker")
+    @classmethod
+    def _marker(cls, v: str) -> str:
+        return _check_marker(v)
+
     @field_validator("step_regex")
     @classmethod
     def _one_group(cls, v: str) -> str:
@@ -71,6 +76,19 @@ class CheckpointsSpec(_Strict):
         if pattern.groups < 1:
             raise ValueError("needs one capturing group for the step, like step=(\\d+)")
         return v
+
+
+def _check_marker(v: str) -> str:
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"not a valid template: {e}") from None
+    unknown = [f for f in fields if f != "stem"]
+    if unknown:
+        raise ValueError(f"only {{stem}} may be used in the marker name, not {{{unknown[0]}}}")
+    return v
 
 
 class ModelSpec(_Strict):
@@ -213,6 +231,20 @@ class StorageSpec(_Strict):
         description="an S3-compatible endpoint URL; defaults to $PROBESERVE_S3_ENDPOINT, then AWS",
     )
 
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected a URL like http://127.0.0.1:9000 or https://s3.example.com")
+        if parts.username or parts.password:
+            raise ValueError("credentials do not go in the endpoint; use the standard AWS chain")
+        return v
+
     def resolved_endpoint(self) -> str | None:
         return self.s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
 
@@ -239,6 +271,7 @@ class SweepSpec(_Strict):
         """
         keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
         keep["layers.inputs"] = self.layers.inputs
+        keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -65,6 +65,13 @@ def redact(uri: str) -> str:
     return uri
 
 
+def redact_text(text: str) -> str:
+    """Drop user:password@ from every URL in a message."""
+    import re
+
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1", text)
+
+
 def _check_key(key: str) -> str:
     if key.startswith("/") or any(p in ("..", ".") for p in key.split("/")):
         raise StorageError(f"refusing key {key!r}: absolute or with '.'/'..' parts")
@@ -236,7 +243,7 @@ class S3Storage:
             return StorageError(f"{where}: {action} failed: {code or e}")
         if isinstance(e, EndpointConnectionError):
             return StorageError(f"{where}: cannot reach the S3 endpoint {redact(self.endpoint_url or 'AWS')}")
-        return StorageError(f"{where}: {action} failed: {type(e).__name__}: {e}")
+        return StorageError(f"{where}: {action} failed: {type(e).__name__}: {redact_text(str(e))}")
 
     def root_exists(self) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -356,6 +363,8 @@ def open_storage(uri: str, *, s3_endpoint: str | None = None) -> Storage:
         if not parts.netloc:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
         endpoint = s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
+        if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
+            raise StorageError(f"S3 endpoint {redact(endpoint)!r}: expected a URL like http://127.0.0.1:9000")
         return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint)
     if parts.scheme == "file":
         return LocalStorage(parts.path)

@@ -66,6 +66,16 @@ class Plan:
         return out
 
 
+def configure_torch(spec: SweepSpec) -> None:
+    """Apply `resources.torch_threads` in this process; every runner and worker calls it.
+
+    Unset, torch keeps its default (all cores in-process, the worker's CPU share under Ray);
+    results then agree across runners to floating-point rounding, not bit for bit."""
+    threads = spec.resources.torch_threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def describe_error(e: BaseException) -> str:
     """One line for a result row: the message of a user error, type and message otherwise."""
     if isinstance(e, ProbeserveError):
@@ -267,14 +277,17 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
                 "probeserve.spec_hash": sweep.spec_hash,
                 "probeserve.run": spec.run,
             }
-            writers[p.name] = ShardWriter(
-                sweep.output,
-                join(layer_prefix(spec.run, ckpt, p.name), split),
-                n_features=reducers[p.name].n_features,
-                dtype=spec.output.dtype,
-                metadata=meta,
-                max_bytes=spec.output.max_shard_bytes,
-            )
+            try:
+                writers[p.name] = ShardWriter(
+                    sweep.output,
+                    join(layer_prefix(spec.run, ckpt, p.name), split),
+                    n_features=reducers[p.name].n_features,
+                    dtype=spec.output.dtype,
+                    metadata=meta,
+                    max_bytes=spec.output.max_shard_bytes,
+                )
+            except Exception as e:  # this layer alone fails
+                errors[p.name] = f"layer {p.name}: {describe_error(e)}"
         labels = []
         with ActivationCapture(model, points) as capture, torch.inference_mode():
             for x, y in ds.batches(split, spec.resources.extract_batch_size):
@@ -289,7 +302,10 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
                         writer.abort()
                         del writers[name]
         for name, writer in writers.items():
-            shards[name][split] = writer.close()
+            try:
+                shards[name][split] = writer.close()
+            except Exception as e:
+                errors[name] = f"layer {name}: {describe_error(e)}"
         y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
         counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
     seconds = time.perf_counter() - t0
@@ -410,6 +426,9 @@ def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str
     """Extract the layers of one checkpoint that have no manifest; commit a failed row for
     each layer that could not be extracted. Returns {layer: error} of those."""
     ckpt = items[0].checkpoint
+    out, run = sweep.output, sweep.spec.run
+    # another run may have finished some of these since they were planned: never redo them
+    items = [i for i in items if not results.is_done(out, run, ckpt.key, ckpt.step, i.layer)]
     need = [i for i in items if sweep.manifest(ckpt, i.layer) is None]
     if not need:
         return {}
@@ -419,13 +438,25 @@ def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str
     except Exception as e:
         log_failure(f"extract {ckpt.key}", e)
         errors = {i.layer: describe_error(e) for i in need}
+    seconds = time.perf_counter() - t0
     for item in need:
         if item.layer in errors:
-            row = sweep.failed_row(
-                ckpt, item.layer, item.layer_index, errors[item.layer], time.perf_counter() - t0
+            commit_unless_done(
+                sweep, sweep.failed_row(ckpt, item.layer, item.layer_index, errors[item.layer], seconds)
             )
-            results.commit(sweep.output, row)
     return errors
+
+
+def commit_unless_done(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
+    """Commit a row, but never a failed one over an ok one: a finished item stays finished.
+
+    Returns the row that stands committed afterwards."""
+    if row["status"] != "ok":
+        existing = results.read_row(sweep.output, row["run"], row["checkpoint"], row["step"], row["layer"])
+        if existing is not None and existing["status"] == "ok":
+            return existing
+    results.commit(sweep.output, row)
+    return row
 
 
 def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
@@ -434,6 +465,9 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
     While it runs, a small `running/...` object says so, for `probeserve status` on any machine.
     """
     ckpt = item.checkpoint
+    done = results.read_row(sweep.output, sweep.spec.run, ckpt.key, ckpt.step, item.layer)
+    if done is not None and done["status"] == "ok":
+        return done  # committed by another run since this one was planned
     marker = running_key(sweep.spec.run, ckpt, item.layer)
     info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "device": device}
     sweep.output.publish_bytes(marker, json.dumps(info).encode())
@@ -445,8 +479,13 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
         row = sweep.failed_row(
             ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
         )
-    results.commit(sweep.output, row)
-    sweep.output.delete(marker)
-    if row["status"] == "ok" and not sweep.spec.output.keep_activations:
-        delete_activations(sweep, ckpt, item.layer)
+    row = commit_unless_done(sweep, row)
+    try:  # the item is done now; tidying up after it must not undo that
+        sweep.output.delete(marker)
+        if row["status"] == "ok" and not sweep.spec.output.keep_activations:
+            delete_activations(sweep, ckpt, item.layer)
+    except Exception as e:
+        log.warning(
+            "step %d %s: committed, but cleaning up failed: %s", ckpt.step, item.layer, describe_error(e)
+        )
     return row

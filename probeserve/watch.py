@@ -42,7 +42,7 @@ from typing import Any, Literal, Protocol
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, discover
-from probeserve.errors import ProbeserveError
+from probeserve.errors import ProbeserveError, StorageError
 from probeserve.spec import SweepSpec, dump_spec, spec_from_dict
 from probeserve.storage import ObjectInfo, Storage, join, open_storage
 
@@ -74,6 +74,7 @@ def spec_for_checkpoint(spec: SweepSpec, ckpt: Checkpoint, *, keep_activations: 
     """The sweep spec restricted to one checkpoint's step (and activations kept or not)."""
     data = spec.model_dump(mode="json")
     data["checkpoints"]["steps"] = [ckpt.step]
+    data["checkpoints"]["completeness"] = "none"  # the daemon has decided completeness already
     data["output"]["keep_activations"] = keep_activations
     if spec.storage.resolved_endpoint():  # a job elsewhere has no $PROBESERVE_S3_ENDPOINT
         data["storage"]["s3_endpoint"] = spec.storage.resolved_endpoint()
@@ -270,14 +271,28 @@ def read_ledger(storage: Storage, run: str, *, page_size: int = 1000) -> dict[st
         objs = newest[ckpt_dir]
         entry = LedgerEntry(ckpt_dir, gen=gen)
         claim_obj = objs[f"claim-{gen}"]
-        entry.claim = json.loads(storage.read_bytes(claim_obj.key, max_bytes=1 << 20))
+        entry.claim = _read_json(storage, claim_obj.key)
         entry.claim_mtime = claim_obj.mtime
         state_obj = objs.get(f"state-{gen}")
         if state_obj is not None:
-            entry.state = json.loads(storage.read_bytes(state_obj.key, max_bytes=1 << 20))
+            entry.state = _read_json(storage, state_obj.key)
             entry.state_mtime = state_obj.mtime
         out[ckpt_dir] = entry
     return out
+
+
+def _read_json(storage: Storage, key: str) -> dict[str, Any]:
+    """A ledger object; a damaged one is an error that names it, not a traceback."""
+    raw = storage.read_bytes(key, max_bytes=1 << 20)
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise StorageError(
+            f"{storage.uri_for(key)}: damaged ledger object (not a JSON object); delete it to let the checkpoint be claimed again"
+        )
+    return value
 
 
 def ledger_rows(storage: Storage, run: str, *, page_size: int = 1000) -> list[dict[str, Any]]:
@@ -482,7 +497,7 @@ class Watcher:
             while not done.wait(self.claim_timeout / 4):
                 try:
                     self._write_state(ckpt, gen, "submitted", sid)
-                except ProbeserveError as e:
+                except Exception as e:  # keep beating: a missed beat only risks a takeover
                     log.warning("heartbeat for step %d failed: %s", ckpt.step, e)
 
         t = threading.Thread(target=beat, name="probeserve-heartbeat", daemon=True)
@@ -495,6 +510,10 @@ class Watcher:
 
     def _follow_up(self, ckpt: Checkpoint, gen: int, sid: str, state: JobState, report: ScanReport) -> bool:
         """Record a finished job; return True when the claim is dead and may be taken over."""
+        if state == "succeeded":
+            complete, _ = self._all_layers_committed(ckpt)
+            if not complete:  # the job ended without a row for every layer: treat it as dead
+                state = "failed"
         if state == "succeeded":
             self._write_state(ckpt, gen, "done", sid)
             report.done.append(ckpt.key)

@@ -267,25 +267,29 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
             except OSError:
                 assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
                 time.sleep(1)
-        job = subprocess.run(
-            [
-                ray_cli,
-                "job",
-                "submit",
-                f"--address=http://127.0.0.1:{port}",
-                "--working-dir",
-                REPO,
-                "--",
-                "python",
-                "jobs/sweep.py",
-                str(path),
-            ],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+        for _attempt in range(10):  # the head's job agent starts a little after its dashboard
+            job = subprocess.run(
+                [
+                    ray_cli,
+                    "job",
+                    "submit",
+                    f"--address=http://127.0.0.1:{port}",
+                    "--working-dir",
+                    REPO,
+                    "--",
+                    "python",
+                    "jobs/sweep.py",
+                    str(path),
+                ],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         rows = results.load(spec.output.uri).to_pylist()

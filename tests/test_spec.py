@@ -87,3 +87,28 @@ def test_load_yaml_and_json_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("a: [unclosed\n")
     with pytest.raises(SpecError, match="cannot parse"):
         load_spec(tmp_path / "broken.yaml")
+
+
+def test_marker_template_and_endpoint_are_checked():
+    bad = {
+        **BASE,
+        "checkpoints": {"uri": "c", "marker": "{step}.done"},
+        "storage": {"s3_endpoint": "http://user:secret@minio:9000"},
+    }
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(bad)
+    text = str(info.value)
+    assert "checkpoints.marker" in text and "{stem}" in text
+    assert "storage.s3_endpoint" in text and "credentials" in text
+    assert "secret" not in text.replace("credentials", "")
+    assert (
+        spec_from_dict({**BASE, "checkpoints": {"uri": "c", "marker": "{stem}.done"}}).checkpoints.marker
+        == "{stem}.done"
+    )
+
+
+def test_shard_dtype_is_part_of_the_answer():
+    assert (
+        spec_from_dict(BASE).hash()
+        != spec_from_dict({**BASE, "output": {"uri": "out", "dtype": "float16"}}).hash()
+    )

@@ -300,3 +300,25 @@ def test_cli_status_reads_progress_from_storage(tmp_path, capsys):
     header, _, row = text.strip().splitlines()[:3]
     assert header.split() == ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
     assert row.split() == ["t", "4", "8", "6", "0", "1", "1"]
+
+
+def test_a_finished_item_is_never_turned_into_a_failure(tmp_path):
+    from probeserve.sweep import commit_unless_done, probe_and_commit
+
+    spec = tiny_spec(
+        tmp_path,
+        layers={"include": ["fc1"]},
+        output={"uri": str(tmp_path / "out"), "keep_activations": False},
+    )
+    write_checkpoints(spec, steps=(0,))
+    run_local(spec)
+    sweep = Sweep(spec)
+    plan = sweep.plan()
+    ((item, status),) = plan.items
+    assert status == "ok" and sweep.manifest(item.checkpoint, "fc1") is None  # shards were deleted
+    # a second runner that planned this item before it was committed now gets to it
+    row = probe_and_commit(sweep, item, device="cpu")
+    assert row["status"] == "ok"
+    failed = sweep.failed_row(item.checkpoint, "fc1", item.layer_index, "late failure", 0.0)
+    assert commit_unless_done(sweep, failed)["status"] == "ok"
+    assert results.load(spec.output.uri).column("status").to_pylist() == ["ok"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from probeserve.probe import resolve_device
 from probeserve.progress import Progress
 from probeserve.spec import SweepSpec
-from probeserve.sweep import Item, Plan, Sweep, extract_missing, probe_and_commit
+from probeserve.sweep import Item, Plan, Sweep, configure_torch, extract_missing, probe_and_commit
 
 log = logging.getLogger("probeserve")
 
@@ -75,10 +75,7 @@ def group_by_checkpoint(items: list[Item]) -> list[list[Item]]:
 def run_local(spec: SweepSpec) -> RunSummary:
     """Run every pending item of the sweep in this process."""
     t0 = time.perf_counter()
-    if spec.resources.torch_threads:
-        import torch
-
-        torch.set_num_threads(spec.resources.torch_threads)
+    configure_torch(spec)
     sweep, plan, summary = start(spec)
     device = resolve_device(spec.resources.device)
     pending = plan.pending()

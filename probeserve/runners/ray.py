@@ -25,12 +25,19 @@ import time
 from collections import deque
 from typing import Any
 
-from probeserve import results
 from probeserve.errors import ProbeserveError
 from probeserve.progress import Progress
 from probeserve.runners.local import RunSummary, group_by_checkpoint, start
 from probeserve.spec import SweepSpec
-from probeserve.sweep import Item, Sweep, describe_error, extract_missing, probe_and_commit
+from probeserve.sweep import (
+    Item,
+    Sweep,
+    commit_unless_done,
+    configure_torch,
+    describe_error,
+    extract_missing,
+    probe_and_commit,
+)
 
 log = logging.getLogger("probeserve")
 
@@ -59,6 +66,7 @@ def _device(spec: SweepSpec, gpus: float) -> str:
 
 
 def _extract(spec: SweepSpec, items: list[Item], gpus: float) -> dict[str, str]:
+    configure_torch(spec)
     sweep = _worker_sweep(spec)
     return extract_missing(sweep, items, device=_device(spec, gpus))
 
@@ -69,10 +77,7 @@ class _ProbeActor:
     def __init__(self, spec: SweepSpec, gpus: float) -> None:
         self.spec = spec
         self.gpus = gpus
-        if spec.resources.torch_threads:
-            import torch
-
-            torch.set_num_threads(spec.resources.torch_threads)
+        configure_torch(spec)
 
     def pid(self) -> int:
         return os.getpid()
@@ -132,7 +137,12 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
     if res.device == "cpu" or max_gpus == 0:
         if res.device == "cuda":
             raise ProbeserveError("resources.device: cuda, but no node of the Ray cluster has a GPU")
-        actors = max(1, int((total_cpus - 1) // res.num_cpus_per_probe))
+        actors = int((total_cpus - 1) // res.num_cpus_per_probe)
+        if actors < 1:
+            raise ProbeserveError(
+                f"resources.num_cpus_per_probe: the cluster's {total_cpus:g} CPU(s) cannot hold one probe "
+                f"actor ({res.num_cpus_per_probe:g} CPU) and one extraction task (1 CPU) at once; lower it"
+            )
         return 0.0, 0.0, actors
     for name, want in (
         ("resources.num_gpus_per_probe", res.num_gpus_per_probe),
@@ -163,7 +173,9 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
     pending = plan.pending()
     connect(address)
     extract_gpus, probe_gpus, n_actors = plan_resources(spec)
-    if max_actors:
+    if max_actors is not None:
+        if max_actors < 1:
+            raise ProbeserveError(f"--max-actors: needs at least 1, got {max_actors}")
         n_actors = min(n_actors, max_actors)
     n_actors = min(n_actors, len(pending))
     log.info(
@@ -223,13 +235,12 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                     try:
                         failed = ray.get(ref)
                     except ray.exceptions.RayError as e:
-                        failed = {
-                            i.layer: f"extraction lost after {EXTRACT_RETRIES} retries: {describe_error(e)}"
-                            for i in items
-                        }
+                        error = f"extraction lost after {EXTRACT_RETRIES} retries: {describe_error(e)}"
+                        failed = {i.layer: error for i in items}
                         for i in items:
-                            row = sweep.failed_row(i.checkpoint, i.layer, i.layer_index, failed[i.layer], 0.0)
-                            results.commit(sweep.output, row)
+                            commit_unless_done(
+                                sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, error, 0.0)
+                            )
                     for item in items:
                         if item.layer in failed:
                             finish(
@@ -244,11 +255,15 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                     try:
                         row = ray.get(ref)
                     except ray.exceptions.RayError as e:
-                        error = f"probe actor lost after {ACTOR_RESTARTS} restarts: {describe_error(e)}"
-                        row = sweep.failed_row(item.checkpoint, item.layer, item.layer_index, error, 0.0)
-                        results.commit(sweep.output, row)
-                        actor = actor_cls.remote(spec, probe_gpus)  # replace the dead actor
-                        actors.append(actor)
+                        if isinstance(e, ray.exceptions.RayTaskError):
+                            why = f"probe raised: {describe_error(e)}"  # the actor itself is fine
+                        else:  # died more often than it may restart: replace it
+                            why = f"probe actor lost after {ACTOR_RESTARTS} restarts: {describe_error(e)}"
+                            ray.kill(actor, no_restart=True)
+                            actor = actor_cls.remote(spec, probe_gpus)
+                            actors.append(actor)
+                        failed_row = sweep.failed_row(item.checkpoint, item.layer, item.layer_index, why, 0.0)
+                        row = commit_unless_done(sweep, failed_row)
                     idle.append(actor)
                     finish(row)
     finally:
