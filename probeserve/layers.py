@@ -229,6 +229,19 @@ class Reducer:
         }
 
 
+def _largest_divisor_at_most(d: int, s: int) -> int:
+    return max(g for g in range(1, min(d, s) + 1) if d % g == 0)
+
+
+def _largest_grid(channels: int, spatial: tuple[int, ...], budget: int, size) -> tuple[int, ...]:
+    """The largest grid `size(d, s)` per dim, over s, with channels * cells <= budget."""
+    for s in range(max(spatial), 0, -1):
+        candidate = tuple(size(d, s) for d in spatial)
+        if channels * math.prod(candidate) <= budget:
+            return candidate
+    return (1,) * len(spatial)
+
+
 class _AvgPool(Reducer):
     """Average pooling: spatial dims to the largest square-ish grid that fits, then channels.
 
@@ -236,7 +249,9 @@ class _AvgPool(Reducer):
     `min(dim, s)` for the largest `s` with `C * prod(min(dim, s)) <= max_features`. If even
     a 1x1 grid leaves more than `max_features` channels, neighbouring channels are averaged
     too. A flat `[D]` layer averages groups of consecutive features down to `max_features`.
-    Adaptive pooling is used throughout, so sizes need not divide evenly.
+    A grid whose cells tile each dim evenly is preferred (it pools with plain, fast
+    windows) unless it keeps less than half the features of the best uneven grid, which
+    adaptive pooling handles.
     """
 
     kind = "avgpool"
@@ -251,12 +266,12 @@ class _AvgPool(Reducer):
             self.channels = max_features
         elif 2 <= len(shape) <= 4:
             channels, spatial = shape[0], shape[1:]
-            grid = (1,) * len(spatial)
-            for s in range(max(spatial), 0, -1):
-                candidate = tuple(min(d, s) for d in spatial)
-                if channels * math.prod(candidate) <= max_features:
-                    grid = candidate
-                    break
+            grid = _largest_grid(channels, spatial, max_features, lambda d, s: min(d, s))
+            # windows that tile each dim evenly pool several times faster than adaptive ones;
+            # take them unless they keep far fewer features
+            even = _largest_grid(channels, spatial, max_features, _largest_divisor_at_most)
+            if 2 * math.prod(even) >= math.prod(grid):
+                grid = even
             self.spatial = grid
             self.channels = min(channels, max_features)
             self.pooled_shape = (self.channels, *grid)
@@ -272,11 +287,34 @@ class _AvgPool(Reducer):
         b = x.shape[0]
         if not self.spatial:  # flat layer: groups of consecutive features
             return F.adaptive_avg_pool1d(x.unsqueeze(1), self.channels).reshape(b, -1)
-        pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(self.spatial) - 1]
-        x = pool(x, self.spatial)
+        dims = self.in_shape[1:]
+        if all(d % g == 0 for d, g in zip(dims, self.spatial)):
+            pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(self.spatial) - 1]
+            x = pool(x, tuple(d // g for d, g in zip(dims, self.spatial)))
+        else:  # adaptive windows as one small matrix product per dim (much faster on CPU)
+            if len(dims) == 2:  # the common case, without moving axes: M_h^T (x M_w)
+                x = self._matrix(dims[0], self.spatial[0], x.device).T @ (
+                    x @ self._matrix(dims[1], self.spatial[1], x.device)
+                )
+            else:
+                for axis, (d, g) in enumerate(zip(dims, self.spatial)):
+                    m = self._matrix(d, g, x.device)
+                    x = torch.movedim(torch.movedim(x, 2 + axis, -1) @ m, -1, 2 + axis)
         if self.channels < self.in_shape[0]:  # only when spatial dims are already 1
             x = F.adaptive_avg_pool1d(x.reshape(b, 1, -1), self.channels)
         return x.reshape(b, -1)
+
+    def _matrix(self, d: int, g: int, device: torch.device) -> torch.Tensor:
+        """[d, g] averaging weights of adaptive pooling: cell i spans floor(i*d/g)..ceil((i+1)*d/g)."""
+        cache = self.__dict__.setdefault("_matrices", {})
+        key = (d, g, str(device))
+        if key not in cache:
+            m = torch.zeros(d, g)
+            for i in range(g):
+                start, end = (i * d) // g, -((-(i + 1) * d) // g)
+                m[start:end, i] = 1.0 / (end - start)
+            cache[key] = m.to(device)
+        return cache[key]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "pooled_shape": list(self.pooled_shape)}
@@ -362,6 +400,15 @@ def make_reducer(spec: ReducerSpec, point: ProbePoint) -> Reducer:
 # --- capture ----------------------------------------------------------------------------
 
 
+class InplaceModified(LayerError):
+    """An inplace op overwrote captured activations after capture; those points are copied
+    from now on, so running the same batch again gives correct values."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"layers {names} were modified in place after capture; run the batch again")
+
+
 class ActivationCapture:
     """Context manager: hooks on the selected points; after `model(x)`, `take()` returns them.
 
@@ -372,9 +419,14 @@ class ActivationCapture:
                 model(x)
                 acts = capture.take()  # {point name: tensor [B, *point.shape]}
 
-    Captured tensors are detached copies: a later inplace op in the model (a
-    `ReLU(inplace=True)` after a conv) would otherwise overwrite an activation after it was
-    captured. A new forward pass of the root model starts a fresh set, so `take()` always
+    Captured tensors are kept by reference (copying every layer's activations costs as much
+    as a good part of the forward pass), and their version counters are checked in
+    `take()`: if a later inplace op (a `ReLU(inplace=True)` after a conv) overwrote one,
+    `take()` raises `InplaceModified` and copies that point from then on, so the caller runs
+    that batch again. Use `torch.no_grad()`, not `inference_mode()`: inference tensors have
+    no version counter, so under inference mode every point is copied.
+
+    A new forward pass of the root model starts a fresh set, so `take()` always
     returns the last pass. Mode (eval) and gradients are the caller's business.
     """
 
@@ -382,11 +434,19 @@ class ActivationCapture:
         self.model = model
         self.points = list(points)
         self._acts: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.copy: set[str] = set()  # points an inplace op overwrites: these are copied
 
     def _keep(self, name: str, t: torch.Tensor | None) -> None:
-        if name not in self._acts and t is not None:
-            self._acts[name] = t.detach().clone()
+        if name in self._acts or t is None:
+            return
+        t = t.detach()
+        if name in self.copy or t.is_inference():  # inference tensors have no version counter
+            t = t.clone()
+        else:
+            self._versions[name] = t._version
+        self._acts[name] = t
 
     def __enter__(self) -> ActivationCapture:
         modules = dict(self.model.named_modules())
@@ -396,7 +456,7 @@ class ActivationCapture:
                 raise LayerError(f"layer {p.name!r}: the model has no module named {p.module!r}")
 
         def root_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._acts = {}  # a new forward pass
+            self._acts, self._versions = {}, {}  # a new forward pass
             if INPUT in wanted:
                 self._keep(INPUT, _first_input(args, kwargs))
 
@@ -441,6 +501,12 @@ class ActivationCapture:
     def take(self) -> dict[str, torch.Tensor]:
         """The activations of the last forward pass, by point name, in point order; clears them."""
         acts, self._acts = self._acts, {}
+        # an activation kept by reference is only valid if nothing wrote to it afterwards
+        overwritten = [n for n, v in self._versions.items() if acts[n]._version != v]
+        self._versions = {}
+        if overwritten:
+            self.copy.update(overwritten)
+            raise InplaceModified(overwritten)
         missing = [p.name for p in self.points if p.name not in acts]
         if missing:
             raise LayerError(

@@ -249,7 +249,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     Returns {layer: error} for layers that could not be extracted (the others have their
     manifests). A problem with the checkpoint itself raises: it concerns every layer.
     """
-    from probeserve.layers import ActivationCapture
+    from probeserve.layers import ActivationCapture, InplaceModified
     from probeserve.shards import ShardWriter
 
     spec = sweep.spec
@@ -289,10 +289,15 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             except Exception as e:  # this layer alone fails
                 errors[p.name] = f"layer {p.name}: {describe_error(e)}"
         labels = []
-        with ActivationCapture(model, points) as capture, torch.inference_mode():
+        with ActivationCapture(model, points) as capture, torch.no_grad():
             for x, y in ds.batches(split, spec.resources.extract_batch_size):
-                model(x.to(device))
-                acts = capture.take()
+                x = x.to(device)
+                model(x)
+                try:
+                    acts = capture.take()
+                except InplaceModified:  # once per point at most: it is copied from now on
+                    model(x)
+                    acts = capture.take()
                 labels.append(y)
                 for name, writer in list(writers.items()):
                     try:

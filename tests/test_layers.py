@@ -12,6 +12,7 @@ from torch import nn
 from probeserve.errors import LayerError
 from probeserve.layers import (
     ActivationCapture,
+    InplaceModified,
     ProbePoint,
     _point_seed,
     discover_probe_points,
@@ -183,10 +184,17 @@ def test_none_and_small_layers_are_flattened():
 def test_avgpool_spatial_square_ish():
     point = _point("conv1", (32, 28, 28))
     r = make_reducer(ReducerSpec(kind="avgpool", max_features=1000), point)
-    assert r.pooled_shape == (32, 5, 5) and r.n_features == 800
+    # an even 4x4 grid (512 features) beats the uneven 5x5 (800): it keeps over half as many
+    assert r.pooled_shape == (32, 4, 4) and r.n_features == 512
     acts = torch.randn(3, 32, 28, 28)
     out = r(acts)
-    assert out.shape == (3, 800) and out.dtype == torch.float32
+    assert out.shape == (3, 512) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.nn.functional.adaptive_avg_pool2d(acts, 4).reshape(3, -1))
+    # 14 has no divisor near 4: uneven windows, computed as matrix products, equal adaptive pooling
+    r14 = make_reducer(ReducerSpec(kind="avgpool", max_features=1024), _point("c2", (64, 14, 14)))
+    assert r14.pooled_shape == (64, 4, 4)
+    a14 = torch.randn(3, 64, 14, 14)
+    torch.testing.assert_close(r14(a14), torch.nn.functional.adaptive_avg_pool2d(a14, 4).reshape(3, -1))
     # The mean over all positions of one channel equals the mean of its pooled cells when
     # every cell has the same size (28 = 4 * 7): check with a grid that divides evenly.
     r7 = make_reducer(ReducerSpec(kind="avgpool", max_features=32 * 49), _point("c", (32, 28, 28)))
@@ -194,7 +202,7 @@ def test_avgpool_spatial_square_ish():
     torch.testing.assert_close(r7(acts).reshape(3, 32, 49).mean(-1), acts.mean((-1, -2)))
 
     wide = make_reducer(ReducerSpec(kind="avgpool", max_features=50), _point("w", (1, 4, 100)))
-    assert wide.pooled_shape == (1, 4, 12)
+    assert wide.pooled_shape == (1, 4, 10)
 
 
 def test_avgpool_preserves_constants_and_pools_channels():
@@ -332,6 +340,10 @@ def test_capture_survives_inplace_ops_and_is_detached():
     assert [p.name for p in points] == ["input", "0", "1", "2"]
     with ActivationCapture(model, points) as capture:
         model(x)
+        with pytest.raises(InplaceModified) as info:
+            capture.take()  # kept by reference, then overwritten by the inplace ReLU: detected
+        assert info.value.names == ["0"] and capture.copy == {"0"}
+        model(x)  # the same batch again: point "0" is copied now
         acts = capture.take()
     pre = model[0](x).detach()
     assert (pre < 0).any()
