@@ -1,4 +1,4 @@
-"""The `probeserve` command: validate | layers | plan | run | status | query | watch | demo.
+"""The `probeserve` command: validate | layers | plan | run | status | query | plot | report | watch | demo.
 
 Every knob lives in the spec; `--set key.path=value` overrides a field of the spec file for
 one invocation. User errors print one clear message (no traceback) and exit 2; a run in

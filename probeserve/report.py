@@ -25,7 +25,7 @@ from probeserve import plots, results
 from probeserve.errors import ProbeserveError
 from probeserve.storage import Storage, join, open_storage, redact
 
-RUNS_DIR = "runs"  # probeserve.sweep.RUNS_DIR, which imports torch; a test keeps the two equal
+RUNS_DIR = results.RUNS_DIR
 
 # Columns of the full rows table, in the order a reader scans them.
 ROW_COLUMNS = [
@@ -63,12 +63,7 @@ pre { background: #f7f7f7; border: 1px solid #e4e4e4; padding: 8px; overflow-x: 
 """
 
 
-def output_root(uri: str) -> str:
-    """The output URI for a results URI given either way (like `results.load`)."""
-    root = uri.rstrip("/")
-    if root.endswith("/" + results.RESULTS_DIR) or root == results.RESULTS_DIR:
-        root = root[: -len(results.RESULTS_DIR)].rstrip("/") or "."
-    return root
+output_root = results.output_root
 
 
 def _cell(v: Any) -> str:

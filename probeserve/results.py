@@ -26,6 +26,7 @@ from probeserve.errors import StorageError
 from probeserve.storage import Storage, join, open_storage
 
 RESULTS_DIR = "results"
+RUNS_DIR = "runs"  # runs/{run}/spec.yaml, spec.json, layers.json
 
 # (name, type, description): the public columns, defined once.
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -73,8 +74,26 @@ def checkpoint_dir(checkpoint: str, step: int) -> str:
     return f"step={step:012d}-{digest}"
 
 
+def layer_stem(layer: str) -> str:
+    """A layer name made path-safe (and reversible), for keys per layer."""
+    return quote(layer, safe="")
+
+
 def layer_file(layer: str) -> str:
-    return quote(layer, safe="") + ".parquet"
+    return layer_stem(layer) + ".parquet"
+
+
+def run_key(run: str, name: str) -> str:
+    """Key of a run-level object: `runs/{run}/{name}` (spec.yaml, spec.json, layers.json)."""
+    return join(RUNS_DIR, run, name)
+
+
+def output_root(uri: str) -> str:
+    """The output URI, given either it or its `results/` folder."""
+    root = uri.rstrip("/")
+    if root.endswith("/" + RESULTS_DIR) or root == RESULTS_DIR:
+        root = root[: -len(RESULTS_DIR)].rstrip("/") or "."
+    return root
 
 
 def layer_from_file(name: str) -> str:
@@ -155,10 +174,7 @@ def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pa
     >>> table = load("demo-output")                # doctest: +SKIP
     >>> df = load("s3://bucket/probes", pandas=True)  # doctest: +SKIP
     """
-    root = uri.rstrip("/")
-    if root.endswith("/" + RESULTS_DIR) or root == RESULTS_DIR:
-        root = root[: -len(RESULTS_DIR)].rstrip("/") or "."
-    table = read_table(open_storage(root, s3_endpoint=s3_endpoint), run)
+    table = read_table(open_storage(output_root(uri), s3_endpoint=s3_endpoint), run)
     return table.to_pandas() if pandas else table
 
 

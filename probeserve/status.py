@@ -15,7 +15,7 @@ from probeserve import results
 from probeserve.checkpoints import discover
 from probeserve.spec import SweepSpec
 from probeserve.storage import open_storage
-from probeserve.sweep import RUNNING_DIR, RUNS_DIR
+from probeserve.sweep import RUNNING_DIR, RUNS_DIR, running_key
 
 
 def run_status(
@@ -27,8 +27,12 @@ def run_status(
     for name in runs:
         if run and name != run:
             continue
-        spec = SweepSpec.model_validate(json.loads(out.read_bytes(f"{RUNS_DIR}/{name}/spec.json"))["spec"])
-        layers = [entry["layer"] for entry in json.loads(out.read_bytes(f"{RUNS_DIR}/{name}/layers.json"))]
+        spec = SweepSpec.model_validate(
+            json.loads(out.read_bytes(results.run_key(name, "spec.json")))["spec"]
+        )
+        layers = [
+            entry["layer"] for entry in json.loads(out.read_bytes(results.run_key(name, "layers.json")))
+        ]
         ckpt_storage = open_storage(
             spec.checkpoints.uri, s3_endpoint=s3_endpoint or spec.storage.resolved_endpoint()
         )
@@ -37,14 +41,13 @@ def run_status(
         running = {o.key for o in out.list(f"{RUNNING_DIR}/{name}/")}
         counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
         for c in ckpts:
-            cdir = results.checkpoint_dir(c.key, c.step)
             for layer in layers:
                 s = status.get((c.key, layer))
                 if s == "ok":
                     counts["done"] += 1
                 elif s == "failed":
                     counts["failed"] += 1
-                elif f"{RUNNING_DIR}/{name}/{cdir}/{results.layer_file(layer)[:-8]}.json" in running:
+                elif running_key(name, c, layer) in running:
                     counts["running"] += 1
                 else:
                     counts["pending"] += 1

@@ -38,7 +38,7 @@ log = logging.getLogger("probeserve")
 
 SPLITS = ("train", "val", "test")
 ACTIVATIONS_DIR = "activations"
-RUNS_DIR = "runs"
+RUNS_DIR = results.RUNS_DIR
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,7 @@ def describe_error(e: BaseException) -> str:
 
 
 def layer_prefix(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(
-        ACTIVATIONS_DIR, run, results.checkpoint_dir(ckpt.key, ckpt.step), results.layer_file(layer)[:-8]
-    )
+    return join(ACTIVATIONS_DIR, run, results.checkpoint_dir(ckpt.key, ckpt.step), results.layer_stem(layer))
 
 
 def manifest_key(run: str, ckpt: Checkpoint, layer: str) -> str:
@@ -190,11 +188,11 @@ class Sweep:
         Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
         which reads progress without building the model.
         """
-        key = join(RUNS_DIR, self.spec.run, "spec.json")
+        key = results.run_key(self.spec.run, "spec.json")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
         if self.output.create_only(key, body.encode()):
             self.output.publish_bytes(
-                join(RUNS_DIR, self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
+                results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
             )
         else:
             stored = json.loads(self.output.read_bytes(key))
@@ -207,7 +205,7 @@ class Sweep:
                     ]
                 )
         layers = [{"layer": p.name, "layer_index": p.index} for p in self.points]
-        self.output.publish_bytes(join(RUNS_DIR, self.spec.run, "layers.json"), json.dumps(layers).encode())
+        self.output.publish_bytes(results.run_key(self.spec.run, "layers.json"), json.dumps(layers).encode())
 
     def manifest(self, ckpt: Checkpoint, layer: str) -> dict[str, Any] | None:
         key = manifest_key(self.spec.run, ckpt, layer)
@@ -423,7 +421,7 @@ def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
         RUNNING_DIR,
         run,
         results.checkpoint_dir(ckpt.key, ckpt.step),
-        results.layer_file(layer)[:-8] + ".json",
+        results.layer_stem(layer) + ".json",
     )
 
 

@@ -453,7 +453,7 @@ class Watcher:
 
     def _all_layers_committed(self, ckpt: Checkpoint) -> tuple[bool, str | None]:
         """(every selected layer has a committed row, the first failed row's error)."""
-        layers_key = join("runs", self.spec.run, "layers.json")
+        layers_key = results.run_key(self.spec.run, "layers.json")
         if self.output.stat(layers_key) is None:
             return False, None
         layers = {x["layer"] for x in json.loads(self.output.read_bytes(layers_key))}
