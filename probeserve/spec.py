@@ -210,7 +210,9 @@ class ResourcesSpec(_Strict):
     num_gpus_per_extract: float = Field(
         default=0.5, ge=0, description="leave room for probe actors on the same GPU"
     )
-    max_checkpoints_in_flight: int = Field(default=2, gt=0)
+    max_checkpoints_in_flight: int = Field(
+        default=4, gt=0, description="checkpoints extracted but not fully probed; bounds memory and storage"
+    )
     torch_threads: int | None = Field(default=None, gt=0)
 
 
