@@ -203,15 +203,45 @@ def cmd_query(args: argparse.Namespace) -> int:
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise ProbeserveError(f"--sql: {first}") from None
-    if args.format == "json":
-        print(json.dumps(out.to_pylist(), default=str, indent=1))
+    if args.format == "parquet":
+        import io
+
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(out, buf)
+        data = buf.getvalue()
+    elif args.format == "json":
+        data = (json.dumps(out.to_pylist(), default=str, indent=1) + "\n").encode()
     elif args.format == "csv":
+        import io
+
         import pyarrow.csv as pcsv
 
-        pcsv.write_csv(out, sys.stdout.buffer)
+        buf = io.BytesIO()
+        pcsv.write_csv(out, buf)
+        data = buf.getvalue()
     else:
-        print(format_table(out.to_pylist(), out.column_names))
+        data = (format_table(out.to_pylist(), out.column_names) + "\n").encode()
+    if args.out:
+        _publish(args.out, data, s3_endpoint=args.s3_endpoint)
+        print(f"{out.num_rows} row(s) written to {args.out}", file=sys.stderr)
+    elif args.format == "parquet":
+        raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     return 0
+
+
+def _publish(uri: str, data: bytes, *, s3_endpoint: str | None) -> None:
+    """Write one whole object atomically to a path or URI."""
+    import posixpath
+
+    from probeserve.storage import open_storage
+
+    parent, name = posixpath.split(uri.rstrip("/"))
+    open_storage(parent or ".", s3_endpoint=s3_endpoint).publish_bytes(name, data)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -344,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="query the results table with SQL (a view named 'results')")
     q.add_argument("results", help="the spec's output.uri (or its results/ folder)")
     q.add_argument("--sql", help=f"default: {DEFAULT_SQL}")
-    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument(
+        "--out", help="write the answer here (a path or URI) instead of stdout; needed for parquet"
+    )
     q.add_argument("--run", help="only this run")
     q.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     q.set_defaults(func=cmd_query)

@@ -322,3 +322,23 @@ def test_a_finished_item_is_never_turned_into_a_failure(tmp_path):
     failed = sweep.failed_row(item.checkpoint, "fc1", item.layer_index, "late failure", 0.0)
     assert commit_unless_done(sweep, failed)["status"] == "ok"
     assert results.load(spec.output.uri).column("status").to_pylist() == ["ok"]
+
+
+def test_cli_query_parquet_out_and_on_s3(s3_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    bucket = s3_server.new_bucket()
+    spec = tiny_spec(tmp_path, output={"uri": f"s3://{bucket}/probes"}, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0,))
+    run_local(spec)
+    uri = f"s3://{bucket}/probes"
+    sql = "SELECT layer, test_error FROM results ORDER BY layer_index"
+    assert main(["query", uri, "--sql", sql, "--format", "json"]) == 0
+    assert [r["layer"] for r in json.loads(capsys.readouterr().out)] == ["input", "fc2"]
+    assert (
+        main(["query", uri, "--sql", sql, "--format", "parquet", "--out", str(tmp_path / "a.parquet")]) == 0
+    )
+    assert pq.read_table(tmp_path / "a.parquet").column("layer").to_pylist() == ["input", "fc2"]
+    assert main(["query", uri, "--format", "parquet"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["query", f"s3://{bucket}/empty", "--format", "csv"]) == 0
+    assert "no results yet" in capsys.readouterr().err

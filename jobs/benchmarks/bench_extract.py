@@ -4,7 +4,7 @@ Runs `probeserve.sweep.extract` (one forward pass with hooks on every layer, red
 shard writing and publishing) and a plain eval forward pass over the same data, on the
 same threads, and prints the ratio. Target: <= 1.25x.
 
-    python jobs/benchmarks/bench_extract.py [--n 4000] [--reducer none|avgpool]
+    python jobs/benchmarks/bench_extract.py [--n 4000] [--reducer subset|avgpool|none]
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from probeserve.sweep import SPLITS, Sweep, extract
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4000, help="examples in the train split")
-    ap.add_argument("--reducer", choices=["none", "avgpool"], default="none")
+    ap.add_argument("--reducer", choices=["none", "avgpool", "subset"], default="subset")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float16")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
     try:
-        reducer = {"kind": "none"} if args.reducer == "none" else {"kind": "avgpool", "max_features": 1024}
+        reducer = {"kind": args.reducer, "max_features": 1024} if args.reducer != "none" else {"kind": "none"}
         spec = spec_from_dict(
             {
                 "checkpoints": {"uri": f"{tmp}/ckpts"},
