@@ -367,6 +367,8 @@ def open_storage(uri: str, *, s3_endpoint: str | None = None) -> Storage:
             raise StorageError(f"S3 endpoint {redact(endpoint)!r}: expected a URL like http://127.0.0.1:9000")
         return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint)
     if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri}: file:// URIs name a local path, like file:///data/x (three slashes)")
         return LocalStorage(parts.path)
     if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive
         raise StorageError(

@@ -123,6 +123,8 @@ def test_s3_unreachable_endpoint_names_it_without_secrets(monkeypatch):
 def test_open_storage_schemes(tmp_path):
     assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
     assert open_storage(str(tmp_path)).uri == os.path.abspath(tmp_path)
+    with pytest.raises(StorageError, match="three slashes"):
+        open_storage("file://data/x")
     with pytest.raises(StorageError, match="gs://"):
         open_storage("gs://bucket/x")
     with pytest.raises(StorageError, match="bucket"):
