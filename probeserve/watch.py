@@ -511,10 +511,6 @@ class Watcher:
     def _follow_up(self, ckpt: Checkpoint, gen: int, sid: str, state: JobState, report: ScanReport) -> bool:
         """Record a finished job; return True when the claim is dead and may be taken over."""
         if state == "succeeded":
-            complete, _ = self._all_layers_committed(ckpt)
-            if not complete:  # the job ended without a row for every layer: treat it as dead
-                state = "failed"
-        if state == "succeeded":
             self._write_state(ckpt, gen, "done", sid)
             report.done.append(ckpt.key)
             log.info("step %d (%s): done (%s)", ckpt.step, ckpt.key, sid)

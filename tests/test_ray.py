@@ -267,7 +267,7 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
             except OSError:
                 assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
                 time.sleep(1)
-        for _attempt in range(10):  # the head's job agent starts a little after its dashboard
+        for _attempt in range(60):  # the head's job agent starts a while after its dashboard
             job = subprocess.run(
                 [
                     ray_cli,
