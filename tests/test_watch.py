@@ -196,7 +196,7 @@ def test_two_daemons_never_both_submit_a_checkpoint(s3_bucket, endpoint):
             barrier.wait()
             w.scan()
 
-    threads = [threading.Thread(target=loop, args=(w,)) for w in daemons]
+    threads = [threading.Thread(target=loop, args=(w,), daemon=True) for w in daemons]
     for t in threads:
         t.start()
     for t in threads:
@@ -303,7 +303,9 @@ def test_storage_outage_backs_off_logs_and_recovers(s3_server, monkeypatch, capl
         write_checkpoints(spec, steps=(0,))
         w = Watcher(spec, CountingSubmitter())
         rc: list = []
-        t = threading.Thread(target=lambda: rc.append(w.run(interval=0.2, backoff_base=0.2, backoff_cap=1.0)))
+        t = threading.Thread(
+            target=lambda: rc.append(w.run(interval=0.2, backoff_base=0.2, backoff_cap=1.0)), daemon=True
+        )
         caplog.set_level(logging.INFO, logger="probeserve")
         t.start()
 
@@ -331,6 +333,8 @@ def test_storage_outage_backs_off_logs_and_recovers(s3_server, monkeypatch, capl
         t.join(30)
         assert rc == [0]
     finally:
+        if "w" in locals():
+            w.stop.set()  # a failed assertion must not leave the daemon looping
         server.stop()
 
 
