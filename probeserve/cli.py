@@ -127,19 +127,9 @@ def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> N
     from probeserve import results
 
     table = results.load(output_uri, run=run, s3_endpoint=s3_endpoint)
-    rows = table.to_pylist()
-    steps = sorted({r["step"] for r in rows})
-    layers = sorted({(r["layer_index"], r["layer"]) for r in rows})
-    grid = {(r["layer"], r["step"]): r for r in rows}
-    out = []
-    for _, layer in layers:
-        line: dict[str, object] = {"layer": layer}
-        for s in steps:
-            r = grid.get((layer, s))
-            line[f"step {s}"] = None if r is None else (r["test_error"] if r["status"] == "ok" else "FAILED")
-        out.append(line)
+    columns, grid = results.error_grid(table.to_pylist())
     print("test error by layer (rows, in forward order) and checkpoint step (columns):")
-    print(format_table(out, ["layer"] + [f"step {s}" for s in steps]))
+    print(format_table(grid, columns))
 
 
 def run_spec(spec, *, runner: str, address: str | None, max_actors: int | None = None):

@@ -124,22 +124,12 @@ def _plots_section(table: pa.Table, run: str) -> str:
 
 
 def _grid_section(rows: list[dict[str, Any]]) -> str:
-    steps = sorted({r["step"] for r in rows})
-    layers = sorted({(r["layer_index"], r["layer"]) for r in rows})
-    by_item = {(r["layer"], r["step"]): r for r in rows}
-    grid_rows = []
-    for _, layer in layers:
-        line: dict[str, Any] = {"layer": layer}
-        for s in steps:
-            r = by_item.get((layer, s))
-            line[f"step {s}"] = None if r is None else (r["test_error"] if r["status"] == "ok" else "FAILED")
-        grid_rows.append(line)
+    columns, grid_rows = results.error_grid(rows)
 
     def cls(row: dict[str, Any], col: str) -> str:
         v = row.get(col)
         return "failed" if v == "FAILED" else "pending" if v is None and col != "layer" else ""
 
-    columns = ["layer"] + [f"step {s}" for s in steps]
     return (
         "<h2>Test error by layer and step</h2>"
         '<p class="note">Rows in forward order; - marks an item not finished yet.</p>'

@@ -180,3 +180,23 @@ def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pa
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([make_row(**r) for r in rows], schema=SCHEMA)
+
+
+def error_grid(
+    rows: list[dict[str, Any]], metric: str = "test_error"
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Rows as a layer-by-step grid: (columns, one dict per layer in forward order).
+
+    A cell holds the metric, "FAILED" for a failed item, or None for one not done yet."""
+    steps = sorted({r["step"] for r in rows})
+    layers = sorted({(r["layer_index"], r["layer"]) for r in rows})
+    by_item = {(r["layer"], r["step"]): r for r in rows}
+    columns = ["layer"] + [f"step {s}" for s in steps]
+    grid = []
+    for _, layer in layers:
+        line: dict[str, Any] = {"layer": layer}
+        for s in steps:
+            r = by_item.get((layer, s))
+            line[f"step {s}"] = None if r is None else (r[metric] if r["status"] == "ok" else "FAILED")
+        grid.append(line)
+    return columns, grid
