@@ -37,6 +37,14 @@ def cluster():
     ray.shutdown()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_cpus_free(total: float = 2.0, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -235,7 +243,7 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec.model_dump(mode="json")))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": bindir + os.pathsep + os.environ["PATH"]}
-    port = 8265 + (os.getpid() % 500)
+    port = _free_port()
     short_tmp = tempfile.mkdtemp(prefix="pray-", dir="/tmp")
     # --block keeps `ray start` in the foreground, so stopping its process group stops this
     # head only; `ray stop` would stop every Ray on the machine, other tests' included
@@ -249,6 +257,11 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
             f"--dashboard-port={port}",
             "--dashboard-host=127.0.0.1",
             "--port=0",
+            # other Rays in this process (the module's cluster) hold the default agent ports
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
             f"--temp-dir={short_tmp}",  # Ray's socket paths must stay under 108 bytes
         ],
         env=env,
