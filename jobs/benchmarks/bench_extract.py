@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4000, help="examples in the train split")
     ap.add_argument("--reducer", choices=["none", "avgpool", "subset"], default="subset")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float16")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
@@ -65,8 +65,11 @@ def main() -> None:
 
         plain()  # warm up both paths (allocator, data decoding)
         extraction()
-        t_plain = min(_time(plain) for _ in range(args.repeat))
-        t_extract = min(_time(extraction) for _ in range(args.repeat))
+        # interleaved, best of each: this machine's speed drifts by 2x over a minute
+        t_plain = t_extract = float("inf")
+        for _ in range(args.repeat):
+            t_plain = min(t_plain, _time(plain))
+            t_extract = min(t_extract, _time(extraction))
         feats = sum(sweep.reducer(p).n_features for p in sweep.points)
         print(
             f"mnist_convnet, {n} examples, {len(layers)} probe points, {feats} features/example after reducer '{args.reducer}', {args.dtype} shards, {torch.get_num_threads()} threads"
