@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 from PIL import Image
-from test_sweep import tiny_spec, write_checkpoints
+from test_sweep import s3_tiny_spec, tiny_spec, write_checkpoints
 
 from probeserve import report, results
 from probeserve.cli import main
@@ -173,12 +173,7 @@ def test_plots_and_report_on_s3(s3_server, tmp_path, monkeypatch):
 
     monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
     bucket = s3_server.new_bucket()
-    spec = tiny_spec(
-        tmp_path,
-        checkpoints={"uri": f"s3://{bucket}/ckpts"},
-        output={"uri": f"s3://{bucket}/probes"},
-        layers={"include": ["input", "fc2"]},
-    )
+    spec = s3_tiny_spec(tmp_path, bucket)
     write_checkpoints(spec, steps=(0, 10))
     assert run_local(spec).ok == 4
     table = results.load(spec.output.uri)

@@ -38,6 +38,16 @@ def tiny_spec(root, **over):
     return spec_from_dict(spec)
 
 
+def s3_tiny_spec(tmp_path, bucket, **over):
+    """`tiny_spec` with checkpoints and output in an S3 bucket, two layers."""
+    fields = {
+        "checkpoints": {"uri": f"s3://{bucket}/ckpts"},
+        "output": {"uri": f"s3://{bucket}/probes"},
+        "layers": {"include": ["input", "fc2"]},
+    }
+    return tiny_spec(tmp_path, **{**fields, **over})
+
+
 def write_checkpoints(spec, steps=(0, 10)):
     torch.manual_seed(1)
     model = build_model(ModelSpec(**spec.model.model_dump()))
@@ -146,12 +156,7 @@ def test_adding_a_layer_to_a_finished_run_extracts_only_it(tmp_path):
 def test_sweep_on_s3(s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
     bucket = s3_server.new_bucket()
-    spec = tiny_spec(
-        tmp_path,
-        checkpoints={"uri": f"s3://{bucket}/ckpts"},
-        output={"uri": f"s3://{bucket}/probes"},
-        layers={"include": ["input", "fc2"]},
-    )
+    spec = s3_tiny_spec(tmp_path, bucket)
     write_checkpoints(spec, steps=(0,))
     summary = run_local(spec)
     assert summary.ok == 2 and not summary.failed

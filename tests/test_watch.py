@@ -310,13 +310,7 @@ def test_storage_outage_backs_off_logs_and_recovers(s3_server, monkeypatch, capl
         t.start()
 
         def wait_for(cond, timeout=90):
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                with contextlib.suppress(Exception):
-                    if cond():
-                        return
-                time.sleep(0.2)
-            raise AssertionError("timed out")
+            _wait(cond, timeout, "the daemon")
 
         wait_for(lambda: ledger_states(spec).get("step=000000000/model.safetensors") == ("done", 1))
         server.stop()
