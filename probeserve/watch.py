@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, discover
@@ -148,11 +148,20 @@ class RayJobSubmitter:
 
             try:
                 self._client = JobSubmissionClient(self.address)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise ProbeserveError(
-                    f"--address {self.address}: cannot reach the Ray job API: {e}"
-                ) from None
+            except Exception as e:
+                self._raise(e, "cannot reach the Ray job API")
         return self._client
+
+    def _raise(self, e: Exception, what: str) -> NoReturn:
+        if type(e).__name__ == "AuthenticationError":  # ray.exceptions: a token is wanted
+            raise ProbeserveError(
+                f"--address {self.address}: the Ray job API refused this client (token authentication): "
+                "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                "or ~/.ray/auth_token"
+            ) from None
+        if isinstance(e, (ConnectionError, RuntimeError, ValueError)):
+            raise ProbeserveError(f"--address {self.address}: {what}: {e}") from None
+        raise e
 
     def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str:
         if self.state(submission_id) != "unknown":
@@ -176,9 +185,9 @@ class RayJobSubmitter:
                     runtime_env={"working_dir": tmp},
                     metadata={"probeserve.run": spec.run, "probeserve.checkpoint": checkpoint.key},
                 )
-            except RuntimeError as e:
-                if "already exists" not in str(e):
-                    raise ProbeserveError(f"Ray job API at {self.address}: submit failed: {e}") from None
+            except Exception as e:
+                if not (isinstance(e, RuntimeError) and "already exists" in str(e)):
+                    self._raise(e, "submit failed")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return submission_id
@@ -186,10 +195,10 @@ class RayJobSubmitter:
     def _info(self, submission_id: str) -> Any:
         try:
             return self.client.get_job_info(submission_id)
-        except RuntimeError as e:
-            if "does not exist" in str(e) or "404" in str(e):
+        except Exception as e:
+            if isinstance(e, RuntimeError) and ("does not exist" in str(e) or "404" in str(e)):
                 return None
-            raise ProbeserveError(f"Ray job API at {self.address}: {e}") from None
+            self._raise(e, "job status")
 
     def state(self, submission_id: str) -> JobState:
         info = self._info(submission_id)
@@ -205,6 +214,11 @@ class RayJobSubmitter:
     def error(self, submission_id: str) -> str | None:
         info = self._info(submission_id)
         return None if info is None else (info.message or None)
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -451,12 +465,12 @@ class Watcher:
 
     # -- results
 
-    def _all_layers_committed(self, ckpt: Checkpoint) -> tuple[bool, str | None]:
-        """(every selected layer has a committed row, the first failed row's error)."""
+    def _committed(self, ckpt: Checkpoint) -> tuple[list[str], str | None]:
+        """(selected layers without a committed row, the first failed row's error)."""
         layers_key = results.run_key(self.spec.run, "layers.json")
         if self.output.stat(layers_key) is None:
-            return False, None
-        layers = {x["layer"] for x in json.loads(self.output.read_bytes(layers_key))}
+            return ["(every layer: the sweep never started)"], None
+        layers = [x["layer"] for x in json.loads(self.output.read_bytes(layers_key))]
         prefix = join(results.RESULTS_DIR, self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step)) + "/"
         import pyarrow.parquet as pq
 
@@ -469,7 +483,7 @@ class Watcher:
             row = pq.read_table(io.BytesIO(self.output.read_bytes(obj.key))).to_pylist()[0]
             if row["status"] != "ok" and error is None:
                 error = f"{layer}: {row['error']}"
-        return seen >= layers, error
+        return [x for x in layers if x not in seen], error
 
     # -- one checkpoint
 
@@ -509,26 +523,36 @@ class Watcher:
             t.join()
 
     def _follow_up(self, ckpt: Checkpoint, gen: int, sid: str, state: JobState, report: ScanReport) -> bool:
-        """Record a finished job; return True when the claim is dead and may be taken over."""
-        if state == "succeeded":
+        """Record a finished job; return True when the claim is dead and may be taken over.
+
+        A job is `done` only when every selected layer has a committed row, whatever the job
+        says of itself: a job that "succeeded" without writing them is treated as one that
+        died. A failed row (a corrupt checkpoint, a shape error) is a final answer: `failed`.
+        """
+        if state not in ("succeeded", "failed"):
+            return False
+        missing, error = self._committed(ckpt)
+        if not missing and error is None:
             self._write_state(ckpt, gen, "done", sid)
             report.done.append(ckpt.key)
             log.info("step %d (%s): done (%s)", ckpt.step, ckpt.key, sid)
             return False
-        if state == "failed":
-            complete, error = self._all_layers_committed(ckpt)
-            if complete or gen >= self.max_attempts:
-                error = error or self.submitter.error(sid) or "the sweep job failed"
-                if not complete:
-                    error = f"gave up after {gen} attempt(s): {error}"
-                self._write_state(ckpt, gen, "failed", sid, error)
-                report.failed.append(ckpt.key)
-                log.error("step %d (%s): failed (%s): %s", ckpt.step, ckpt.key, sid, error)
-                return False
+        if missing and gen < self.max_attempts:
             log.warning(
-                "step %d (%s): job %s died before finishing; taking it over", ckpt.step, ckpt.key, sid
+                "step %d (%s): job %s %s without committing %s; taking it over",
+                ckpt.step,
+                ckpt.key,
+                sid,
+                "succeeded" if state == "succeeded" else "died",
+                _some(missing),
             )
             return True
+        if missing:
+            why = error or self.submitter.error(sid) or f"the sweep job {state}"
+            error = f"gave up after {gen} attempt(s): {why}; no result for {_some(missing)}"
+        self._write_state(ckpt, gen, "failed", sid, error)
+        report.failed.append(ckpt.key)
+        log.error("step %d (%s): failed (%s): %s", ckpt.step, ckpt.key, sid, error)
         return False
 
     def process(self, ckpt: Checkpoint, ledger: dict[str, LedgerEntry], report: ScanReport) -> None:
@@ -545,6 +569,19 @@ class Watcher:
             self._submit(ckpt, gen, report)  # our own claim whose submit failed: retry it
             return
         state = self.submitter.state(sid)
+        if entry.state is None and state == "unknown" and not self.submitter.synchronous:
+            # its daemon died, or failed to submit, before the job reached the job API. The id
+            # is deterministic and the API refuses a second job under it, so submitting it
+            # here cannot run the checkpoint twice; no need to wait for the claim to time out
+            log.info(
+                "step %d (%s): claim %d by %s has no job yet; submitting it",
+                ckpt.step,
+                ckpt.key,
+                gen,
+                entry.claim.get("owner"),
+            )
+            self._submit(ckpt, gen, report)
+            return
         if state == "running" and entry.state is None:
             self._write_state(ckpt, gen, "submitted", sid)  # its daemon died before recording it
         dead = self._follow_up(ckpt, gen, sid, state, report)

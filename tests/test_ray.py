@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -23,6 +18,7 @@ from probeserve.storage import open_storage
 from probeserve.sweep import RUNNING_DIR
 
 sys.path.insert(0, os.path.dirname(__file__))
+from rayhead import RAY_CLI, ray_head
 from test_sweep import tiny_spec, write_checkpoints
 
 pytestmark = pytest.mark.integration
@@ -35,14 +31,6 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_cpus_free(total: float = 2.0, timeout: float = 60.0) -> None:
@@ -231,70 +219,18 @@ def test_entrypoint_with_missing_spec_file():
     assert "spec file not found: no/such/spec.yaml" in proc.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("ray") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "ray")),
-    reason="ray CLI not installed",
-)
+@pytest.mark.skipif(not os.path.exists(RAY_CLI), reason="ray CLI not installed beside this python")
 def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
-    bindir = os.path.dirname(sys.executable)
-    ray_cli = os.path.join(bindir, "ray")
     spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
     write_checkpoints(spec, steps=(0,))
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec.model_dump(mode="json")))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": bindir + os.pathsep + os.environ["PATH"]}
-    port = _free_port()
-    short_tmp = tempfile.mkdtemp(prefix="pray-", dir="/tmp")
-    # --block keeps `ray start` in the foreground, so stopping its process group stops this
-    # head only; `ray stop` would stop every Ray on the machine, other tests' included
-    head = subprocess.Popen(
-        [
-            ray_cli,
-            "start",
-            "--head",
-            "--block",
-            "--num-cpus=2",
-            f"--dashboard-port={port}",
-            "--dashboard-host=127.0.0.1",
-            "--port=0",
-            # other Rays in this process (the module's cluster) hold the default agent ports
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--temp-dir={short_tmp}",  # Ray's socket paths must stay under 108 bytes
-        ],
-        env=env,
-        stdout=open(tmp_path / "head.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # answering, if only to say that a token is needed
-            except OSError:
-                assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-                time.sleep(1)
+    with ray_head(tmp_path) as head:
+        submit = [RAY_CLI, "job", "submit", f"--address={head.address}", "--working-dir", REPO, "--"]
         for _attempt in range(60):  # the head's job agent starts a while after its dashboard
             job = subprocess.run(
-                [
-                    ray_cli,
-                    "job",
-                    "submit",
-                    f"--address=http://127.0.0.1:{port}",
-                    "--working-dir",
-                    REPO,
-                    "--",
-                    "python",
-                    "jobs/sweep.py",
-                    str(path),
-                ],
-                env=env,
+                [*submit, "python", "jobs/sweep.py", str(path)],
+                env=head.env,
                 cwd=REPO,
                 capture_output=True,
                 text=True,
@@ -305,13 +241,5 @@ def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
-        rows = results.load(spec.output.uri).to_pylist()
-        assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(short_tmp, ignore_errors=True)
+    rows = results.load(spec.output.uri).to_pylist()
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}

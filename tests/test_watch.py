@@ -36,6 +36,7 @@ from probeserve.watch import (
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import S3Server
+from rayhead import RAY_CLI, ray_head
 from test_sweep import write_checkpoints
 
 pytestmark = pytest.mark.integration
@@ -67,33 +68,31 @@ def endpoint(s3_server, monkeypatch):
 
 
 class CountingSubmitter:
-    """Counts submissions (optionally shared between daemons); runs `inner` if given."""
+    """Counts submissions (optionally shared between daemons) of real in-process sweeps.
+
+    The sweeps are real because the daemon records `done` only for a checkpoint whose every
+    layer has a committed row, whatever the submitter says.
+    """
 
     synchronous = True
 
-    def __init__(self, calls: list | None = None, *, delay: float = 0.0, inner=None) -> None:
+    def __init__(self, calls: list | None = None, *, delay: float = 0.0) -> None:
         self.calls = [] if calls is None else calls
         self.delay = delay
-        self.inner = inner
-        self._states: dict[str, str] = {}
+        self.inner = LocalSubmitter("local")
         self._lock = threading.Lock()
 
     def submit(self, checkpoint, spec, *, submission_id):
         with self._lock:
             self.calls.append((checkpoint.key, submission_id, spec.checkpoints.steps))
         time.sleep(self.delay)
-        if self.inner:
-            self.inner.submit(checkpoint, spec, submission_id=submission_id)
-            self._states[submission_id] = self.inner.state(submission_id)
-        else:
-            self._states[submission_id] = "succeeded"
-        return submission_id
+        return self.inner.submit(checkpoint, spec, submission_id=submission_id)
 
     def state(self, sid):
-        return self._states.get(sid, "unknown")
+        return self.inner.state(sid)
 
     def error(self, sid):
-        return self.inner.error(sid) if self.inner else None
+        return self.inner.error(sid)
 
 
 def ledger_states(spec) -> dict[str, tuple[str, int]]:
@@ -109,7 +108,7 @@ def result_rows(spec) -> list[dict]:
 def test_backfill_then_a_new_checkpoint_is_probed_once(s3_bucket, endpoint, capsys, tmp_path):
     spec = s3_spec(s3_bucket)
     write_checkpoints(spec, steps=(0, 10))
-    sub = CountingSubmitter(inner=LocalSubmitter("local"))
+    sub = CountingSubmitter()
     w = Watcher(spec, sub)
     report = w.scan()
     assert sorted(report.submitted) == [
@@ -413,10 +412,15 @@ class FakeJobClient:
 
     def __init__(self):
         self.jobs: dict[str, dict] = {}
+        self.submits = 0
+        self._lock = threading.Lock()  # the real API decides "already exists" atomically
 
     def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
-        if submission_id in self.jobs:
-            raise RuntimeError(f"Job with submission_id {submission_id} already exists.")
+        with self._lock:
+            self.submits += 1
+            if submission_id in self.jobs:
+                raise RuntimeError(f"Job with submission_id {submission_id} already exists.")
+            self.jobs[submission_id] = {}
         files = sorted(
             os.path.relpath(os.path.join(d, f), runtime_env["working_dir"])
             for d, _, fs in os.walk(runtime_env["working_dir"])
@@ -436,13 +440,21 @@ class FakeJobClient:
             raise RuntimeError(f"Job {sid} does not exist.")
 
         class Info:
-            status = self.jobs[sid]["status"]
+            status = self.jobs[sid].get("status", "PENDING")
             message = "exit 1" if status == "FAILED" else None
 
         return Info()
 
 
-def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint):
+def run_job_here(job: dict, tmp_path) -> None:
+    """Runs a fake job's sweep in-process, as its entrypoint would on a cluster."""
+    path = tmp_path / "job-spec.yaml"
+    path.write_text(job["spec"])
+    sets = job["entrypoint"].split(" --set ")[1:]
+    assert main(["run", str(path), "--runner", "local", *(a for x in sets for a in ("--set", x))]) == 0
+
+
+def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint, tmp_path):
     spec = s3_spec(s3_bucket)
     write_checkpoints(spec, steps=(7,))
     client = FakeJobClient()
@@ -457,6 +469,7 @@ def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint)
     assert endpoint in job["spec"] and "secret" not in job["spec"].lower()
     assert ledger_states(spec) == {"step=000000007/model.safetensors": ("submitted", 1)}
     assert w.scan().submitted == []  # running: left alone
+    run_job_here(job, tmp_path)  # what the cluster would do with it
     client.jobs[sid]["status"] = "SUCCEEDED"
     assert w.scan().done == ["step=000000007/model.safetensors"]
     assert ledger_states(spec) == {"step=000000007/model.safetensors": ("done", 1)}
@@ -479,6 +492,39 @@ def test_ray_job_that_died_is_resubmitted_under_the_next_generation(s3_bucket, e
     assert entry.status == "failed" and "gave up after 2" in entry.state["error"]
 
 
+def test_a_claim_whose_job_never_reached_the_job_api_is_submitted_at_once(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(7,))
+    key = "step=000000007/model.safetensors"
+    claim = {"checkpoint": key, "step": 7, "generation": 1, "owner": "gone:1:x", "claimed_at": time.time()}
+    out = open_storage(spec.output.uri)
+    out.publish_bytes(claim_key("w", results.checkpoint_dir(key, 7), 1), json.dumps(claim).encode())
+    client = FakeJobClient()
+    daemons = [Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client)) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:  # both may submit: the deterministic id makes it one job
+        list(pool.map(lambda w: w.scan(), daemons))
+    assert list(client.jobs) == [submission_id("w", key, 1)]
+    assert ledger_states(spec) == {key: ("submitted", 1)}
+
+
+def test_a_job_that_succeeds_without_committing_rows_is_not_done(s3_bucket, endpoint, caplog):
+    spec = s3_spec(s3_bucket)
+    write_checkpoints(spec, steps=(7,))
+    client = FakeJobClient()
+    w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client), max_attempts=2)
+    w.scan()
+    client.jobs[submission_id("w", "step=000000007/model.safetensors", 1)]["status"] = "SUCCEEDED"
+    caplog.set_level(logging.INFO, logger="probeserve")
+    report = w.scan()  # it says it succeeded, but not one row: taken over, not done
+    assert report.done == [] and report.taken_over == ["step=000000007/model.safetensors"]
+    assert any("succeeded without committing" in r.message for r in caplog.records)
+    client.jobs[submission_id("w", "step=000000007/model.safetensors", 2)]["status"] = "SUCCEEDED"
+    report = w.scan()
+    assert report.failed == ["step=000000007/model.safetensors"] and len(client.jobs) == 2
+    entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
+    assert entry.status == "failed" and "no result for" in entry.state["error"]
+
+
 def test_local_ray_sweep_for_one_checkpoint(s3_bucket, endpoint):
     ray = pytest.importorskip("ray")
     spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
@@ -491,3 +537,72 @@ def test_local_ray_sweep_for_one_checkpoint(s3_bucket, endpoint):
         ray.shutdown()
     rows = result_rows(spec)
     assert [(r["step"], r["status"]) for r in rows] == [(4, "ok"), (4, "ok")]
+
+
+LIST_JOBS = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+print(json.dumps({j.submission_id: j.status.value for j in JobSubmissionClient(sys.argv[1]).list_jobs()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(RAY_CLI), reason="ray CLI not installed beside this python")
+def test_watch_submits_ray_jobs_through_a_real_job_api(s3_bucket, endpoint, tmp_path):
+    pytest.importorskip("ray")
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 3))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    keys = ["step=000000000/model.safetensors", "step=000000003/model.safetensors"]
+    with ray_head(tmp_path) as head:
+        # the job agent starts a while after the dashboard: the first submits may fail, and
+        # the daemon must back off and submit the same ids again
+        cmd = [sys.executable, "-m", "probeserve", "watch", str(path), "--address", head.address]
+        no_token = {**head.env, "RAY_AUTH_MODE": "disabled"}
+        refused = subprocess.run(
+            [*cmd, "--once"], cwd=tmp_path, env=no_token, capture_output=True, text=True, timeout=120
+        )
+        assert refused.returncode == 1 and "set RAY_AUTH_MODE=token" in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr
+        log = tmp_path / "watch.log"
+        with open(log, "w") as out:
+            daemon = subprocess.Popen(
+                [*cmd, "--interval", "1"], cwd=tmp_path, env=head.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            _wait(
+                lambda: set(ledger_states(spec).values()) == {("done", 1)} and len(ledger_states(spec)) == 2,
+                300,
+                "both done",
+            )
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0, log.read_text()[-3000:]
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+        # a second daemon, --once, on the same bucket: nothing is submitted again
+        again = subprocess.run(
+            [*cmd, "--once"], cwd=tmp_path, env=head.env, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+        # ask the job API from a process with the client's environment (token auth on)
+        listing = subprocess.run(
+            [sys.executable, "-c", LIST_JOBS, head.address],
+            env=head.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listing.returncode == 0, listing.stderr[-3000:]
+        jobs = json.loads(listing.stdout)
+    assert set(jobs) == {submission_id("w", k, 1) for k in keys}  # one deterministic job each
+    assert set(jobs.values()) == {"SUCCEEDED"}
+    rows = result_rows(spec)
+    assert sorted((r["step"], r["layer"], r["status"]) for r in rows) == [
+        (0, "fc2", "ok"),
+        (0, "input", "ok"),
+        (3, "fc2", "ok"),
+        (3, "input", "ok"),
+    ]
+    out = open_storage(spec.output.uri)
+    assert not [o.key for o in out.list("activations/")]  # the daemon's default: shards deleted
