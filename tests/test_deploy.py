@@ -349,3 +349,78 @@ def test_cluster_launcher_config_matches_rays_schema_and_uses_token_auth():
         )
         gpu_types = [t for t in config["available_node_types"].values() if t.get("resources", {}).get("GPU")]
         assert gpu_types, f"{path.name}: no node type with GPUs"
+
+
+def _pod_templates(doc: Any) -> Iterator[dict]:
+    """Pod templates anywhere in a resource (Deployment, CronJob, Job, ...)."""
+    for _, value in _walk(doc):
+        if isinstance(value, dict) and isinstance(value.get("spec"), dict) and "containers" in value["spec"]:
+            yield value
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    match = selector.get("matchLabels") or {}
+    return not selector.get("matchExpressions") and all(labels.get(k) == v for k, v in match.items())
+
+
+def _watch_addresses() -> list[tuple[Path, str, dict]]:
+    """(file, --address, pod labels) of every watch daemon under deploy/."""
+    found = []
+    for path in YAML_FILES:
+        for doc in _documents(path):
+            for pod in _pod_templates(doc):
+                for container in pod["spec"]["containers"]:
+                    cmd = [str(c) for c in container.get("command", []) + container.get("args", [])]
+                    if "watch" in cmd and "--address" in cmd:
+                        labels = (pod.get("metadata") or {}).get("labels") or {}
+                        found.append((path, cmd[cmd.index("--address") + 1], labels))
+    return found
+
+
+def test_the_watch_daemon_can_reach_the_job_api_it_submits_to_and_nothing_else_can():
+    clusters = {
+        doc["metadata"]["name"]: (path, doc["spec"])
+        for path in YAML_FILES
+        for doc in _documents(path)
+        if doc.get("kind") == "RayCluster"
+    }
+    policies = [
+        (path, doc) for path in YAML_FILES for doc in _documents(path) if doc.get("kind") == "NetworkPolicy"
+    ]
+    daemons = _watch_addresses()
+    assert daemons, "no watch daemon with --address under deploy/"
+    for path, address, labels in daemons:
+        match = re.fullmatch(r"https?://([a-z0-9-]+)-head-svc:(\d+)", address)
+        assert match, f"{path.name}: --address {address} is not a KubeRay head Service"
+        name, port = match.group(1), int(match.group(2))
+        assert name in clusters, f"{path.name}: --address {address}: no RayCluster {name} under deploy/"
+        cpath, cluster = clusters[name]
+        params = cluster["headGroupSpec"].get("rayStartParams") or {}
+        assert str(params.get("dashboard-host", "0.0.0.0")) not in LOOPBACK, (
+            f"{cpath.name}: the dashboard listens on loopback, so {path.name}'s daemon cannot reach {address}"
+        )
+        assert int(params.get("dashboard-port", 8265)) == port, (
+            f"{path.name}: {address} is not the dashboard port"
+        )
+        head_labels = {"ray.io/cluster": name, "ray.io/node-type": "head"}
+        head_labels |= cluster["headGroupSpec"]["template"].get("metadata", {}).get("labels", {})
+        fences = [(p, d) for p, d in policies if _selects(d["spec"].get("podSelector", {}), head_labels)]
+        assert fences, f"{cpath.name}: no NetworkPolicy fences the head of RayCluster {name}"
+        for ppath, policy in fences:
+            assert "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+            for rule in policy["spec"].get("ingress", []):
+                sources = rule.get("from") or []
+                assert sources, f"{ppath.name}: an ingress rule with no `from` admits every pod"
+                for source in sources:
+                    assert "ipBlock" not in source and "namespaceSelector" not in source, (
+                        f"{ppath.name}: the head admits pods outside its namespace"
+                    )
+        admitted = any(
+            any(_selects(src.get("podSelector", {}), labels) for src in rule.get("from") or [])
+            and (not rule.get("ports") or any(int(x.get("port", 0)) == port for x in rule["ports"]))
+            for _, policy in fences
+            for rule in policy["spec"].get("ingress", [])
+        )
+        assert admitted, (
+            f"{path.name}: no NetworkPolicy admits the daemon ({labels}) to port {port} of {name}"
+        )
