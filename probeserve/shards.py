@@ -569,36 +569,49 @@ def _as_rows(x: Any, n_features: int, dtype: np.dtype, layer: str | None) -> np.
 
 
 def _cast_torch(t: Any, dtype: np.dtype, layer: str | None) -> np.ndarray:
+    arr = cast_rows(t, dtype.name, layer).cpu().numpy()
+    return arr if sys.byteorder == "little" else arr.astype(dtype)
+
+
+def cast_rows(t: Any, dtype: str, layer: str | None = None) -> Any:
+    """A torch tensor as a contiguous tensor of the shard dtype ("float16" or "float32"), on
+    its own device; a float16 cast that would turn a finite value into inf raises LayerError.
+
+    Extraction calls this inside the capture hooks, so that what a `ShardWriter` gets needs
+    no further copy; the writer calls it too, for whatever else it is given.
+    """
     import torch
 
-    target = {"float16": torch.float16, "float32": torch.float32}[dtype.name]
+    target = {"float16": torch.float16, "float32": torch.float32}[dtype]
     if not t.is_floating_point():
         raise ValueError(f"x must hold floating-point values, not {t.dtype}")
     if t.dtype == target:
-        out = t.contiguous().cpu()
-    elif t.device.type != "cpu" or target != torch.float16:
+        return t.contiguous()
+    if t.device.type != "cpu" or target != torch.float16:
         out = t.to(target).contiguous()
         if target == torch.float16:
             _check_float16(t, out, layer)
-        out = out.cpu()
-    else:  # block by block, so the overflow check reads each block while it is in cache
-        src = t.contiguous().view(-1)
-        out = torch.empty(t.shape, dtype=target)
-        flat = out.view(-1)
-        for start in range(0, src.numel(), _CAST_BLOCK):
-            block = flat[start : start + _CAST_BLOCK]
-            block.copy_(src[start : start + _CAST_BLOCK])
-            _check_float16(src[start : start + _CAST_BLOCK], block, layer)
-    arr = out.numpy()
-    return arr if sys.byteorder == "little" else arr.astype(dtype)
+        return out
+    # block by block, so the overflow check reads each block while it is in cache
+    src = t.contiguous().view(-1)
+    out = torch.empty(t.shape, dtype=target)
+    flat = out.view(-1)
+    for start in range(0, src.numel(), _CAST_BLOCK):
+        block = flat[start : start + _CAST_BLOCK]
+        block.copy_(src[start : start + _CAST_BLOCK])
+        _check_float16(src[start : start + _CAST_BLOCK], block, layer)
+    return out
 
 
 def _check_float16(src: Any, out: Any, layer: str | None) -> None:
     """Raise if casting `src` to float16 turned a finite value into inf (NaN passes through)."""
-    peak = out.abs().max().item() if out.numel() else 0.0
-    if peak <= FLOAT16_MAX:  # false for NaN: then look closer
-        return
     import torch
+
+    if not out.numel():
+        return
+    low, high = torch.aminmax(out)  # one pass, no temporary
+    if -low.item() <= FLOAT16_MAX and high.item() <= FLOAT16_MAX:  # false for NaN: then look closer
+        return
 
     overflowed = torch.isinf(out) & torch.isfinite(src)
     if bool(overflowed.any()):

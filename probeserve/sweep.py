@@ -248,7 +248,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     manifests). A problem with the checkpoint itself raises: it concerns every layer.
     """
     from probeserve.layers import ActivationCapture, InplaceModified
-    from probeserve.shards import ShardWriter
+    from probeserve.shards import ShardWriter, cast_rows
 
     spec = sweep.spec
     t0 = time.perf_counter()
@@ -287,7 +287,14 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             except Exception as e:  # this layer alone fails
                 errors[p.name] = f"layer {p.name}: {describe_error(e)}"
         labels = []
-        with ActivationCapture(model, points) as capture, torch.no_grad():
+
+        def reduce(name: str, t: torch.Tensor, writers: dict = writers) -> torch.Tensor:
+            # in the hook: only the reduced rows outlive the layer, as in a plain forward pass
+            if name not in writers:
+                return t.new_empty(0)  # failed already: nothing to keep
+            return cast_rows(reducers[name](t), spec.output.dtype, name)
+
+        with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
             for x, y in ds.batches(split, spec.resources.extract_batch_size):
                 x = x.to(device)
                 model(x)
@@ -299,7 +306,9 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
                 labels.append(y)
                 for name, writer in list(writers.items()):
                     try:
-                        writer.write(reducers[name](acts[name]).float().cpu().numpy(), y)
+                        if name in capture.failures:
+                            raise capture.failures[name]
+                        writer.write(acts[name], y)
                     except Exception as e:
                         errors[name] = f"layer {name}: {describe_error(e)}"
                         writer.abort()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from probeserve import layers
 from probeserve.errors import LayerError
 from probeserve.layers import (
     ActivationCapture,
@@ -205,6 +206,19 @@ def test_avgpool_spatial_square_ish():
     assert wide.pooled_shape == (1, 4, 10)
 
 
+@pytest.mark.parametrize("side", [112, 113])
+def test_avgpool_of_a_large_image_equals_adaptive_pooling(side):
+    # too large for the one-GEMM pooling matrix: plain windows (112 = 4 * 28) or one
+    # product per dim (113 is prime) instead, with the same answer
+    r = make_reducer(ReducerSpec(kind="avgpool", max_features=3 * 28 * 28), _point("in", (3, side, side)))
+    assert math.prod(r.pooled_shape[1:]) * side * side > layers._KRON_MAX
+    acts = torch.randn(2, 3, side, side)
+    expected = torch.nn.functional.adaptive_avg_pool2d(acts, r.pooled_shape[1:]).reshape(2, -1)
+    torch.testing.assert_close(r(acts), expected)
+    # and on a view that is not contiguous (a channels-last activation)
+    torch.testing.assert_close(r(acts.to(memory_format=torch.channels_last)), expected)
+
+
 def test_avgpool_preserves_constants_and_pools_channels():
     for shape, max_features in [((32, 28, 28), 1000), ((64, 7, 7), 10), ((5000,), 300), ((8, 50), 40)]:
         r = make_reducer(ReducerSpec(kind="avgpool", max_features=max_features), _point("x", shape))
@@ -349,6 +363,43 @@ def test_capture_survives_inplace_ops_and_is_detached():
     assert (pre < 0).any()
     torch.testing.assert_close(acts["0"], pre)  # not overwritten by the inplace ReLU
     assert not acts["0"].requires_grad
+
+
+def test_capture_transforms_in_the_hook_before_inplace_ops_and_fails_points_alone():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(8, 4)
+    points = discover_probe_points(model, x)
+    pre = model[0](x).detach()
+    assert (pre < 0).any()
+
+    def transform(name, t):
+        if name == "2":
+            raise LayerError("no room for this one")
+        if name == "1":
+            return t[:, :3]  # a view: kept by reference, and checked like the activation
+        return (t * 2).half()  # a new tensor: taken before the inplace ReLU runs
+
+    with ActivationCapture(model, points, transform=transform) as capture:
+        with torch.no_grad():
+            model(x)
+        acts = capture.take()  # nothing to run again: "0" was transformed before the ReLU
+        assert list(acts) == ["input", "0", "1"] and list(capture.failures) == ["2"]
+        assert "no room" in str(capture.failures["2"])
+        torch.testing.assert_close(acts["0"], (pre * 2).half())
+        torch.testing.assert_close(acts["1"], pre.clamp(min=0)[:, :3])
+        # a view of a point that is then modified in place is caught as before
+        model2 = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True))
+        with ActivationCapture(
+            model2, discover_probe_points(model2, x), transform=lambda n, t: t[:, :3]
+        ) as c2:
+            with torch.no_grad():
+                model2(x)
+            with pytest.raises(InplaceModified):
+                c2.take()
+    with ActivationCapture(model, points, transform=transform) as capture, torch.no_grad():
+        model(x)
+        model(x)  # a new pass starts a fresh set of failures too
+        assert list(capture.failures) == ["2"]
 
 
 def test_capture_unknown_module_is_an_error():

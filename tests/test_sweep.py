@@ -347,3 +347,22 @@ def test_cli_query_parquet_out_and_on_s3(s3_server, tmp_path, monkeypatch, capsy
     assert "--out" in capsys.readouterr().err
     assert main(["query", f"s3://{bucket}/empty", "--format", "csv"]) == 0
     assert "no results yet" in capsys.readouterr().err
+
+
+def test_a_layer_that_overflows_float16_fails_alone(tmp_path):
+    spec = tiny_spec(tmp_path, output={"uri": str(tmp_path / "out"), "dtype": "float16"})
+    torch.manual_seed(1)
+    model = build_model(ModelSpec(**spec.model.model_dump()))
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e6)  # logits far past float16's 65504; fc1 and act stay small
+    save_checkpoint(model, spec.checkpoints.uri, 0)
+    summary = run_local(spec)
+    rows = {r["layer"]: r for r in results.load(spec.output.uri).to_pylist()}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "input": "ok",
+        "fc1": "ok",
+        "act": "ok",
+        "fc2": "failed",
+    }
+    assert "overflow float16" in rows["fc2"]["error"] and "output.dtype: float32" in rows["fc2"]["error"]
+    assert summary.exit_code != 0
