@@ -15,10 +15,12 @@ the same answers for the same spec.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -74,6 +76,37 @@ def configure_torch(spec: SweepSpec) -> None:
     threads = spec.resources.torch_threads
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed activation memory for the next batch; True if it was set.
+
+    Extraction allocates the same large activations batch after batch, with small, longer-
+    lived allocations (reduced rows, shard buffers) in between. glibc then returns the freed
+    blocks to the OS and takes them back on the next batch, so every page is faulted in and
+    zeroed again: measured on mnist_convnet (2 CPU cores), 60,000-270,000 page faults and up
+    to 0.9 s of system time per 5,000 images, a third of a plain forward pass. Serving blocks
+    up to 32 MiB from the heap and trimming it only past 1 GiB free removes them. The cost is
+    that the process keeps its peak heap; extraction runs in a worker of its own under Ray.
+    A no-op where the C library is not glibc.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: other C libraries' mallopt differ
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _MALLOC_TUNED = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    return _MALLOC_TUNED
 
 
 def describe_error(e: BaseException) -> str:
@@ -252,6 +285,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
 
     spec = sweep.spec
     t0 = time.perf_counter()
+    keep_freed_memory()
     model = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
     reducers = {p.name: sweep.reducer(p) for p in points}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -366,3 +368,59 @@ def test_a_layer_that_overflows_float16_fails_alone(tmp_path):
     }
     assert "overflow float16" in rows["fc2"]["error"] and "output.dtype: float32" in rows["fc2"]["error"]
     assert summary.exit_code != 0
+
+
+PAGE_FAULTS = """
+import json, os, resource, shutil, sys
+import numpy as np, torch
+import probeserve.sweep as sw
+from probeserve.checkpoints import save_checkpoint
+from probeserve.data import write_idx
+from probeserve.models import build_model
+from probeserve.spec import spec_from_dict
+
+root, tuned = sys.argv[1], sys.argv[2] == "tuned"
+if not tuned:
+    sw.keep_freed_memory = lambda: False  # the control: glibc's own behaviour
+os.makedirs(f"{root}/data")
+rng = np.random.default_rng(0)
+for prefix, n in (("train", 1500), ("t10k", 300)):
+    write_idx(f"{root}/data/{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    write_idx(f"{root}/data/{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+spec = spec_from_dict({
+    "checkpoints": {"uri": f"{root}/ckpts"}, "model": {"factory": "mnist_convnet"},
+    "reducer": {"kind": "subset", "max_features": 256},
+    "data": {"kind": "idx", "path": f"{root}/data", "val_size": 300},
+    "output": {"uri": f"{root}/out"}, "resources": {"extract_batch_size": 256, "torch_threads": 1},
+})
+torch.manual_seed(0)
+save_checkpoint(build_model(spec.model), spec.checkpoints.uri, 0)
+sweep = sw.Sweep(spec)
+ckpt = sweep.discover().complete[0]
+faults = []
+for _ in range(3):
+    shutil.rmtree(f"{root}/out/activations", ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    assert not sw.extract(sweep, ckpt, [p.name for p in sweep.points])
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_extraction_does_not_fault_its_activation_memory_in_again_every_pass(tmp_path):
+    # glibc hands freed activation blocks back to the OS between batches unless told not to;
+    # every page then faults in again. The control run shows that it would here.
+    counts = {}
+    for mode in ("control", "tuned"):
+        proc = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULTS, str(tmp_path / mode), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    control, tuned = min(counts["control"][1:]), max(counts["tuned"][1:])
+    assert control > 5000, counts  # the faults this guards against do happen here
+    assert tuned < control / 4, counts

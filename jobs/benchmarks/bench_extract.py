@@ -10,6 +10,8 @@ same threads, in interleaved pairs, and prints the median ratio. Target: <= 1.25
 from __future__ import annotations
 
 import argparse
+import contextlib
+import resource
 import shutil
 import statistics
 import tempfile
@@ -17,8 +19,11 @@ import time
 
 import torch
 
+import probeserve.sweep
 from probeserve.checkpoints import save_checkpoint
+from probeserve.layers import ActivationCapture
 from probeserve.models import build_model
+from probeserve.shards import ShardWriter
 from probeserve.spec import spec_from_dict
 from probeserve.sweep import SPLITS, Sweep, extract
 
@@ -69,9 +74,13 @@ def main() -> None:
         # This machine's speed drifts by up to 2x within a minute, so the two are run in
         # pairs, one right after the other, and the ratio of each pair is what counts: the
         # median over pairs, in wall and in CPU time (all threads of this process).
-        pairs = []
+        pairs, parts = [], []
         for _ in range(args.repeat):
-            pairs.append((_time(plain), _time(extraction)))
+            t_p = _time(plain)
+            with _timed_parts() as spent:
+                t_e = _time(extraction)
+            pairs.append((t_p, t_e))
+            parts.append(spent)
         wall = sorted(e[0] / p[0] for p, e in pairs)
         cpu = sorted(e[1] / p[1] for p, e in pairs)
         t_plain = statistics.median(p[0] for p, _ in pairs)
@@ -86,17 +95,58 @@ def main() -> None:
         )
         print("pair ratios (wall):   " + " ".join(f"{r:.2f}" for r in wall))
         print(
+            f"page faults (median): plain {statistics.median(p[2] for p, _ in pairs):.0f}, "
+            f"extract {statistics.median(e[2] for _, e in pairs):.0f}"
+        )
+        # the work extraction adds, timed inside it: steadier than the end-to-end ratio here
+        added = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        print(
+            f"added work (median):  {sum(added.values()):7.2f} s = {sum(added.values()) / t_plain:.0%} of the plain forward: "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in added.items())
+        )
+        print(
             f"ratio extract/plain:  {statistics.median(wall):7.2f}x wall, {statistics.median(cpu):.2f}x CPU time  (median of {len(pairs)} pairs; target <= 1.25x)"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _time(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process)."""
+@contextlib.contextmanager
+def _timed_parts():
+    """Seconds spent in each piece of work a plain forward pass does not do."""
+    spent: dict[str, float] = {}
+    targets = [
+        (probeserve.sweep, "_load_model", "loading the checkpoint"),
+        (ActivationCapture, "_keep", "reducing+casting in hooks"),
+        (ShardWriter, "write", "shard writes"),
+        (ShardWriter, "close", "shard close+publish"),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    for (obj, name, label), (_, _, fn) in zip(targets, saved):
+        spent[label] = 0.0
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_label] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+    try:
+        yield spent
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+def _time(fn) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process, minor page faults)."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return time.perf_counter() - w0, time.process_time() - c0, f1 - f0
 
 
 if __name__ == "__main__":
