@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--reducer", choices=["none", "avgpool", "subset"], default="subset")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float16")
     ap.add_argument("--repeat", type=int, default=7, help="pairs of runs")
+    ap.add_argument("--batch-size", type=int, default=256, help="examples per forward pass, in both")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
@@ -46,7 +47,7 @@ def main() -> None:
                 "reducer": reducer,
                 "data": {"kind": "idx", "train_size": args.n, "val_size": 500, "test_size": 500},
                 "output": {"uri": f"{tmp}/out", "dtype": args.dtype},
-                "resources": {"extract_batch_size": 256},
+                "resources": {"extract_batch_size": args.batch_size},
             }
         )
         torch.manual_seed(0)
