@@ -105,7 +105,9 @@ def keep_freed_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: other C libraries' mallopt differ
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    _MALLOC_TUNED = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    _MALLOC_TUNED = (
+        libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    )
     return _MALLOC_TUNED
 
 
