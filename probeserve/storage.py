@@ -82,6 +82,10 @@ def _too_big(uri: str, size: int, max_bytes: int) -> StorageError:
     return StorageError(f"{uri}: {size} bytes is over the limit of {max_bytes} bytes")
 
 
+# os.link failing because the file system has no hard links, not because of the name
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
 class LocalStorage:
     """A folder on a local or network file system."""
 
@@ -193,10 +197,30 @@ class LocalStorage:
                 os.link(tmp, path)  # atomic, fails if the name exists, content already complete
             except FileExistsError:
                 return False
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise
+                return self._create_exclusive(path, data)
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    @staticmethod
+    def _create_exclusive(path: str, data: bytes) -> bool:
+        """For file systems without hard links (some FUSE, SMB and object-store mounts):
+        O_EXCL still lets one writer alone create the name, but a reader may see the object
+        before its bytes are all there; the ledger's readers treat such an object as damaged
+        for one scan and read it whole on the next."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -66,6 +67,31 @@ def test_create_only_races_have_one_winner(storage):
         t.join()
     assert len(wins) == 1
     assert storage.read_bytes("race/x") == str(wins[0]).encode()
+
+
+def test_create_only_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+
+    monkeypatch.setattr(os, "link", no_links)
+    storage = open_storage(str(tmp_path / "root"))
+    wins = []
+
+    def claim(i):
+        if storage.create_only("race/x", str(i).encode() * 1000):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert storage.read_bytes("race/x") == str(wins[0]).encode() * 1000
+    assert sorted(os.listdir(tmp_path / "root" / "race")) == ["x"]  # no staging files left
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # any other failure is not hidden
+        storage.create_only("race/y", b"y")
 
 
 def test_publish_file_moves_and_publishes(storage, tmp_path):
