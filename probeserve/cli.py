@@ -165,8 +165,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs under {args.output}")
         return 0
-    print(format_table(rows, ["run", "checkpoints", "items", "done", "failed", "running", "pending"]))
-    return 0
+    columns = ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
+    broken = [r for r in rows if r.get("error")]
+    print(format_table(rows, columns + (["error"] if broken else [])))
+    for r in broken:
+        print(f"run {r['run']}: cannot read its records: {r['error']}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 DEFAULT_SQL = (

@@ -11,45 +11,67 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 from probeserve import results
 from probeserve.checkpoints import discover
-from probeserve.spec import SweepSpec
-from probeserve.storage import open_storage
+from probeserve.errors import ProbeserveError
+from probeserve.spec import CheckpointsSpec, StorageSpec
+from probeserve.storage import Storage, open_storage
 from probeserve.sweep import RUNNING_DIR, RUNS_DIR, running_key
 
 
 def run_status(
     output_uri: str, *, run: str | None = None, s3_endpoint: str | None = None
 ) -> list[dict[str, Any]]:
+    """One row per run; a run whose records cannot be read gets a row that says why (`error`)
+    rather than hiding the others."""
     out = open_storage(output_uri, s3_endpoint=s3_endpoint)
     runs = sorted({o.key.split("/")[1] for o in out.list(RUNS_DIR + "/") if o.key.endswith("/spec.json")})
     rows = []
     for name in runs:
         if run and name != run:
             continue
-        spec = SweepSpec.model_validate(
-            json.loads(out.read_bytes(results.run_key(name, "spec.json")))["spec"]
-        )
-        layers = [
-            entry["layer"] for entry in json.loads(out.read_bytes(results.run_key(name, "layers.json")))
-        ]
-        ckpt_storage = open_storage(
-            spec.checkpoints.uri, s3_endpoint=s3_endpoint or spec.storage.resolved_endpoint()
-        )
-        ckpts = discover(ckpt_storage, spec.checkpoints).complete
-        status = results.item_status(out, name)
-        running = {o.key for o in out.list(f"{RUNNING_DIR}/{name}/")}
-        counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
-        for c in ckpts:
-            for layer in layers:
-                s = status.get((c.key, layer))
-                if s == "ok":
-                    counts["done"] += 1
-                elif s == "failed":
-                    counts["failed"] += 1
-                elif running_key(name, c, layer) in running:
-                    counts["running"] += 1
-                else:
-                    counts["pending"] += 1
-        rows.append({"run": name, "checkpoints": len(ckpts), "items": len(ckpts) * len(layers), **counts})
+        try:
+            rows.append(_one_run(out, name, s3_endpoint))
+        except (ProbeserveError, ValidationError, ValueError, KeyError, TypeError) as e:
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            rows.append({"run": name, "error": f"{type(e).__name__}: {what}"})
     return rows
+
+
+def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]:
+    # only the sections status needs: a spec written by an older or newer probeserve, with
+    # fields this one does not know, still says where its checkpoints are
+    recorded = json.loads(out.read_bytes(results.run_key(name, "spec.json")))["spec"]
+    checkpoints = CheckpointsSpec.model_validate(recorded["checkpoints"])
+    storage = StorageSpec.model_validate(recorded.get("storage") or {})
+    layers_key = results.run_key(name, "layers.json")
+    if out.stat(layers_key) is None:
+        raise ProbeserveError(
+            f"{out.uri_for(layers_key)} is missing: the run stopped before its first extraction"
+        )
+    layers = [entry["layer"] for entry in json.loads(out.read_bytes(layers_key))]
+    ckpt_storage = open_storage(checkpoints.uri, s3_endpoint=s3_endpoint or storage.resolved_endpoint())
+    ckpts = discover(ckpt_storage, checkpoints).complete
+    status = results.item_status(out, name)
+    running = {o.key for o in out.list(f"{RUNNING_DIR}/{name}/")}
+    counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
+    for c in ckpts:
+        for layer in layers:
+            s = status.get((c.key, layer))
+            if s == "ok":
+                counts["done"] += 1
+            elif s == "failed":
+                counts["failed"] += 1
+            elif running_key(name, c, layer) in running:
+                counts["running"] += 1
+            else:
+                counts["pending"] += 1
+    return {
+        "run": name,
+        "checkpoints": len(ckpts),
+        "items": len(ckpts) * len(layers),
+        **counts,
+        "error": None,
+    }

@@ -309,6 +309,35 @@ def test_cli_status_reads_progress_from_storage(tmp_path, capsys):
     assert row.split() == ["t", "4", "8", "6", "0", "1", "1"]
 
 
+def test_status_reads_a_spec_from_another_version_and_reports_a_broken_run(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(0, 10))
+    run_local(spec)
+    out = open_storage(spec.output.uri)
+    key = results.run_key("t", "spec.json")
+    recorded = json.loads(out.read_bytes(key))
+    recorded["spec"]["probe"]["a_field_of_a_newer_version"] = 1  # status does not need it
+    out.publish_bytes(key, json.dumps(recorded).encode())
+    # a second run that stopped between recording its spec and its layers
+    out.publish_bytes(results.run_key("u", "spec.json"), json.dumps(recorded).encode())
+    assert main(["status", spec.output.uri]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split() == [
+        "run",
+        "checkpoints",
+        "items",
+        "done",
+        "failed",
+        "running",
+        "pending",
+        "error",
+    ]
+    assert lines[2].split() == ["t", "2", "2", "2", "0", "0", "0", "-"]
+    assert lines[3].startswith("u ") and "layers.json is missing" in lines[3]
+    assert "run u: cannot read its records" in captured.err
+
+
 def test_a_finished_item_is_never_turned_into_a_failure(tmp_path):
     from probeserve.sweep import commit_unless_done, probe_and_commit
 
