@@ -53,11 +53,12 @@ def test_create_only(storage):
     assert storage.read_bytes("ledger/claim") == b"first"
 
 
-def test_create_only_races_have_one_winner(storage):
+def _race(storage, key: str, size: int = 1) -> list[int]:
+    """8 threads create_only the same key, each with its own bytes; the winners' numbers."""
     wins = []
 
     def claim(i):
-        if storage.create_only("race/x", str(i).encode()):
+        if storage.create_only(key, str(i).encode() * size):
             wins.append(i)
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
@@ -65,8 +66,13 @@ def test_create_only_races_have_one_winner(storage):
         t.start()
     for t in threads:
         t.join()
-    assert len(wins) == 1
-    assert storage.read_bytes("race/x") == str(wins[0]).encode()
+    assert len(wins) == 1, wins
+    assert storage.read_bytes(key) == str(wins[0]).encode() * size
+    return wins
+
+
+def test_create_only_races_have_one_winner(storage):
+    _race(storage, "race/x")
 
 
 def test_create_only_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
@@ -75,19 +81,7 @@ def test_create_only_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "link", no_links)
     storage = open_storage(str(tmp_path / "root"))
-    wins = []
-
-    def claim(i):
-        if storage.create_only("race/x", str(i).encode() * 1000):
-            wins.append(i)
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins) == 1
-    assert storage.read_bytes("race/x") == str(wins[0]).encode() * 1000
+    _race(storage, "race/x", size=1000)
     assert sorted(os.listdir(tmp_path / "root" / "race")) == ["x"]  # no staging files left
     monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):  # any other failure is not hidden

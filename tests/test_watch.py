@@ -476,22 +476,6 @@ def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint,
     assert len(client.jobs) == 1
 
 
-def test_ray_job_that_died_is_resubmitted_under_the_next_generation(s3_bucket, endpoint):
-    spec = s3_spec(s3_bucket)
-    write_checkpoints(spec, steps=(7,))
-    client = FakeJobClient()
-    w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client), max_attempts=2)
-    w.scan()
-    client.jobs[submission_id("w", "step=000000007/model.safetensors", 1)]["status"] = "FAILED"
-    report = w.scan()  # no result rows: the job died, so the next generation takes over
-    assert report.taken_over == ["step=000000007/model.safetensors"] and len(client.jobs) == 2
-    client.jobs[submission_id("w", "step=000000007/model.safetensors", 2)]["status"] = "FAILED"
-    report = w.scan()  # out of attempts: failed for good, with the job's message
-    assert report.failed == ["step=000000007/model.safetensors"] and len(client.jobs) == 2
-    entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
-    assert entry.status == "failed" and "gave up after 2" in entry.state["error"]
-
-
 def test_a_claim_whose_job_never_reached_the_job_api_is_submitted_at_once(s3_bucket, endpoint):
     spec = s3_spec(s3_bucket)
     write_checkpoints(spec, steps=(7,))
@@ -507,22 +491,30 @@ def test_a_claim_whose_job_never_reached_the_job_api_is_submitted_at_once(s3_buc
     assert ledger_states(spec) == {key: ("submitted", 1)}
 
 
-def test_a_job_that_succeeds_without_committing_rows_is_not_done(s3_bucket, endpoint, caplog):
+@pytest.mark.parametrize("end", ["FAILED", "SUCCEEDED"])
+def test_a_job_that_ends_without_its_rows_is_resubmitted_then_given_up(s3_bucket, endpoint, caplog, end):
+    # a job that died, or one that says it succeeded but committed no row: not done either way
+    key = "step=000000007/model.safetensors"
     spec = s3_spec(s3_bucket)
     write_checkpoints(spec, steps=(7,))
     client = FakeJobClient()
     w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client), max_attempts=2)
     w.scan()
-    client.jobs[submission_id("w", "step=000000007/model.safetensors", 1)]["status"] = "SUCCEEDED"
+    client.jobs[submission_id("w", key, 1)]["status"] = end
     caplog.set_level(logging.INFO, logger="probeserve")
-    report = w.scan()  # it says it succeeded, but not one row: taken over, not done
-    assert report.done == [] and report.taken_over == ["step=000000007/model.safetensors"]
-    assert any("succeeded without committing" in r.message for r in caplog.records)
-    client.jobs[submission_id("w", "step=000000007/model.safetensors", 2)]["status"] = "SUCCEEDED"
-    report = w.scan()
-    assert report.failed == ["step=000000007/model.safetensors"] and len(client.jobs) == 2
+    report = w.scan()  # the next generation takes over
+    assert report.done == [] and report.taken_over == [key] and len(client.jobs) == 2
+    verb = "succeeded" if end == "SUCCEEDED" else "died"
+    assert any(
+        f"{verb} without committing (every layer: the sweep never started)" in r.message
+        for r in caplog.records
+    )
+    client.jobs[submission_id("w", key, 2)]["status"] = end
+    report = w.scan()  # out of attempts: failed for good, saying what is missing
+    assert report.failed == [key] and len(client.jobs) == 2
     entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
-    assert entry.status == "failed" and "no result for" in entry.state["error"]
+    assert entry.status == "failed" and "gave up after 2" in entry.state["error"]
+    assert "no result for" in entry.state["error"]
 
 
 def test_local_ray_sweep_for_one_checkpoint(s3_bucket, endpoint):
