@@ -9,9 +9,9 @@ are done or failed, and `running/...` objects which are being probed right now.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from probeserve import results
 from probeserve.checkpoints import discover
@@ -19,6 +19,8 @@ from probeserve.errors import ProbeserveError
 from probeserve.spec import CheckpointsSpec, StorageSpec
 from probeserve.storage import Storage, open_storage
 from probeserve.sweep import RUNNING_DIR, RUNS_DIR, running_key
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def run_status(
@@ -44,8 +46,8 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
     # only the sections status needs: a spec written by an older or newer probeserve, with
     # fields this one does not know, still says where its checkpoints are
     recorded = json.loads(out.read_bytes(results.run_key(name, "spec.json")))["spec"]
-    checkpoints = CheckpointsSpec.model_validate(recorded["checkpoints"])
-    storage = StorageSpec.model_validate(recorded.get("storage") or {})
+    checkpoints = _known_fields(CheckpointsSpec, recorded["checkpoints"])
+    storage = _known_fields(StorageSpec, recorded.get("storage") or {})
     layers_key = results.run_key(name, "layers.json")
     if out.stat(layers_key) is None:
         raise ProbeserveError(
@@ -75,3 +77,8 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
         **counts,
         "error": None,
     }
+
+
+def _known_fields(model: type[M], data: dict[str, Any]) -> M:
+    """Validate the fields this version knows; a newer version's extra fields are not errors here."""
+    return model.model_validate({k: v for k, v in data.items() if k in model.model_fields})

@@ -208,18 +208,25 @@ class LocalStorage:
 
     @staticmethod
     def _create_exclusive(path: str, data: bytes) -> bool:
-        """For file systems without hard links (some FUSE, SMB and object-store mounts):
-        O_EXCL still lets one writer alone create the name, but a reader may see the object
-        before its bytes are all there; the ledger's readers treat such an object as damaged
-        for one scan and read it whole on the next."""
+        """For local file systems without hard links (some FUSE and SMB mounts): O_EXCL
+        still lets one writer alone create the name, but a reader may see the object before
+        its bytes are all there. A write that fails removes the name again; a process killed
+        mid-write leaves a damaged object, which the watch ledger treats as a claim that has
+        not moved (taken over after --claim-timeout). Not for mounts of object stores, where
+        O_EXCL is not exclusive across machines: use s3:// there."""
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
         return True
 
     def delete(self, key: str) -> None:

@@ -42,7 +42,7 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, discover
-from probeserve.errors import ProbeserveError, StorageError
+from probeserve.errors import ProbeserveError
 from probeserve.spec import SweepSpec, dump_spec, spec_from_dict
 from probeserve.storage import ObjectInfo, Storage, join, open_storage
 
@@ -234,6 +234,7 @@ class LedgerEntry:
     state: dict[str, Any] | None = None
     state_mtime: float = 0.0
     claim_mtime: float = 0.0
+    problem: str | None = None  # a damaged claim or state object, named
 
     @property
     def status(self) -> str:
@@ -285,28 +286,35 @@ def read_ledger(storage: Storage, run: str, *, page_size: int = 1000) -> dict[st
         objs = newest[ckpt_dir]
         entry = LedgerEntry(ckpt_dir, gen=gen)
         claim_obj = objs[f"claim-{gen}"]
-        entry.claim = _read_json(storage, claim_obj.key)
         entry.claim_mtime = claim_obj.mtime
+        claim = _read_json(storage, claim_obj.key)
+        if claim is None:
+            # e.g. a claim still being written, or cut short, on a file system without hard
+            # links: a claim of unknown owner, dated by the object. It is taken over like any
+            # claim that does not move, and this checkpoint alone waits for that.
+            entry.problem = f"{storage.uri_for(claim_obj.key)}: damaged claim (not a JSON object)"
+            log.warning("%s; treating it as a claim that has not moved since it was written", entry.problem)
+        else:
+            entry.claim = claim
         state_obj = objs.get(f"state-{gen}")
         if state_obj is not None:
             entry.state = _read_json(storage, state_obj.key)
             entry.state_mtime = state_obj.mtime
+            if entry.state is None:  # states are published whole: only a hand could damage one
+                entry.problem = f"{storage.uri_for(state_obj.key)}: damaged state (not a JSON object)"
+                log.warning("%s; following the claim's job as if no state were recorded", entry.problem)
         out[ckpt_dir] = entry
     return out
 
 
-def _read_json(storage: Storage, key: str) -> dict[str, Any]:
-    """A ledger object; a damaged one is an error that names it, not a traceback."""
+def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    """A ledger object, or None when it is not a JSON object (damaged or half-written)."""
     raw = storage.read_bytes(key, max_bytes=1 << 20)
     try:
         value = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        value = None
-    if not isinstance(value, dict):
-        raise StorageError(
-            f"{storage.uri_for(key)}: damaged ledger object (not a JSON object); delete it to let the checkpoint be claimed again"
-        )
-    return value
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def ledger_rows(storage: Storage, run: str, *, page_size: int = 1000) -> list[dict[str, Any]]:
@@ -321,7 +329,7 @@ def ledger_rows(storage: Storage, run: str, *, page_size: int = 1000) -> list[di
                 "state": entry.status,
                 "generation": entry.gen,
                 "submission_id": state.get("submission_id") or entry.claim.get("submission_id"),
-                "error": state.get("error"),
+                "error": state.get("error") or entry.problem,
             }
         )
     rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["checkpoint"] or ""))

@@ -317,6 +317,7 @@ def test_status_reads_a_spec_from_another_version_and_reports_a_broken_run(tmp_p
     key = results.run_key("t", "spec.json")
     recorded = json.loads(out.read_bytes(key))
     recorded["spec"]["probe"]["a_field_of_a_newer_version"] = 1  # status does not need it
+    recorded["spec"]["checkpoints"]["another_new_field"] = "x"  # nor this one, in a section it reads
     out.publish_bytes(key, json.dumps(recorded).encode())
     # a second run that stopped between recording its spec and its layers
     out.publish_bytes(results.run_key("u", "spec.json"), json.dumps(recorded).encode())

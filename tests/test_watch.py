@@ -224,6 +224,29 @@ def test_a_dead_claim_is_taken_over_once_and_a_live_one_is_left_alone(s3_bucket,
     assert ledger_states(spec) == {dead: ("done", 2), live: ("claimed", 1)}
 
 
+def test_a_damaged_claim_holds_up_its_checkpoint_alone_until_taken_over(
+    s3_bucket, endpoint, caplog, capsys, tmp_path
+):
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(0, 1))
+    out = open_storage(spec.output.uri)
+    bad = "step=000000000/model.safetensors"
+    out.publish_bytes(
+        claim_key("w", results.checkpoint_dir(bad, 0), 1), b'{"checkpoint": "step=0'
+    )  # cut short
+    caplog.set_level(logging.WARNING, logger="probeserve")
+    report = Watcher(spec, CountingSubmitter(), claim_timeout=60).scan()  # the scan goes on
+    assert report.done == ["step=000000001/model.safetensors"]
+    assert any("damaged claim" in r.message for r in caplog.records)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["watch", str(path), "--status"]) == 0
+    assert "damaged claim" in capsys.readouterr().out
+    later = time.time() + 3600  # an hour on, the claim has not moved: taken over, once
+    report = Watcher(spec, CountingSubmitter(), claim_timeout=60, clock=lambda: later).scan()
+    assert report.taken_over == [bad] and ledger_states(spec)[bad] == ("done", 2)
+
+
 def test_a_corrupt_checkpoint_ends_failed_and_the_daemon_goes_on(s3_bucket, endpoint):
     spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
     write_checkpoints(spec, steps=(0, 10))
