@@ -260,7 +260,8 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._full(key)}"
 
     def _error(self, e: Exception, key: str, action: str) -> StorageError:
-        from botocore.exceptions import ClientError, EndpointConnectionError
+        from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         where = self.uri_for(key)
         if isinstance(e, ClientError):
@@ -272,8 +273,14 @@ class S3Storage:
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return StorageError(f"{where}: access denied while trying to {action} ({code})")
             return StorageError(f"{where}: {action} failed: {code or e}")
+        endpoint = redact(self.endpoint_url or "AWS")
         if isinstance(e, EndpointConnectionError):
-            return StorageError(f"{where}: cannot reach the S3 endpoint {redact(self.endpoint_url or 'AWS')}")
+            return StorageError(f"{where}: cannot reach the S3 endpoint {endpoint}")
+        if isinstance(e, (BotoConnectionError, HTTPClientError)):  # closed, timed out, cut mid-response
+            return StorageError(
+                f"{where}: lost the connection to the S3 endpoint {endpoint} while trying to {action} "
+                f"({type(e).__name__})"
+            )
         return StorageError(f"{where}: {action} failed: {type(e).__name__}: {redact_text(str(e))}")
 
     def root_exists(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import http.server
 import os
 import threading
 
@@ -138,6 +139,35 @@ def test_s3_unreachable_endpoint_names_it_without_secrets(monkeypatch):
     assert "127.0.0.1:9" in text and "s3://bucket/p/k" in text
     for secret in ("supersecretvalue", "AKIDSECRETVALUE", "pw@"):
         assert secret not in text
+
+
+def test_s3_connection_cut_mid_response_says_so(monkeypatch):
+    # a server that promises 1000 bytes, sends 10 and hangs up: an outage that starts mid-read
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRETVALUE")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "supersecretvalue")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(StorageError) as info:
+            S3Storage("bucket", "p", endpoint_url=endpoint).read_bytes("k")
+    finally:
+        server.shutdown()
+    text = str(info.value)
+    assert f"s3://bucket/p/k: lost the connection to the S3 endpoint {endpoint} while trying to read" in text
+    assert "secret" not in text.lower()
 
 
 def test_open_storage_schemes(tmp_path):
