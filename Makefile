@@ -56,6 +56,7 @@ format: $(STAMP)
 bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_shards.py
 	$(BIN)/python jobs/benchmarks/bench_extract.py
+	$(BIN)/python jobs/benchmarks/bench_reducers.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
 	$(BIN)/python jobs/benchmarks/bench_ray.py
 

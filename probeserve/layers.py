@@ -244,8 +244,8 @@ def _largest_grid(channels: int, spatial: tuple[int, ...], budget: int, size) ->
 
 
 # H*W*gh*gw: up to 1 MiB of pooling weights. Measured on 2 CPU cores, the one-GEMM pooling
-# was 2-9x faster than avg_pool2d up to this size (256 MACs per activation element) and even
-# with it there; past it, plain windows or one product per dim.
+# was faster than avg_pool2d up to this size (256 MACs per activation element) and about
+# even with it there; past it, plain windows or one product per dim.
 _KRON_MAX = 1 << 18
 
 
@@ -296,8 +296,9 @@ class _AvgPool(Reducer):
             return F.adaptive_avg_pool1d(x.unsqueeze(1), self.channels).reshape(b, -1)
         dims = self.in_shape[1:]
         if len(dims) == 2 and self._kron_size() <= _KRON_MAX:
-            # [B*C, H*W] @ [H*W, gh*gw], one GEMM that reads the activation once: 2-9x
-            # faster than avg_pool2d or adaptive_avg_pool2d on CPU, even or uneven windows
+            # [B*C, H*W] @ [H*W, gh*gw], one GEMM that reads the activation once: faster
+            # than avg_pool2d or adaptive_avg_pool2d on CPU, even or uneven windows
+            # (jobs/benchmarks/bench_reducers.py)
             x = x.reshape(b * x.shape[1], -1) @ self._kron(x.device)
         elif all(d % g == 0 for d, g in zip(dims, self.spatial)):
             pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(self.spatial) - 1]
@@ -365,7 +366,7 @@ class _Subset(Reducer):
         if idx is None:
             idx = self._on_device[acts.device] = self.indices.to(acts.device)
         flat = acts.reshape(acts.shape[0], -1)
-        # gather with a broadcast index: about 2x faster than index_select on CPU
+        # gather with a broadcast index: up to 1.6x faster than index_select on CPU
         return torch.gather(flat, 1, idx.expand(flat.shape[0], -1)).float()
 
 

@@ -36,7 +36,14 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float16")
     ap.add_argument("--repeat", type=int, default=7, help="pairs of runs")
     ap.add_argument("--batch-size", type=int, default=256, help="examples per forward pass, in both")
+    ap.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (extract sets mallopt otherwise): shows the page faults it avoids",
+    )
     args = ap.parse_args()
+    if args.glibc_default_malloc:
+        probeserve.sweep.keep_freed_memory = lambda: False
 
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
     try:
