@@ -87,9 +87,9 @@ def keep_freed_memory() -> bool:
     Extraction allocates the same large activations batch after batch, with small, longer-
     lived allocations (reduced rows, shard buffers) in between. glibc then returns the freed
     blocks to the OS and takes them back on the next batch, so every page is faulted in and
-    zeroed again: measured on mnist_convnet (2 CPU cores), 60,000-270,000 page faults and up
-    to 0.9 s of system time per 5,000 images, a third of a plain forward pass. Serving blocks
-    up to 32 MiB from the heap and trimming it only past 1 GiB free removes them. The cost is
+    zeroed again: on mnist_convnet (2 CPU cores), about 270,000 page faults per 5,000 images
+    (`jobs/benchmarks/bench_extract.py --glibc-default-malloc`). Serving blocks up to 32 MiB
+    from the heap and trimming it only past 1 GiB free removes them. The cost is
     that the process keeps its peak heap; extraction runs in a worker of its own under Ray.
     A no-op where the C library is not glibc.
     """
