@@ -7,13 +7,17 @@ Parquet dataset with the schema below; `load` reads it as one Arrow table, and a
 reader (pandas, DuckDB, Spark) can read the folder directly.
 
 A failed item is a row too (`status = "failed"`, `error` set), so failures are visible in the
-same table; the next run retries it and, on success, replaces the row.
+same table; the next run retries it and, on success, replaces the row. A result file that
+cannot be read as a row (damaged in storage, or edited by hand) counts as no row: runs and the
+watch daemon do the item again, and its new row replaces the file. Reading the whole table
+(`load`, `probeserve query`) refuses it instead, naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -24,6 +28,8 @@ import pyarrow.parquet as pq
 
 from probeserve.errors import StorageError
 from probeserve.storage import Storage, join, open_storage
+
+log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
 RUNS_DIR = "runs"  # runs/{run}/spec.yaml, spec.json, layers.json
@@ -124,12 +130,31 @@ def commit(storage: Storage, row: Mapping[str, Any]) -> str:
     return key
 
 
+class DamagedResult(StorageError):
+    """A file under results/ that is not a readable result row."""
+
+    def __init__(self, uri: str, why: str) -> None:
+        super().__init__(f"{uri}: not a probeserve result file ({why}); move it out of results/")
+        self.uri, self.why = uri, why
+
+
 def read_row(storage: Storage, run: str, checkpoint: str, step: int, layer: str) -> dict[str, Any] | None:
-    """The committed row of one item, or None."""
+    """The committed row of one item, or None (also when its file is damaged: see above)."""
     key = result_key(run, checkpoint, step, layer)
     if storage.stat(key) is None:
         return None
-    return _read_file(storage, key).to_pylist()[0]
+    return read_row_file(storage, key)
+
+
+def read_row_file(storage: Storage, key: str) -> dict[str, Any] | None:
+    """The row in one result file; None, with a warning, when the file is damaged."""
+    try:
+        return _read_file(storage, key).to_pylist()[0]
+    except DamagedResult as e:
+        log.warning(
+            "%s: damaged result file (%s); counting it as no result, so the item is done again", e.uri, e.why
+        )
+        return None
 
 
 def is_done(storage: Storage, run: str, checkpoint: str, step: int, layer: str) -> bool:
@@ -138,13 +163,14 @@ def is_done(storage: Storage, run: str, checkpoint: str, step: int, layer: str) 
 
 
 def _read_file(storage: Storage, key: str) -> pa.Table:
+    data = storage.read_bytes(key)  # a storage error propagates as itself
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
-        return table.select(COLUMN_NAMES).cast(SCHEMA)
+        table = pq.read_table(io.BytesIO(data)).select(COLUMN_NAMES).cast(SCHEMA)
+        if table.num_rows != 1:
+            raise ValueError(f"{table.num_rows} rows, not 1")
+        return table
     except (pa.ArrowException, KeyError, ValueError) as e:
-        raise StorageError(
-            f"{storage.uri_for(key)}: not a probeserve result file ({e}); move it out of results/"
-        ) from None
+        raise DamagedResult(storage.uri_for(key), str(e)) from None
 
 
 def result_keys(storage: Storage, run: str | None = None) -> list[str]:
@@ -162,10 +188,9 @@ def read_table(storage: Storage, run: str | None = None) -> pa.Table:
 
 
 def item_status(storage: Storage, run: str) -> dict[tuple[str, str], str]:
-    """{(checkpoint, layer): status} of every committed row of a run."""
-    table = read_table(storage, run)
-    cols = table.select(["checkpoint", "layer", "status"]).to_pydict()
-    return {(c, layer): s for c, layer, s in zip(cols["checkpoint"], cols["layer"], cols["status"])}
+    """{(checkpoint, layer): status} of every committed row of a run; damaged files are left out."""
+    rows = (read_row_file(storage, k) for k in result_keys(storage, run))
+    return {(r["checkpoint"], r["layer"]): r["status"] for r in rows if r is not None}
 
 
 def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pandas: bool = False) -> Any:

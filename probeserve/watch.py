@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -480,15 +479,15 @@ class Watcher:
             return ["(every layer: the sweep never started)"], None
         layers = [x["layer"] for x in json.loads(self.output.read_bytes(layers_key))]
         prefix = join(results.RESULTS_DIR, self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step)) + "/"
-        import pyarrow.parquet as pq
-
         seen, error = set(), None
         for obj in self.output.list(prefix, page_size=self.page_size):
             layer = results.layer_from_file(obj.key.rsplit("/", 1)[-1])
             if layer not in layers:
                 continue
+            row = results.read_row_file(self.output, obj.key)
+            if row is None:  # damaged: no result, so the checkpoint is done again
+                continue
             seen.add(layer)
-            row = pq.read_table(io.BytesIO(self.output.read_bytes(obj.key))).to_pylist()[0]
             if row["status"] != "ok" and error is None:
                 error = f"{layer}: {row['error']}"
         return [x for x in layers if x not in seen], error

@@ -219,6 +219,24 @@ def test_cli_missing_label_column_and_single_class(tmp_path, capsys):
     assert "single class" in capsys.readouterr().err
 
 
+def test_a_damaged_result_file_is_refused_by_query_and_redone_by_run(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec)
+    path = write_spec(tmp_path, spec)
+    assert main(["run", path, "--runner", "local"]) == 0
+    damaged = tmp_path / "out" / results.result_key("t", "step=000000010/model.safetensors", 10, "fc2")
+    damaged.write_bytes(b"PAR1 cut short")
+    capsys.readouterr()
+    assert main(["query", spec.output.uri]) == 1  # the table is not read past it ...
+    err = capsys.readouterr().err
+    assert "fc2.parquet: not a probeserve result file" in err and len(err.strip().splitlines()) == 1
+    assert main(["plan", path]) == 0  # ... but a run does the item again
+    assert "3 done" in capsys.readouterr().out
+    summary = run_local(spec)
+    assert summary.ok == 1 and summary.skipped_done == 3 and not summary.failed
+    assert {r["status"] for r in results.load(spec.output.uri).to_pylist()} == {"ok"}
+
+
 def test_cli_run_plan_query(tmp_path, capsys):
     spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
     write_checkpoints(spec)

@@ -266,6 +266,36 @@ def test_a_corrupt_checkpoint_ends_failed_and_the_daemon_goes_on(s3_bucket, endp
     assert ledger_states(spec)["step=000000020/model.safetensors"] == ("done", 1)
 
 
+def test_a_damaged_result_file_counts_as_no_result_and_is_done_again(s3_bucket, endpoint, caplog):
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 10))
+    out = open_storage(spec.output.uri)
+    bad, damaged = (
+        "step=000000000/model.safetensors",
+        results.result_key("w", "step=000000000/model.safetensors", 0, "fc2"),
+    )
+    damage = [bad]
+
+    class Damaging(CountingSubmitter):
+        def submit(self, checkpoint, spec, *, submission_id):
+            super().submit(checkpoint, spec, submission_id=submission_id)
+            if checkpoint.key in damage:  # its row is damaged in storage after the sweep, once
+                damage.remove(checkpoint.key)
+                out.publish_bytes(damaged, b"PAR1 cut short")
+
+    caplog.set_level(logging.WARNING, logger="probeserve")
+    w = Watcher(spec, Damaging(), claim_timeout=60)
+    report = w.scan()  # the other checkpoint is not held up by it
+    assert "step=000000010/model.safetensors" in report.done and bad not in report.done
+    assert any(damaged in r.message and "counting it as no result" in r.message for r in caplog.records)
+    for _ in range(2):
+        w.scan()
+    assert ledger_states(spec)[bad] == ("done", 2)  # taken over once, and its row rewritten
+    assert {(r["step"], r["layer"], r["status"]) for r in result_rows(spec)} == {
+        (s, layer, "ok") for s in (0, 10) for layer in ("input", "fc2")
+    }
+
+
 def test_more_than_1000_keys_are_all_listed(s3_server, s3_bucket, endpoint):
     spec = s3_spec(s3_bucket)
     client = s3_server.client()
