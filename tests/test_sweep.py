@@ -227,7 +227,7 @@ def test_a_damaged_result_file_is_refused_by_query_and_redone_by_run(tmp_path, c
     damaged = tmp_path / "out" / results.result_key("t", "step=000000010/model.safetensors", 10, "fc2")
     damaged.write_bytes(b"PAR1 cut short")
     capsys.readouterr()
-    assert main(["query", spec.output.uri]) == 1  # the table is not read past it ...
+    assert main(["query", spec.output.uri]) == 2  # the table is not read past it ...
     err = capsys.readouterr().err
     assert "fc2.parquet: not a probeserve result file" in err and len(err.strip().splitlines()) == 1
     assert main(["plan", path]) == 0  # ... but a run does the item again
