@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import shutil
 import statistics
@@ -115,6 +116,19 @@ def main() -> None:
             f"added work (median):  {sum(added.values()):7.2f} s = {sum(added.values()) / t_plain:.0%} of load + plain forward: "
             + ", ".join(f"{k} {v:.3f} s" for k, v in added.items())
         )
+        # what no shard format can go below: the same bytes written with plain file writes,
+        # one file per (layer, split) and one write per batch, as the shard writer does
+        itemsize = 2 if args.dtype == "float16" else 4
+        sizes = [sweep.reducer(p).n_features * itemsize for p in sweep.points]
+        split_rows = [ds.size(s) for s in SPLITS]
+        floors = []
+        for _ in range(max(3, args.repeat // 2)):
+            floors.append(_time(lambda: _plain_writes(f"{tmp}/raw", sizes, split_rows, args.batch_size))[0])
+            shutil.rmtree(f"{tmp}/raw")  # untimed, like the shards of the last extraction
+        floor = statistics.median(floors)
+        print(
+            f"plain file writes:    {floor:7.2f} s  for the same {n * sum(sizes) / 1e6:.0f} MB = {floor / t_plain:.0%} of load + plain forward (a floor for any shard format)"
+        )
         print(
             f"ratio extract/plain:  {statistics.median(wall):7.2f}x wall, {statistics.median(cpu):.2f}x CPU time  (median of {len(pairs)} pairs; target <= 1.25x)"
         )
@@ -148,6 +162,20 @@ def _timed_parts():
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)
+
+
+def _plain_writes(folder: str, row_bytes: list[int], split_rows: list[int], batch: int) -> None:
+    """Write rows of `row_bytes` per layer for every split into `folder`, a batch at a time."""
+    os.makedirs(folder, exist_ok=True)
+    block = memoryview(bytes(max(row_bytes) * batch))
+    for split, rows in enumerate(split_rows):
+        files = [open(os.path.join(folder, f"{i}-{split}.bin"), "wb") for i in range(len(row_bytes))]
+        for start in range(0, rows, batch):
+            n = min(batch, rows - start)
+            for f, width in zip(files, row_bytes):
+                f.write(block[: n * width])
+        for f in files:
+            f.close()
 
 
 def _time(fn) -> tuple[float, float, int]:
