@@ -278,15 +278,33 @@ class SweepSpec(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _format_validation_error(err: ValidationError) -> list[str]:
+def _format_validation_error(err: ValidationError, overridden: list[str] = ()) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the spec reference in the README)"
+        elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float, bool)):
+            msg += " (put it in quotes)"
+        if any(loc == k or loc.startswith(k + ".") for k in overridden):
+            msg += " (from --set)"
         lines.append(f"{loc}: {msg}")
     return lines
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as JSON-like values: a date-like scalar (`run: 2024-01-01`) stays a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -303,37 +321,57 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse `key.path=value` strings; the value is read as YAML (numbers, lists, null...)."""
+    """Parse `key.path=value` strings; the value is read as YAML (numbers, lists, null...), and
+    one that is not YAML (`*/model.safetensors`, `{stem}.done`) is taken as a plain string."""
     out = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SpecError([f"{item!r}: expected key.path=value"], source="--set")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = _yaml(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
     return out
 
 
 def spec_from_dict(data: Any, *, source: str = "spec", overrides: list[str] = ()) -> SweepSpec:
     """Validate a plain mapping (with optional overrides) into a `SweepSpec`."""
+    if data is None:
+        raise SpecError(["(top level): the spec is empty"], source=source)
     if not isinstance(data, dict):
         raise SpecError([f"(top level): expected a mapping, got {type(data).__name__}"], source=source)
-    data = json.loads(json.dumps(data))  # deep copy, and JSON-able only
-    for key, value in parse_overrides(list(overrides)):
+    try:
+        data = json.loads(json.dumps(data))  # deep copy, and JSON-able only
+    except (TypeError, ValueError) as e:
+        raise SpecError([f"(top level): only plain values are allowed ({e})"], source=source) from None
+    parsed = parse_overrides(list(overrides))
+    for key, value in parsed:
         _set_dotted(data, key, value)
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format_validation_error(e), source=source) from None
+        raise SpecError(_format_validation_error(e, [k for k, _ in parsed]), source=source) from None
 
 
 def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> SweepSpec:
     """Read a YAML or JSON spec file; raise `SpecError` listing every problem with its field."""
     p = Path(path)
+    if p.is_dir():
+        raise SpecError([f"{p} is a folder; give the spec file (YAML or JSON)"], source=str(p))
     if not p.is_file():
         raise SpecError([f"spec file not found: {p}"], source=str(p))
-    text = p.read_text()
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            [f"{p.name} is not UTF-8 text ({e.reason} at byte {e.start})"], source=str(p)
+        ) from None
+    except OSError as e:
+        raise SpecError([f"cannot read {p}: {e.strerror}"], source=str(p)) from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else _yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError([f"cannot parse {p.name}: {e}"], source=str(p)) from None
     return spec_from_dict(data, source=str(p), overrides=overrides)

@@ -68,6 +68,19 @@ def test_overrides_parse_yaml_values():
         spec_from_dict(BASE, overrides=["probe.l2"])
 
 
+def test_overrides_that_are_not_yaml_are_plain_strings_and_errors_name_them():
+    spec = spec_from_dict(
+        BASE, overrides=["checkpoints.weights=*/model.safetensors", "checkpoints.marker={stem}.done"]
+    )
+    assert spec.checkpoints.weights == "*/model.safetensors" and spec.checkpoints.marker == "{stem}.done"
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(BASE, overrides=["probe.l2=[1,", "run=2024"])
+    assert e.value.errors == [
+        "run: Input should be a valid string (put it in quotes) (from --set)",
+        "probe.l2: Input should be a valid number, unable to parse string as a number (from --set)",
+    ]
+
+
 def test_hash_ignores_where_but_not_what():
     a = spec_from_dict(BASE)
     assert a.hash() == spec_from_dict({**BASE, "output": {"uri": "elsewhere"}}).hash()
@@ -87,6 +100,22 @@ def test_load_yaml_and_json_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("a: [unclosed\n")
     with pytest.raises(SpecError, match="cannot parse"):
         load_spec(tmp_path / "broken.yaml")
+
+
+def test_spec_files_that_are_not_specs_are_named(tmp_path):
+    with pytest.raises(SpecError, match="is a folder; give the spec file"):
+        load_spec(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"run: caf\xe9\n")
+    with pytest.raises(SpecError, match="latin1.yaml is not UTF-8 text"):
+        load_spec(tmp_path / "latin1.yaml")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(SpecError, match="the spec is empty"):
+        load_spec(tmp_path / "empty.yaml")
+    # a date-like value stays the string it looks like
+    (tmp_path / "dated.yaml").write_text(
+        "run: 2024-01-01\ncheckpoints: {uri: c}\nmodel: {factory: tiny}\ndata: {kind: gaussian}\noutput: {uri: o}\n"
+    )
+    assert load_spec(tmp_path / "dated.yaml").run == "2024-01-01"
 
 
 def test_marker_template_and_endpoint_are_checked():
