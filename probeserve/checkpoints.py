@@ -67,7 +67,14 @@ def marker_key(weights_key: str, marker: str = DEFAULT_MARKER) -> str:
     return join(folder, marker.format(stem=stem))
 
 
+_MAX_STEP = 2**63 - 1  # the results table's int64
+
+
 def _unsafe_key(key: str) -> str | None:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a local file name that is not UTF-8 (it arrives surrogate-escaped)
+        return "key is not valid UTF-8"
     if key.startswith("/") or "\\" in key:
         return "absolute-looking key"
     parts = key.split("/")
@@ -89,7 +96,8 @@ def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = Non
             continue
         reason = _unsafe_key(key)
         if reason:
-            found.rejected.append((key, reason))
+            printable = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            found.rejected.append((printable, reason))
             continue
         m = step_re.search(key)
         if not m:
@@ -101,6 +109,9 @@ def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = Non
             step = int(m.group(1))
         except ValueError:
             found.rejected.append((key, f"step {m.group(1)!r} is not an integer"))
+            continue
+        if step > _MAX_STEP:
+            found.rejected.append((key, f"step {step} is out of range (at most {_MAX_STEP})"))
             continue
         if spec.steps is not None and step not in spec.steps:
             continue

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -130,7 +132,20 @@ def commit(storage: Storage, row: Mapping[str, Any]) -> str:
     return key
 
 
-class DamagedResult(StorageError):
+class Damaged(StorageError):
+    """An object that probeserve wrote, found damaged (cut short, edited by hand)."""
+
+
+def read_json(storage: Storage, key: str) -> Any:
+    """A JSON object that probeserve wrote; a damaged one raises `Damaged`, naming it."""
+    data = storage.read_bytes(key)  # a storage error propagates as itself
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise Damaged(f"{storage.uri_for(key)}: damaged ({e}); it is not JSON probeserve wrote") from None
+
+
+class DamagedResult(Damaged):
     """A file under results/ that is not a readable result row."""
 
     def __init__(self, uri: str, why: str) -> None:
@@ -199,8 +214,17 @@ def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pa
     >>> table = load("demo-output")                # doctest: +SKIP
     >>> df = load("s3://bucket/probes", pandas=True)  # doctest: +SKIP
     """
-    table = read_table(open_storage(output_root(uri), s3_endpoint=s3_endpoint), run)
+    table = read_table(open_output(output_root(uri), s3_endpoint=s3_endpoint), run)
     return table.to_pandas() if pandas else table
+
+
+def open_output(uri: str, *, s3_endpoint: str | None = None) -> Storage:
+    """An output location to read: a local folder that is missing (a typo) is an error."""
+    storage = open_storage(uri, s3_endpoint=s3_endpoint)
+    root = getattr(storage, "root", None)  # a local folder
+    if root is not None and not os.path.isdir(root):
+        raise StorageError(f"{root}: {'is a file, not' if os.path.exists(root) else 'no such'} output folder")
+    return storage
 
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

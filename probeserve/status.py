@@ -8,7 +8,6 @@ are done or failed, and `running/...` objects which are being probed right now.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -28,7 +27,7 @@ def run_status(
 ) -> list[dict[str, Any]]:
     """One row per run; a run whose records cannot be read gets a row that says why (`error`)
     rather than hiding the others."""
-    out = open_storage(output_uri, s3_endpoint=s3_endpoint)
+    out = results.open_output(output_uri, s3_endpoint=s3_endpoint)
     runs = sorted({o.key.split("/")[1] for o in out.list(RUNS_DIR + "/") if o.key.endswith("/spec.json")})
     rows = []
     for name in runs:
@@ -45,7 +44,7 @@ def run_status(
 def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]:
     # only the sections status needs: a spec written by an older or newer probeserve, with
     # fields this one does not know, still says where its checkpoints are
-    recorded = json.loads(out.read_bytes(results.run_key(name, "spec.json")))["spec"]
+    recorded = results.read_json(out, results.run_key(name, "spec.json"))["spec"]
     checkpoints = _known_fields(CheckpointsSpec, recorded["checkpoints"])
     storage = _known_fields(StorageSpec, recorded.get("storage") or {})
     layers_key = results.run_key(name, "layers.json")
@@ -53,7 +52,7 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
         raise ProbeserveError(
             f"{out.uri_for(layers_key)} is missing: the run stopped before its first extraction"
         )
-    layers = [entry["layer"] for entry in json.loads(out.read_bytes(layers_key))]
+    layers = [entry["layer"] for entry in results.read_json(out, layers_key)]
     ckpt_storage = open_storage(checkpoints.uri, s3_endpoint=s3_endpoint or storage.resolved_endpoint())
     ckpts = discover(ckpt_storage, checkpoints).complete
     status = results.item_status(out, name)

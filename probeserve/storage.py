@@ -86,6 +86,14 @@ def _too_big(uri: str, size: int, max_bytes: int) -> StorageError:
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
+def _local_error(path: str, action: str, e: OSError) -> StorageError:
+    """An OS error on a local path as a one-line StorageError that names the path."""
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOTDIR:
+        why += ": a part of the path is a file, not a folder"
+    return StorageError(f"{path}: cannot {action} ({why})")
+
+
 class LocalStorage:
     """A folder on a local or network file system."""
 
@@ -120,16 +128,18 @@ class LocalStorage:
                     continue
                 try:
                     st = os.stat(os.path.join(dirpath, name))
-                except FileNotFoundError:
-                    continue  # deleted while listing
+                except OSError:
+                    continue  # deleted while listing, or a link to nothing (or to itself)
                 found.append(ObjectInfo(key, st.st_size, st.st_mtime))
         yield from sorted(found, key=lambda o: o.key)
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             st = os.stat(self._path(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            raise _local_error(self._path(key), "read", e) from None
         return ObjectInfo(key, st.st_size, st.st_mtime) if os.path.isfile(self._path(key)) else None
 
     def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
@@ -144,35 +154,48 @@ class LocalStorage:
             raise StorageError(f"{path}: no such object") from None
         except IsADirectoryError:
             raise StorageError(f"{path}: is a folder, not an object") from None
+        except OSError as e:
+            raise _local_error(path, "read", e) from None
 
     def download(self, key: str, local_path: str) -> None:
         try:
             shutil.copyfile(self._path(key), local_path)
         except FileNotFoundError:
             raise StorageError(f"{self._path(key)}: no such object") from None
+        except OSError as e:
+            raise _local_error(self._path(key), "read", e) from None
 
     def _tmp_for(self, path: str) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
 
+    @contextlib.contextmanager
+    def _writing(self, path: str) -> Iterator[str]:
+        """A temporary name beside `path`, removed afterwards; OS errors name `path`."""
+        tmp = None
+        try:
+            tmp = self._tmp_for(path)
+            yield tmp
+        except OSError as e:
+            raise _local_error(path, "write", e) from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):  # never hide the error that got us here
+                    os.unlink(tmp)
+
     def publish_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        tmp = self._tmp_for(path)
-        try:
+        with self._writing(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
 
     def publish_file(self, key: str, local_path: str) -> None:
         """Publish a finished local file under `key`; `local_path` is moved or copied."""
         path = self._path(key)
-        tmp = self._tmp_for(path)
-        try:
+        with self._writing(path) as tmp:
             try:
                 os.replace(local_path, tmp)
             except OSError as e:
@@ -180,15 +203,11 @@ class LocalStorage:
                     raise
                 shutil.copyfile(local_path, tmp)
             os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
 
     def create_only(self, key: str, data: bytes) -> bool:
         """Write `key` only if it does not exist yet; True when this call created it."""
         path = self._path(key)
-        tmp = self._tmp_for(path)
-        try:
+        with self._writing(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -202,9 +221,6 @@ class LocalStorage:
                     raise
                 return self._create_exclusive(path, data)
             return True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
 
     @staticmethod
     def _create_exclusive(path: str, data: bytes) -> bool:
@@ -230,8 +246,12 @@ class LocalStorage:
         return True
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _local_error(self._path(key), "delete", e) from None
 
 
 class S3Storage:

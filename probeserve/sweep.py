@@ -32,7 +32,7 @@ import torch
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
+from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError, StorageError
 from probeserve.spec import SweepSpec, dump_spec
 from probeserve.storage import Storage, join, open_storage
 
@@ -142,7 +142,11 @@ class Sweep:
 
     @cached_property
     def output(self) -> Storage:
-        return open_storage(self.spec.output.uri, s3_endpoint=self.spec.storage.resolved_endpoint())
+        out = open_storage(self.spec.output.uri, s3_endpoint=self.spec.storage.resolved_endpoint())
+        root = getattr(out, "root", None)  # a local folder
+        if root is not None and os.path.exists(root) and not os.path.isdir(root):
+            raise StorageError(f"output.uri: {root} is a file; give a folder (it is created if missing)")
+        return out
 
     @cached_property
     def dataset(self):  # -> probeserve.data.ProbeDataset
@@ -230,7 +234,7 @@ class Sweep:
                 results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
             )
         else:
-            stored = json.loads(self.output.read_bytes(key))
+            stored = results.read_json(self.output, key)
             if stored.get("spec_hash") != self.spec_hash:
                 raise SpecError(
                     [
@@ -246,7 +250,12 @@ class Sweep:
         key = manifest_key(self.spec.run, ckpt, layer)
         if self.output.stat(key) is None:
             return None
-        return json.loads(self.output.read_bytes(key))
+        try:
+            return results.read_json(self.output, key)
+        except results.Damaged as e:
+            # damaged (cut short, edited by hand): as if absent, so the layer is extracted again
+            log.warning("%s; extracting layer %s of %s again", e, layer, ckpt.key)
+            return None
 
     def failed_row(self, ckpt: Checkpoint, layer: str, layer_index: int, error: str, seconds: float) -> dict:
         return results.make_row(

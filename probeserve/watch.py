@@ -477,7 +477,7 @@ class Watcher:
         layers_key = results.run_key(self.spec.run, "layers.json")
         if self.output.stat(layers_key) is None:
             return ["(every layer: the sweep never started)"], None
-        layers = [x["layer"] for x in json.loads(self.output.read_bytes(layers_key))]
+        layers = [x["layer"] for x in results.read_json(self.output, layers_key)]
         prefix = join(results.RESULTS_DIR, self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step)) + "/"
         seen, error = set(), None
         for obj in self.output.list(prefix, page_size=self.page_size):

@@ -94,6 +94,21 @@ def test_unsafe_and_stepless_keys_are_rejected_and_reported():
     assert "step_regex" in reasons["nostep/model.safetensors"]
 
 
+def test_keys_a_results_table_cannot_hold_are_rejected_and_reported(tmp_path):
+    root = tmp_path / "ckpts"
+    for name in (b"step=7\xff", b"step=99999999999999999999", b"step=3"):
+        folder = os.path.join(os.fsencode(root), name)
+        os.makedirs(folder)
+        for f in (b"model.safetensors", b"COMPLETE"):
+            open(os.path.join(folder, f), "wb").close()
+    os.symlink("loop", root / "loop")  # a link to itself is not an object
+    found = discover(open_storage(str(root)), CheckpointsSpec(uri=str(root)))
+    assert [c.key for c in found.complete] == ["step=3/model.safetensors"]
+    reasons = dict(found.rejected)
+    assert reasons["step=7\\xff/model.safetensors"] == "key is not valid UTF-8"
+    assert "out of range" in reasons["step=99999999999999999999/model.safetensors"]
+
+
 def test_truncated_safetensors_is_refused(tmp_path):
     uri = str(tmp_path)
     save_checkpoint(_model(), uri, 1)

@@ -85,7 +85,7 @@ def test_create_only_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
     _race(storage, "race/x", size=1000)
     assert sorted(os.listdir(tmp_path / "root" / "race")) == ["x"]  # no staging files left
     monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O error"):  # any other failure is not hidden
+    with pytest.raises(StorageError, match=r"race/y: cannot write \(I/O error\)"):  # not hidden
         storage.create_only("race/y", b"y")
 
 
@@ -107,6 +107,20 @@ def test_local_tmp_files_are_invisible(tmp_path):
     s.publish_bytes("x/real", b"1")
     (tmp_path / "x" / ".half.tmp-123").write_bytes(b"partial")
     assert [o.key for o in s.list("")] == ["x/real"]
+
+
+def test_local_os_errors_name_the_path(tmp_path):
+    (tmp_path / "afile").write_bytes(b"x")
+    s = LocalStorage(str(tmp_path / "afile"))  # an output "folder" that is a file
+    for write in (lambda: s.publish_bytes("runs/spec.json", b"{}"), lambda: s.create_only("a/b", b"1")):
+        with pytest.raises(
+            StorageError, match=r"afile/.*: cannot write \(Not a directory: a part of the path is a file"
+        ):
+            write()
+    assert s.stat("runs/spec.json") is None
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(StorageError, match=r"loop: cannot read \(Too many levels of symbolic links"):
+        LocalStorage(str(tmp_path)).read_bytes("loop")
 
 
 def test_s3_pagination(s3_server):

@@ -22,7 +22,7 @@ from probeserve.models import build_model
 from probeserve.runners.local import run_local
 from probeserve.spec import ModelSpec, spec_from_dict
 from probeserve.storage import open_storage
-from probeserve.sweep import Sweep
+from probeserve.sweep import Sweep, manifest_key
 
 
 def tiny_spec(root, **over):
@@ -235,6 +235,39 @@ def test_a_damaged_result_file_is_refused_by_query_and_redone_by_run(tmp_path, c
     summary = run_local(spec)
     assert summary.ok == 1 and summary.skipped_done == 3 and not summary.failed
     assert {r["status"] for r in results.load(spec.output.uri).to_pylist()} == {"ok"}
+
+
+def test_damaged_run_records_are_named_or_redone(tmp_path, capsys):
+    spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]}, output={"uri": str(tmp_path / "o")})
+    write_checkpoints(spec)
+    path = write_spec(tmp_path, spec)
+    (tmp_path / "o").write_text("a file where the output folder should be")
+    for cmd in ("plan", "run"):
+        assert main([cmd, path, "--runner", "local"] if cmd == "run" else [cmd, path]) == 2
+        err = capsys.readouterr().err
+        assert f"output.uri: {tmp_path / 'o'} is a file" in err and "Traceback" not in err
+    (tmp_path / "o").unlink()
+    for missing in (["query", str(tmp_path / "o")], ["status", str(tmp_path / "o")]):
+        assert main(missing) == 2
+        assert f"{tmp_path / 'o'}: no such output folder" in capsys.readouterr().err
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"keep_activations": True})})
+    path = write_spec(tmp_path, spec)
+    assert main(["run", path, "--runner", "local"]) == 0
+    # a damaged manifest of a layer whose row is gone: that layer is extracted again
+    sweep = Sweep(spec)
+    ckpt = sweep.discover().complete[0]
+    (tmp_path / "o" / manifest_key("t", ckpt, "fc2")).write_text("")
+    (tmp_path / "o" / results.result_key("t", ckpt.key, ckpt.step, "fc2")).unlink()
+    summary = run_local(spec)
+    assert summary.ok == 1 and not summary.failed
+    assert sweep.manifest(ckpt, "fc2")["layer"] == "fc2"
+    # a damaged record of the run's spec: refused, naming it
+    (tmp_path / "o" / "runs" / "t" / "spec.json").write_text("{cut")
+    assert main(["run", path, "--runner", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/t/spec.json: damaged" in err and "Traceback" not in err
+    assert main(["status", str(tmp_path / "o")]) == 1
+    assert "runs/t/spec.json: damaged" in capsys.readouterr().out
 
 
 def test_cli_run_plan_query(tmp_path, capsys):
