@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
 RUNS_DIR = "runs"  # runs/{run}/spec.yaml, spec.json, layers.json
+# The start of the `error` of an item whose worker was lost (killed, out of memory, node gone)
+# rather than one that failed on its own: the watch daemon does these again, under
+# --max-attempts, instead of recording the checkpoint as failed.
+LOST = "lost: "
 
 # (name, type, description): the public columns, defined once.
 COLUMNS: list[tuple[str, pa.DataType, str]] = [

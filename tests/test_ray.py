@@ -147,6 +147,38 @@ def test_killed_driver_loses_nothing_and_rerun_does_only_missing(cluster, tmp_pa
     wait_cpus_free()
 
 
+def test_a_driver_finishes_while_another_holds_part_of_the_cluster(cluster, tmp_path):
+    # the watch daemon submits a job per checkpoint, so several drivers share a cluster and
+    # each sizes its actors from the cluster's total. Here another driver's probe actor holds
+    # one of the 2 CPUs. A driver that started its own actor before its extraction would take
+    # the last CPU and wait forever for an extraction no node could take any more.
+    @ray.remote(num_cpus=1)
+    class OtherDriversActor:
+        def ping(self) -> int:
+            return 1
+
+    other = OtherDriversActor.remote()
+    ray.get(other.ping.remote())
+    spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 10))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    try:
+        driver = subprocess.run(
+            [sys.executable, "-m", "probeserve", "run", str(path), "--address", cluster],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        ray.kill(other)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    rows = results.load(spec.output.uri).to_pylist()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    wait_cpus_free()
+
+
 def test_corrupt_checkpoint_ends_failed_while_the_rest_complete(cluster, tmp_path):
     from probeserve.runners.ray import run_ray
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from probeserve.errors import ProbeserveError
 from probeserve.progress import Progress
+from probeserve.results import LOST
 from probeserve.runners.local import RunSummary, group_by_checkpoint, start
 from probeserve.spec import SweepSpec
 from probeserve.sweep import (
@@ -44,6 +45,7 @@ log = logging.getLogger("probeserve")
 EXTRACT_RETRIES = 2  # a killed extraction worker is retried this many times
 ACTOR_RESTARTS = 2  # a killed probe actor is restarted this many times...
 ACTOR_TASK_RETRIES = 2  # ...and the call it was running is retried
+IDLE_RELEASE_S = 5.0  # an idle probe actor is released after this long while extractions wait
 
 _sweeps: dict[str, Sweep] = {}
 
@@ -204,8 +206,14 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         max_restarts=ACTOR_RESTARTS,
         max_task_retries=ACTOR_TASK_RETRIES,
     )
-    actors = [actor_cls.remote(spec, probe_gpus) for _ in range(n_actors)]
-    idle = deque(actors)
+    # Probe actors hold their CPUs and GPUs for as long as they live, so they live only while
+    # there is probing to do: one is started when an item is ready and no actor is free, and
+    # one left idle while extractions are still outstanding is released after
+    # IDLE_RELEASE_S. Otherwise the actors of several drivers on one cluster (the watch
+    # daemon submits a job per checkpoint) could fill it while each driver waits for an
+    # extraction that no node can take any more.
+    actors: list[Any] = []  # alive
+    idle: deque[tuple[Any, float]] = deque()  # (actor, idle since)
     todo = deque(group_by_checkpoint(pending))
     extracting: dict[Any, list[Item]] = {}  # ref -> items of one checkpoint
     ready: deque[Item] = deque()  # extracted, waiting for an actor
@@ -225,26 +233,42 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                 items = todo.popleft()
                 open_items[items[0].checkpoint.key] = len(items)
                 extracting[extract_task.remote(spec, items, extract_gpus)] = items
-            while idle and ready:
-                actor, item = idle.popleft(), ready.popleft()
+            while ready and (idle or len(actors) < n_actors):
+                if idle:
+                    actor = idle.popleft()[0]
+                else:
+                    actor = actor_cls.remote(spec, probe_gpus)
+                    actors.append(actor)
+                item = ready.popleft()
                 probing[actor.probe.remote(item)] = (actor, item)
-            done, _ = ray.wait([*extracting, *probing], num_returns=1, timeout=5.0)
+            while idle and extracting and time.monotonic() - idle[0][1] > IDLE_RELEASE_S:
+                actor = idle.popleft()[0]
+                actors.remove(actor)
+                ray.kill(actor, no_restart=True)
+            done, _ = ray.wait([*extracting, *probing], num_returns=1, timeout=1.0)
             for ref in done:
                 if ref in extracting:
                     items = extracting.pop(ref)
                     try:
                         failed = ray.get(ref)
+                        committed = {}  # extract_missing committed its failed rows itself
                     except ray.exceptions.RayError as e:
-                        error = f"extraction lost after {EXTRACT_RETRIES} retries: {describe_error(e)}"
+                        if isinstance(e, ray.exceptions.RayTaskError):  # raised, not retried
+                            error = f"extraction raised: {describe_error(e)}"
+                        else:
+                            error = f"{LOST}extraction worker lost after {EXTRACT_RETRIES} retries: {describe_error(e)}"
                         failed = {i.layer: error for i in items}
-                        for i in items:
-                            commit_unless_done(
+                        committed = {
+                            i.layer: commit_unless_done(
                                 sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, error, 0.0)
                             )
+                            for i in items
+                        }
                     for item in items:
                         if item.layer in failed:
                             finish(
-                                sweep.failed_row(
+                                committed.get(item.layer)
+                                or sweep.failed_row(
                                     item.checkpoint, item.layer, item.layer_index, failed[item.layer], 0.0
                                 )
                             )
@@ -257,14 +281,17 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                     except ray.exceptions.RayError as e:
                         if isinstance(e, ray.exceptions.RayTaskError):
                             why = f"probe raised: {describe_error(e)}"  # the actor itself is fine
-                        else:  # died more often than it may restart: replace it
-                            why = f"probe actor lost after {ACTOR_RESTARTS} restarts: {describe_error(e)}"
+                        else:  # died more often than it may restart: let it go
+                            why = (
+                                f"{LOST}probe actor lost after {ACTOR_RESTARTS} restarts: {describe_error(e)}"
+                            )
                             ray.kill(actor, no_restart=True)
-                            actor = actor_cls.remote(spec, probe_gpus)
-                            actors.append(actor)
+                            actors.remove(actor)
+                            actor = None
                         failed_row = sweep.failed_row(item.checkpoint, item.layer, item.layer_index, why, 0.0)
                         row = commit_unless_done(sweep, failed_row)
-                    idle.append(actor)
+                    if actor is not None:
+                        idle.append((actor, time.monotonic()))
                     finish(row)
     finally:
         for actor in actors:
