@@ -271,6 +271,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
         log.info("%s: finishing the current step, then exiting", signal.Signals(signum).name)
         watcher.stop.set()
 
+    if not args.address and args.runner == "ray":
+        from probeserve.runners.ray import connect
+
+        connect(None)  # now: starting Ray installs signal handlers of its own, which ours replace
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     return watcher.run(interval=args.interval, once=args.once)

@@ -487,6 +487,8 @@ class Watcher:
             row = results.read_row_file(self.output, obj.key)
             if row is None:  # damaged: no result, so the checkpoint is done again
                 continue
+            if row["status"] != "ok" and (row["error"] or "").startswith(results.LOST):
+                continue  # its worker was lost, not its answer: done again, under --max-attempts
             seen.add(layer)
             if row["status"] != "ok" and error is None:
                 error = f"{layer}: {row['error']}"
@@ -507,7 +509,24 @@ class Watcher:
         report.submitted.append(ckpt.key)
         with self._heartbeat(ckpt, gen, sid):
             self.submitter.submit(ckpt, spec, submission_id=sid)
-        self._follow_up(ckpt, gen, sid, self.submitter.state(sid), report)
+        if self._follow_up(ckpt, gen, sid, self.submitter.state(sid), report):
+            self._take_over(ckpt, gen, report)  # it ran here and left rows missing: next generation
+
+    def _take_over(self, ckpt: Checkpoint, gen: int, report: ScanReport, why: str | None = None) -> None:
+        """Claim generation `gen + 1` of a dead claim and submit it; past --max-attempts, the
+        checkpoint ends `failed` instead (a checkpoint that kills its daemon every time, for
+        example by running it out of memory, must not crash-loop it forever)."""
+        if gen >= self.max_attempts:
+            sid = submission_id(self.spec.run, ckpt.key, gen)
+            why = why or self.submitter.error(sid) or "its job died or never ran"
+            error = f"gave up after {gen} attempt(s): {why}"
+            self._write_state(ckpt, gen, "failed", sid, error)
+            report.failed.append(ckpt.key)
+            log.error("step %d (%s): failed (%s): %s", ckpt.step, ckpt.key, sid, error)
+            return
+        if self._claim(ckpt, gen + 1):
+            report.taken_over.append(ckpt.key)
+            self._submit(ckpt, gen + 1, report)
 
     @contextlib.contextmanager
     def _heartbeat(self, ckpt: Checkpoint, gen: int, sid: str) -> Iterator[None]:
@@ -545,13 +564,15 @@ class Watcher:
             log.info("step %d (%s): done (%s)", ckpt.step, ckpt.key, sid)
             return False
         if missing and gen < self.max_attempts:
+            why = self.submitter.error(sid)
             log.warning(
-                "step %d (%s): job %s %s without committing %s; taking it over",
+                "step %d (%s): job %s %s without committing %s%s; taking it over",
                 ckpt.step,
                 ckpt.key,
                 sid,
                 "succeeded" if state == "succeeded" else "died",
                 _some(missing),
+                f" ({why})" if why else "",
             )
             return True
         if missing:
@@ -593,21 +614,16 @@ class Watcher:
             self._write_state(ckpt, gen, "submitted", sid)  # its daemon died before recording it
         dead = self._follow_up(ckpt, gen, sid, state, report)
         stale = self.clock() - entry.last_update() > self.claim_timeout
+        why = None
         if state == "unknown" and stale:
-            log.warning(
-                "step %d (%s): claim %d by %s has not moved for %.0f s and its job %s is unknown; taking it over",
-                ckpt.step,
-                ckpt.key,
-                gen,
-                entry.claim.get("owner"),
-                self.clock() - entry.last_update(),
-                sid,
+            why = (
+                f"claim {gen} by {entry.claim.get('owner')} did not move for "
+                f"{self.clock() - entry.last_update():.0f} s and its job {sid} is unknown"
             )
+            log.warning("step %d (%s): %s; taking it over", ckpt.step, ckpt.key, why)
             dead = True
         if dead:
-            if self._claim(ckpt, gen + 1):
-                report.taken_over.append(ckpt.key)
-                self._submit(ckpt, gen + 1, report)
+            self._take_over(ckpt, gen, report, why)
 
     # -- scans and the loop
 

@@ -25,6 +25,7 @@ from probeserve.checkpoints import marker_key
 from probeserve.cli import main
 from probeserve.spec import spec_from_dict
 from probeserve.storage import open_storage
+from probeserve.sweep import Sweep
 from probeserve.watch import (
     LocalSubmitter,
     RayJobSubmitter,
@@ -449,6 +450,79 @@ def test_sigkill_mid_scan_then_restart_skips_nothing_and_submits_nothing_twice(s
     assert stamps and all(out.stat(k).mtime == m for k, m in stamps.items())  # never recomputed
     assert health.exists()
     assert "SIGTERM" in (tmp_path / "d2.log").read_text()
+
+
+def test_sigterm_stops_a_daemon_on_local_ray_cleanly(s3_bucket, endpoint, tmp_path):
+    # the default daemon runs sweeps on a local Ray, whose start installs signal handlers of
+    # its own: SIGTERM must still finish the current step and exit 0
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(0,))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "probeserve", "watch", str(path), "--interval", "1"]
+    env = {**os.environ, "PROBESERVE_S3_ENDPOINT": endpoint}
+    log = open(tmp_path / "d.log", "w")
+    d = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: ledger_states(spec) == {"step=000000000/model.safetensors": ("done", 1)}, 180, "done")
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(90) == 0, (tmp_path / "d.log").read_text()[-3000:]
+    finally:
+        if d.poll() is None:
+            d.kill()
+    text = (tmp_path / "d.log").read_text()
+    assert "SIGTERM: finishing the current step" in text and "SIGTERM received" not in text
+
+
+def test_a_claim_that_keeps_going_stale_ends_failed_after_max_attempts(s3_bucket, endpoint):
+    # its daemon died each time (for example killed for memory by this very checkpoint)
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(7,))
+    key = "step=000000007/model.safetensors"
+    out = open_storage(spec.output.uri)
+    claim = {"checkpoint": key, "step": 7, "generation": 3, "owner": "gone:1:x", "claimed_at": time.time()}
+    out.publish_bytes(claim_key("w", results.checkpoint_dir(key, 7), 3), json.dumps(claim).encode())
+    later = time.time() + 3600
+    calls = []
+    report = Watcher(spec, CountingSubmitter(calls), max_attempts=3, clock=lambda: later).scan()
+    assert report.failed == [key] and calls == []  # no fourth attempt
+    entry = next(iter(read_ledger(out, "w").values()))
+    assert entry.status == "failed" and entry.gen == 3
+    assert "gave up after 3 attempt(s): claim 3 by gone:1:x did not move" in entry.state["error"]
+
+
+def test_a_sweep_that_fails_here_is_retried_and_its_error_is_kept(s3_bucket, endpoint, caplog):
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(0,))
+    key = "step=000000000/model.safetensors"
+    other = spec.model_copy(update={"probe": spec.probe.model_copy(update={"l2": 0.5})})
+    Sweep(other).record_spec()  # the run name is taken by another spec: every sweep fails
+    caplog.set_level(logging.WARNING, logger="probeserve")
+    report = Watcher(spec, LocalSubmitter("local"), max_attempts=2).scan()
+    assert report.taken_over == [key] and report.failed == [key]
+    entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
+    assert entry.status == "failed" and entry.gen == 2
+    assert "gave up after 2 attempt(s)" in entry.state["error"] and "different spec" in entry.state["error"]
+    assert any("taking it over" in r.message and "different spec" in r.message for r in caplog.records)
+
+
+def test_rows_of_lost_workers_are_done_again(s3_bucket, endpoint):
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0,))
+    key = "step=000000000/model.safetensors"
+
+    class LosingAWorker(CountingSubmitter):
+        def submit(self, checkpoint, spec, *, submission_id):
+            super().submit(checkpoint, spec, submission_id=submission_id)
+            if len(self.calls) == 1:  # the first attempt lost the worker of fc2
+                sweep = Sweep(spec)
+                row = sweep.failed_row(checkpoint, "fc2", 2, results.LOST + "probe actor lost", 0.0)
+                results.commit(sweep.output, row)
+
+    w = Watcher(spec, LosingAWorker(), claim_timeout=60)
+    w.scan()
+    assert ledger_states(spec)[key] == ("done", 2)
+    assert {r["status"] for r in result_rows(spec)} == {"ok"}
 
 
 def test_once_scans_submits_and_exits(s3_bucket, endpoint, tmp_path):
