@@ -45,7 +45,7 @@ log = logging.getLogger("probeserve")
 EXTRACT_RETRIES = 2  # a killed extraction worker is retried this many times
 ACTOR_RESTARTS = 2  # a killed probe actor is restarted this many times...
 ACTOR_TASK_RETRIES = 2  # ...and the call it was running is retried
-IDLE_RELEASE_S = 5.0  # an idle probe actor is released after this long while extractions wait
+IDLE_RELEASE_S = 30.0  # an idle probe actor is released after this long while extractions wait
 
 _sweeps: dict[str, Sweep] = {}
 
@@ -206,14 +206,14 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         max_restarts=ACTOR_RESTARTS,
         max_task_retries=ACTOR_TASK_RETRIES,
     )
-    # Probe actors hold their CPUs and GPUs for as long as they live, so they live only while
-    # there is probing to do: one is started when an item is ready and no actor is free, and
-    # one left idle while extractions are still outstanding is released after
-    # IDLE_RELEASE_S. Otherwise the actors of several drivers on one cluster (the watch
-    # daemon submits a job per checkpoint) could fill it while each driver waits for an
-    # extraction that no node can take any more.
-    actors: list[Any] = []  # alive
-    idle: deque[tuple[Any, float]] = deque()  # (actor, idle since)
+    # Probe actors hold their CPUs and GPUs for as long as they live. They start with the
+    # first extraction, so that they are ready (torch imported, data loaded) when its items
+    # are; but one left idle for IDLE_RELEASE_S while extractions are outstanding is
+    # released, and started again only when an item is ready for it. Otherwise the actors of
+    # several drivers on one cluster (the watch daemon submits a job per checkpoint) could
+    # fill it while each driver waits for an extraction that no node can take any more.
+    actors: list[Any] = [actor_cls.remote(spec, probe_gpus) for _ in range(n_actors)]  # alive
+    idle: deque[tuple[Any, float]] = deque((a, time.monotonic()) for a in actors)  # (actor, idle since)
     todo = deque(group_by_checkpoint(pending))
     extracting: dict[Any, list[Item]] = {}  # ref -> items of one checkpoint
     ready: deque[Item] = deque()  # extracted, waiting for an actor
