@@ -150,8 +150,9 @@ def test_killed_driver_loses_nothing_and_rerun_does_only_missing(cluster, tmp_pa
 def test_a_driver_finishes_while_another_holds_part_of_the_cluster(cluster, tmp_path):
     # the watch daemon submits a job per checkpoint, so several drivers share a cluster and
     # each sizes its actors from the cluster's total. Here another driver's probe actor holds
-    # one of the 2 CPUs. A driver that started its own actor before its extraction would take
-    # the last CPU and wait forever for an extraction no node could take any more.
+    # one of the 2 CPUs. This driver's own actor takes the last CPU before its extraction
+    # starts; unless the driver gives that idle actor back, it waits forever for an
+    # extraction that no node can take any more.
     @ray.remote(num_cpus=1)
     class OtherDriversActor:
         def ping(self) -> int:
