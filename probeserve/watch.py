@@ -620,7 +620,8 @@ class Watcher:
                 f"claim {gen} by {entry.claim.get('owner')} did not move for "
                 f"{self.clock() - entry.last_update():.0f} s and its job {sid} is unknown"
             )
-            log.warning("step %d (%s): %s; taking it over", ckpt.step, ckpt.key, why)
+            then = "; taking it over" if gen < self.max_attempts else ""
+            log.warning("step %d (%s): %s%s", ckpt.step, ckpt.key, why, then)
             dead = True
         if dead:
             self._take_over(ckpt, gen, report, why)
