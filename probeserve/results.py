@@ -222,12 +222,15 @@ def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pa
     return table.to_pandas() if pandas else table
 
 
-def open_output(uri: str, *, s3_endpoint: str | None = None) -> Storage:
-    """An output location to read: a local folder that is missing (a typo) is an error."""
+def open_output(uri: str, *, s3_endpoint: str | None = None, must_exist: bool = True) -> Storage:
+    """An output location. A local one that is a file is an error, and so is a missing one
+    that is to be read (`must_exist`: a typo); a run creates it."""
     storage = open_storage(uri, s3_endpoint=s3_endpoint)
     root = getattr(storage, "root", None)  # a local folder
-    if root is not None and not os.path.isdir(root):
-        raise StorageError(f"{root}: {'is a file, not' if os.path.exists(root) else 'no such'} output folder")
+    if root is not None and os.path.exists(root) and not os.path.isdir(root):
+        raise StorageError(f"output.uri: {root} is a file, not a folder")
+    if root is not None and must_exist and not os.path.exists(root):
+        raise StorageError(f"{root}: no such output folder")
     return storage
 
 

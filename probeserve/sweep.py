@@ -32,7 +32,7 @@ import torch
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError, StorageError
+from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
 from probeserve.spec import SweepSpec, dump_spec
 from probeserve.storage import Storage, join, open_storage
 
@@ -142,11 +142,9 @@ class Sweep:
 
     @cached_property
     def output(self) -> Storage:
-        out = open_storage(self.spec.output.uri, s3_endpoint=self.spec.storage.resolved_endpoint())
-        root = getattr(out, "root", None)  # a local folder
-        if root is not None and os.path.exists(root) and not os.path.isdir(root):
-            raise StorageError(f"output.uri: {root} is a file; give a folder (it is created if missing)")
-        return out
+        return results.open_output(
+            self.spec.output.uri, s3_endpoint=self.spec.storage.resolved_endpoint(), must_exist=False
+        )
 
     @cached_property
     def dataset(self):  # -> probeserve.data.ProbeDataset
