@@ -16,7 +16,6 @@ watch daemon do the item again, and its new row replaces the file. Reading the w
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -129,10 +128,10 @@ def make_row(**values: Any) -> dict[str, Any]:
 def commit(storage: Storage, row: Mapping[str, Any]) -> str:
     """Publish one row atomically (replacing a previous row of the same item); return its key."""
     table = pa.Table.from_pylist([make_row(**row)], schema=SCHEMA)
-    buf = io.BytesIO()
+    buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     key = result_key(row["run"], row["checkpoint"], row["step"], row["layer"])
-    storage.publish_bytes(key, buf.getvalue())
+    storage.publish_bytes(key, buf.getvalue().to_pybytes())
     return key
 
 
@@ -181,10 +180,32 @@ def is_done(storage: Storage, run: str, checkpoint: str, step: int, layer: str) 
     return row is not None and row["status"] == "ok"
 
 
+# Columns every result file has had since the first release. A file without one of these is
+# not a result file; a file without a column added later is an older row, whose new columns
+# read as null.
+REQUIRED_COLUMNS = ("run", "checkpoint", "step", "layer", "status")
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A table of result rows in today's schema: columns added since it was written are
+    null, columns this version does not know are dropped (a newer writer's)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise KeyError(f"no column {missing[0]!r}")
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
 def _read_file(storage: Storage, key: str) -> pa.Table:
     data = storage.read_bytes(key)  # a storage error propagates as itself
     try:
-        table = pq.read_table(io.BytesIO(data)).select(COLUMN_NAMES).cast(SCHEMA)
+        # An Arrow buffer, not io.BytesIO: a Python file object read by pyarrow's threads can be
+        # destroyed by one of them during interpreter shutdown, which aborts the process
+        # ("terminate called without an active exception", exit 134) after a correct run.
+        table = conform(pq.read_table(pa.BufferReader(data), use_threads=False))
         if table.num_rows != 1:
             raise ValueError(f"{table.num_rows} rows, not 1")
         return table
