@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from probeserve.errors import SpecError
 
@@ -246,14 +254,13 @@ class ImagesData(_DataCommon):
             raise ValueError("every std must be positive")
         return v
 
-    @model_validator(mode="after")
-    def _crop_fits(self) -> ImagesData:
-        if self.resize_size is not None and self.resize_size < self.image_size:
-            raise ValueError(
-                f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
-                "the centre crop would not fit"
-            )
-        return self
+    @field_validator("resize_size")
+    @classmethod
+    def _crop_fits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        size = info.data.get("image_size")
+        if v is not None and size is not None and v < size:
+            raise ValueError(f"{v} is smaller than image_size {size}: the centre crop would not fit")
+        return v
 
     def resolved_resize_size(self) -> int:
         return self.resize_size if self.resize_size is not None else round(self.image_size * 256 / 224)

@@ -224,25 +224,35 @@ class Decoder:
         few rows at a time so a row group of any size fits in memory."""
         import pyarrow as pa
 
-        pf = self._parquet_file(key, size)
         assert self.image_column is not None
         start, j = 0, 0
-        for batch in pf.iter_batches(
-            batch_size=_PARQUET_BATCH_ROWS,
-            row_groups=[row_group],
-            columns=[self.image_column],
-            use_threads=False,
-        ):
-            column = batch.column(0)
-            if pa.types.is_struct(column.type):
-                column = column.field("bytes")
-            n = batch.num_rows
-            while j < len(rows) and rows[j] < start + n:
-                yield column[rows[j] - start].as_py()
-                j += 1
-            start += n
-            if j == len(rows):
-                return
+        try:
+            pf = self._parquet_file(key, size)
+            for batch in pf.iter_batches(
+                batch_size=_PARQUET_BATCH_ROWS,
+                row_groups=[row_group],
+                columns=[self.image_column],
+                use_threads=False,
+            ):
+                column = batch.column(0)
+                if pa.types.is_struct(column.type):
+                    column = column.field("bytes")
+                n = batch.num_rows
+                while j < len(rows) and rows[j] < start + n:
+                    yield column[rows[j] - start].as_py()
+                    j += 1
+                start += n
+                if j == len(rows):
+                    return
+        except (pa.ArrowException, OSError) as e:
+            # a damaged file, not an undecodable image: its other rows cannot be trusted either
+            from probeserve.errors import DataError
+
+            self._parquet.pop(key, None)
+            raise DataError(
+                f"{self.storage.uri_for(key)}: cannot read row group {row_group} of column "
+                f"{self.image_column!r}: {e}"
+            ) from None
         assert j == len(rows), f"{key} row group {row_group} has {start} rows, wanted row {rows[j]}"
 
     def close(self) -> None:

@@ -371,7 +371,9 @@ def _resolve_parquet(
                 f"data.split_column: {where} is a single Parquet file; name the column that says "
                 "each row's split (train/val/test), or give a folder of files named train-*, validation-*, test-*"
             )
-        group_of = [np.full(len(r["labels"]), _file_group(key), dtype=object) for key, _ in files]
+        group_of = [
+            np.full(len(r["labels"]), _file_group(key), dtype=object) for (key, _), r in zip(files, read)
+        ]
         ignored = sorted({_file_group(k) for k, _ in files} - set(SPLITS) - {"validation"})
         if ignored and spec.splits is None:
             log.info(
@@ -400,7 +402,7 @@ def _resolve_parquet(
             log.info("data.uri: the %r rows have no labels (all negative); not used for probing", str(g))
         else:
             raise DataError(
-                f"data.label_column: {int((lab < 0).sum())} of the {g!r} rows have negative labels; "
+                f"data.label_column: {int((lab < 0).sum())} of the {str(g)!r} rows have negative labels; "
                 "labels must be class indices >= 0"
             )
     sources = _map_sources(spec, found, labelled, what)
