@@ -779,6 +779,32 @@ def test_parquet_on_s3_is_read_by_row_group_ranges(s3_server, s3_bucket, tmp_pat
 
 
 @pytest.mark.integration
+def test_the_images_of_a_task_are_fetched_from_s3_concurrently(s3_server, s3_bucket, tmp_path, monkeypatch):
+    from probeserve.storage import S3Storage
+
+    root = write_folder(tmp_path / "f", {"train": 6, "val": 1})
+    _upload(s3_server, s3_bucket, root, "imagenet")
+    ds = load_dataset(images(f"s3://{s3_bucket}/imagenet", val_size=2), s3_endpoint=s3_server.endpoint)
+    running, most = [0], [0]
+    real = S3Storage.read_bytes
+
+    def slow_read(self, key, **kw):  # a GET with S3's latency: requests overlap or queue
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            import time
+
+            time.sleep(0.05)
+            return real(self, key, **kw)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(S3Storage, "read_bytes", slow_read)
+    x, _ = batches_of(ds, "train")
+    assert len(x) == 16 and most[0] > 4, most
+
+
+@pytest.mark.integration
 def test_sweep_on_parquet_images_in_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
     hf = write_hf_parquet(tmp_path / "h", rows=(18, 18), val_rows=12)

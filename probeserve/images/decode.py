@@ -27,6 +27,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 _FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")  # JPEG includes MPO
 _PARQUET_BATCH_ROWS = 64  # rows of a row group decoded from Parquet at a time: bounds memory
 _PARQUET_BUFFER = 4 << 20  # Parquet reads in pieces this large, so a huge row group streams
+_FETCH_THREADS = 16  # concurrent GETs per worker: S3 latency, not bandwidth, bounds one GET
+_PREFETCH_MAX = 64 << 20  # a row group's image column is fetched ahead whole up to this size
 
 
 class Undecodable(Exception):
@@ -98,10 +101,18 @@ class _RangeReader(io.RawIOBase):
     """A read-only, seekable file over an S3 object, one ranged GET per read.
 
     pyarrow reads a Parquet file's footer and then only the column chunks it needs through
-    it, so a worker fetches one row group's images, never the whole file."""
+    it, so a worker fetches one row group's images, never the whole file. A range fetched
+    ahead (`prefetch`) serves the reads that fall inside it."""
 
     def __init__(self, storage: Any, key: str, size: int) -> None:
         self._storage, self._key, self._size, self._pos = storage, key, size, 0
+        self._ahead: list[tuple[int, int, Future[bytes]]] = []  # (start, end, bytes) fetched ahead
+
+    def prefetch(self, start: int, length: int, executor: ThreadPoolExecutor) -> None:
+        if any(a == start and b == start + length for a, b, _ in self._ahead):
+            return
+        future = executor.submit(read_range, self._storage, self._key, start, length)
+        self._ahead = [*self._ahead[-1:], (start, start + length, future)]  # this task's and the next
 
     def readable(self) -> bool:
         return True
@@ -121,7 +132,12 @@ class _RangeReader(io.RawIOBase):
         n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
-        data = read_range(self._storage, self._key, self._pos, n)
+        for a, b, future in self._ahead:
+            if a <= self._pos and self._pos + n <= b:
+                data = future.result()[self._pos - a : self._pos - a + n]
+                break
+        else:
+            data = read_range(self._storage, self._key, self._pos, n)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -153,7 +169,11 @@ def read_range(storage: Any, key: str, start: int, length: int) -> bytes:
 
 class Decoder:
     """What one decode worker (or the main process, with `num_workers: 0`) keeps between
-    tasks: the storage client and open Parquet files, and the preprocessing settings."""
+    tasks: the storage client and open Parquet files, and the preprocessing settings.
+
+    On S3 the bytes of a task are fetched by `_FETCH_THREADS` threads at once (a GET takes
+    tens of milliseconds whatever its size, longer than decoding a small image), and
+    `prefetch(next_task)` starts fetching the next task's bytes while this one decodes."""
 
     def __init__(
         self,
@@ -169,6 +189,43 @@ class Decoder:
         self.image_column = image_column
         self._storage: Any = None
         self._parquet: OrderedDict[str, Any] = OrderedDict()  # key -> ParquetFile, a few kept open
+        self._readers: dict[str, _RangeReader] = {}  # S3 Parquet: key -> its reader
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _remote(self) -> bool:
+        return getattr(self.storage, "root", None) is None
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="fetch")
+        return self._executor
+
+    def prefetch(self, task: dict[str, Any]) -> None:
+        """Start fetching a task's bytes from S3 (a no-op for local files: the OS reads ahead)."""
+        if not self._remote() or "_fetch" in task:
+            return
+        if task["kind"] == "files":
+            task["_fetch"] = [self._threads().submit(self.storage.read_bytes, k) for k in task["keys"]]
+            return
+        try:
+            self._prefetch_row_group(task)
+        except Exception:  # a damaged file: reading the task itself reports it, with its name
+            pass
+        task["_fetch"] = True
+
+    def _prefetch_row_group(self, task: dict[str, Any]) -> None:
+        pf = self._parquet_file(task["file"], task["size"])
+        meta = pf.metadata.row_group(task["row_group"])
+        column = pf.schema_arrow.get_field_index(self.image_column)
+        # the column chunks of the image column (a struct has one per field, adjacent)
+        chunks = [meta.column(i) for i in range(meta.num_columns)]
+        chunks = [c for c in chunks if c.path_in_schema.split(".")[0] == self.image_column] or [
+            meta.column(column)
+        ]
+        start = min(c.dictionary_page_offset or c.data_page_offset for c in chunks)
+        end = max((c.dictionary_page_offset or c.data_page_offset) + c.total_compressed_size for c in chunks)
+        if end - start <= _PREFETCH_MAX:
+            self._readers[task["file"]].prefetch(start, end - start, self._threads())
 
     @property
     def storage(self) -> Any:
@@ -181,8 +238,12 @@ class Decoder:
     def run(self, task: dict[str, Any]) -> tuple[np.ndarray, list[tuple[int, str]]]:
         """Decode a task's examples: (uint8 [n_ok, S, S, 3] in task order, [(position, why)])
         for the examples left out."""
+        self.prefetch(task)  # on S3: all of a task's GETs at once (no-op if the worker did it ahead)
         if task["kind"] == "files":
-            blobs: Iterator[bytes | None] = (self.storage.read_bytes(k) for k in task["keys"])
+            if "_fetch" in task:
+                blobs: Iterator[bytes | None] = (f.result() for f in task["_fetch"])
+            else:
+                blobs = (self.storage.read_bytes(k) for k in task["keys"])
             count = len(task["keys"])
         else:
             blobs = self._parquet_blobs(task["file"], task["size"], task["row_group"], task["rows"])
@@ -212,11 +273,14 @@ class Decoder:
         if getattr(self.storage, "root", None) is not None:
             source: Any = self.storage.uri_for(key)
         else:
-            source = pa.PythonFile(_RangeReader(self.storage, key, size), mode="r")
+            self._readers[key] = _RangeReader(self.storage, key, size)
+            source = pa.PythonFile(self._readers[key], mode="r")
         pf = pq.ParquetFile(source, buffer_size=_PARQUET_BUFFER)
         self._parquet[key] = pf
         while len(self._parquet) > 4:
-            self._parquet.popitem(last=False)[1].close()
+            old, old_file = self._parquet.popitem(last=False)
+            old_file.close()
+            self._readers.pop(old, None)
         return pf
 
     def _parquet_blobs(self, key: str, size: int, row_group: int, rows: list[int]) -> Iterator[bytes | None]:
@@ -249,6 +313,7 @@ class Decoder:
             from probeserve.errors import DataError
 
             self._parquet.pop(key, None)
+            self._readers.pop(key, None)
             raise DataError(
                 f"{self.storage.uri_for(key)}: cannot read row group {row_group} of column "
                 f"{self.image_column!r}: {e}"
@@ -259,6 +324,10 @@ class Decoder:
         for pf in self._parquet.values():
             pf.close()
         self._parquet.clear()
+        self._readers.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
 
 def default_workers() -> int:

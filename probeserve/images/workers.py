@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 _HEADER = struct.Struct("<QQ")
+_LATER = object()  # no next task queued yet
 
 
 def write_frame(f: BinaryIO, obj: Any, payload: Any = b"") -> None:
@@ -104,8 +105,15 @@ def worker_main() -> None:
     threading.Thread(target=read_tasks, daemon=True).start()
     writer = threading.Thread(target=write_results, daemon=True)
     writer.start()
-    while (task := tasks.get()) is not None:
+    task = tasks.get()
+    while task is not None:
+        try:  # look ahead: the next task's bytes are fetched (S3) while this one decodes
+            following = tasks.get_nowait()
+        except queue.Empty:
+            following = _LATER
         try:
+            if isinstance(following, dict):
+                decoder.prefetch(following["task"])
             images, failed = decoder.run(task["task"])
             results.put(({"id": task["id"], "n": len(images), "failed": failed}, images))
         except Exception as e:  # storage errors (and bugs): the parent raises them
@@ -113,6 +121,7 @@ def worker_main() -> None:
 
             kind = type(e).__name__ if isinstance(e, ProbeserveError) else None
             results.put(({"id": task["id"], "error": (kind, f"{type(e).__name__}: {e}")}, b""))
+        task = tasks.get() if following is _LATER else following
     results.put(None)
     writer.join()
     decoder.close()
