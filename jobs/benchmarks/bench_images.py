@@ -12,7 +12,7 @@ with N workers) shows the overhead of decoding in parallel, whatever else runs. 
 fresh interpreter that imports numpy and Pillow) and one pass of whole batches
 (`batches(device="cpu")`: decode plus normalisation to float32 in this process).
 
-    python jobs/benchmarks/bench_images.py [--images 300] [--workers 2] [--repeat 3]
+    python jobs/benchmarks/bench_images.py [--images 400] [--workers 2] [--repeat 5]
 
 `measure()` returns the figures as a dict, for `bench_scale.py`.
 """
@@ -80,7 +80,7 @@ def _decode_pass(ds: Any) -> tuple[float, float]:
 
 
 def measure(
-    *, n_images: int = 300, workers: int = 2, repeat: int = 3, image_size: int = 224, root: str | None = None
+    *, n_images: int = 400, workers: int = 2, repeat: int = 5, image_size: int = 224, root: str | None = None
 ) -> dict[str, Any]:
     """Decode rates (img/s) with 1 and with `workers` workers and their scaling ratio."""
     tmp = None
@@ -101,7 +101,7 @@ def measure(
             t0 = time.perf_counter()
             next(iter(ds._decoded("val")))  # start the workers: the first result of the first task
             starts[name] = time.perf_counter() - t0
-            for _ in ds._decoded("val"):  # and let them all run once
+            for _ in ds._decoded("test"):  # and let them all decode once
                 pass
         n = one.size("train")
         t_one, t_many, cpu_one, cpu_many = [], [], [], []
@@ -145,9 +145,9 @@ def measure(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=300, help="JPEGs to decode per pass")
+    ap.add_argument("--images", type=int, default=400, help="JPEGs to decode per pass")
     ap.add_argument("--workers", type=int, default=2, help="N, the workers compared with one")
-    ap.add_argument("--repeat", type=int, default=3, help="alternating passes of each")
+    ap.add_argument("--repeat", type=int, default=5, help="alternating passes of each")
     ap.add_argument("--image-size", type=int, default=224)
     args = ap.parse_args()
     r = measure(n_images=args.images, workers=args.workers, repeat=args.repeat, image_size=args.image_size)

@@ -157,12 +157,26 @@ class DecodePool:
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = "1"  # one decode per process; the processes are the parallelism
+        # A session of its own: where the kernel groups CPU time by session (autogroup, on by
+        # default on desktop and many shared machines), N workers in the parent's session
+        # would share one session's CPU share and never decode faster than one. Ctrl-C in a
+        # terminal goes to the parent only, which closes the workers' stdin: they stop.
         proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+            start_new_session=True,
         )
         assert proc.stdin is not None
         write_frame(proc.stdin, {**self.settings, "depth": self.depth})
         return proc
+
+    def start(self) -> None:
+        """Start every worker now, all at once (they import numpy and Pillow in parallel)."""
+        for w in range(self.num_workers):
+            self._proc(w)
 
     def _proc(self, w: int) -> subprocess.Popen:
         proc = self._procs[w]
@@ -182,6 +196,7 @@ class DecodePool:
             yield from self._map(tasks)
 
     def _map(self, tasks: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
+        self.start()
         n = self.num_workers
         todo = iter(tasks)
         outstanding: deque[list[Any]] = deque()  # [id, worker, task, tries]
