@@ -20,6 +20,7 @@ fresh interpreter that imports numpy and Pillow) and one pass of whole batches
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -149,8 +150,26 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="N, the workers compared with one")
     ap.add_argument("--repeat", type=int, default=5, help="alternating passes of each")
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument(
+        "--same-session",
+        action="store_true",
+        help="start the decode workers in this process's session (they get a session each otherwise): "
+        "shows what that costs where the kernel shares CPU time out by session (autogroup)",
+    )
     args = ap.parse_args()
+    if args.same_session:
+        import probeserve.images.workers
+
+        probeserve.images.workers.NEW_SESSION = False
     r = measure(n_images=args.images, workers=args.workers, repeat=args.repeat, image_size=args.image_size)
+    autogroup = "?"
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            autogroup = "on" if f.read().strip() == "1" else "off"
+    print(
+        f"decode workers in {'this process' + chr(39) + 's session' if args.same_session else 'sessions of their own'}; "
+        f"the kernel's autogroup is {autogroup}"
+    )
     print(
         f"{r['images']} JPEGs of about 500x375 ({r['mean_jpeg_bytes'] / 1024:.0f} KiB on average), "
         f"resize {round(r['image_size'] * 256 / 224)} + centre crop {r['image_size']}, {r['cpus']} CPUs, "

@@ -36,6 +36,7 @@ import numpy as np
 
 _HEADER = struct.Struct("<QQ")
 _LATER = object()  # no next task queued yet
+NEW_SESSION = True  # see DecodePool._spawn; bench_images.py --same-session shows why
 
 
 def write_frame(f: BinaryIO, obj: Any, payload: Any = b"") -> None:
@@ -167,7 +168,7 @@ class DecodePool:
             stdout=subprocess.PIPE,
             bufsize=0,
             env=env,
-            start_new_session=True,
+            start_new_session=NEW_SESSION,
         )
         assert proc.stdin is not None
         write_frame(proc.stdin, {**self.settings, "depth": self.depth})
