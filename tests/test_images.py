@@ -396,6 +396,7 @@ def test_parquet_raw_bytes_string_labels_and_a_split_column(tmp_path):
     assert [ds.size(s) for s in SPLITS] == [16, 4, 4]
     x, y = batches_of(ds, "test")
     index = ds.index.splits["test"]
+    assert index.name(0).startswith("all.parquet#")
     for i in range(4):
         row = int(index.name(i).rsplit("#", 1)[1])
         assert 20 <= row < 24 and ds.class_names[y[i]] == names[row]
@@ -761,6 +762,31 @@ def test_folder_and_parquet_layouts_on_s3_equal_local(s3_server, s3_bucket, tmp_
         load_dataset(missing, s3_endpoint=s3_server.endpoint)
     with pytest.raises(DataError, match="data.uri: no images under"):
         load_dataset(images(f"s3://{s3_bucket}/nothing"), s3_endpoint=s3_server.endpoint)
+
+
+@pytest.mark.integration
+def test_one_parquet_file_on_s3(s3_server, s3_bucket, tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.arange(12) % 2
+    table = pa.table(
+        {
+            "image": [encode(noisy_image(COLOURS[HF_NAMES[c]], rng)) for c in labels],
+            "label": labels,
+            "split": ["train"] * 8 + ["test"] * 4,
+        }
+    )
+    pq.write_table(table, tmp_path / "one.parquet", row_group_size=5)
+    s3_server.client().upload_file(str(tmp_path / "one.parquet"), s3_bucket, "sets/one.parquet")
+    local = load_dataset(images(tmp_path / "one.parquet", split_column="split", val_size=2))
+    remote = load_dataset(
+        images(f"s3://{s3_bucket}/sets/one.parquet", split_column="split", val_size=2),
+        s3_endpoint=s3_server.endpoint,
+    )
+    for split in SPLITS:
+        names = [remote.index.splits[split].name(i) for i in range(remote.size(split))]
+        assert names == [local.index.splits[split].name(i) for i in range(local.size(split))]
+        assert all(n.startswith("one.parquet#") for n in names)
+        np.testing.assert_array_equal(batches_of(local, split)[0], batches_of(remote, split)[0])
 
 
 @pytest.mark.integration

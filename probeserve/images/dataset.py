@@ -159,7 +159,7 @@ class ImageDataset:
 
     def _settings(self) -> dict[str, Any]:
         return {
-            "uri": self.spec.uri,
+            "uri": self.index.root,
             "s3_endpoint": self.s3_endpoint,
             "image_size": self.spec.image_size,
             "resize_size": self.spec.resolved_resize_size(),

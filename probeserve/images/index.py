@@ -75,7 +75,8 @@ class SplitIndex:
 @dataclass
 class ImageIndex:
     layout: str  # "folder" | "parquet"
-    uri: str
+    uri: str  # data.uri
+    root: str  # what keys are relative to: data.uri, or its folder when it is one Parquet file
     identity: str  # the spec fields that decide the index, as JSON
     classes: list[str] | None
     sources: dict[str, dict[str, Any]]  # probe split -> where its examples come from
@@ -109,6 +110,7 @@ class ImageIndex:
             "format": _FORMAT,
             "layout": self.layout,
             "uri": self.uri,
+            "root": self.root,
             "identity": self.identity,
             "classes": self.classes,
             "sources": self.sources,
@@ -194,6 +196,7 @@ def load_frozen(storage: Storage, key: str, expected_identity: str) -> ImageInde
     return ImageIndex(
         layout=meta["layout"],
         uri=meta["uri"],
+        root=meta["root"],
         identity=meta["identity"],
         classes=meta["classes"],
         sources=meta["sources"],
@@ -240,7 +243,10 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
 
             if os.path.isfile(root):
                 if root.endswith(".parquet") and spec.layout != "folder":
-                    return _resolve_parquet(spec, storage, [("", os.path.getsize(root))], single=True)
+                    parent = open_storage(os.path.dirname(root))
+                    return _resolve_parquet(
+                        spec, parent, [(os.path.basename(root), os.path.getsize(root))], single=True
+                    )
                 raise DataError(f"data.uri: {root} is a file; give the folder that holds the images")
             raise DataError(f"data.uri: {root} does not exist")
         images: list[str] = []
@@ -256,8 +262,10 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
                 images.append(key)
         if not images and not parquets and root is None and uri.endswith(".parquet"):
             single = storage.stat("")
-            if single is not None:
-                return _resolve_parquet(spec, storage, [("", single.size)], single=True)
+            if single is not None:  # one object: keys relative to its "folder", named by file
+                folder, name = uri.rstrip("/").rsplit("/", 1)
+                parent = open_storage(folder, s3_endpoint=s3_endpoint)
+                return _resolve_parquet(spec, parent, [(name, single.size)], single=True)
     except StorageError as e:
         raise DataError(f"data.uri: {e}") from None
     layout = spec.layout
@@ -319,6 +327,7 @@ def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> Imag
     return ImageIndex(
         layout="folder",
         uri=spec.uri,
+        root=storage.uri,
         identity=identity(spec),
         classes=classes,
         sources=described,
@@ -441,6 +450,7 @@ def _resolve_parquet(
     return ImageIndex(
         layout="parquet",
         uri=spec.uri,
+        root=storage.uri,
         identity=identity(spec),
         classes=classes,
         sources=described,
