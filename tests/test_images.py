@@ -276,6 +276,12 @@ def test_folder_batches_are_the_preprocessed_images_in_a_fixed_order(tmp_path):
     np.testing.assert_array_equal(y, y2)
     x3, _ = batches_of(ds, "train", batch_size=100)
     np.testing.assert_array_equal(x, x3)
+    # two passes at once (the second gets workers of its own): the same batches
+    together = list(zip(ds.batches("train", 4), ds.batches("test", 4)))
+    np.testing.assert_array_equal(torch.cat([a for (a, _), _ in together]).numpy(), x[: 4 * len(together)])
+    np.testing.assert_array_equal(
+        torch.cat([b for _, (b, _) in together]).numpy(), batches_of(ds, "test", 4)[0]
+    )
 
     # another seed draws other subsets and another order
     other = load_dataset(images(root, val_size=3, seed=1))

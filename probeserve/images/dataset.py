@@ -77,6 +77,7 @@ class ImageDataset:
         self.num_workers = spec.num_workers if spec.num_workers is not None else default_workers()
         self._pool: DecodePool | None = None
         self._decoder: Decoder | None = None
+        self._busy = threading.Lock()  # held by the pass that uses _pool / _decoder
         self._skipped: dict[str, list[str] | None] = dict.fromkeys(SPLITS)
         self._skipped_at: dict[str, np.ndarray] = {}
         self._scale: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -206,27 +207,44 @@ class ImageDataset:
                 spans.append((a, b))
                 yield task
 
+        # The workers (or the in-process decoder) are kept for the next pass; a pass that
+        # runs while another is still going (two batches() iterated together) gets its own.
+        shared = self._busy.acquire(blocking=False)
+        settings = self._settings()
+        runner: Decoder | DecodePool
+        results: Iterator[tuple[np.ndarray, list[tuple[int, str]]]]
         if self.num_workers == 0:
-            if self._decoder is None:
-                self._decoder = Decoder(**self._settings())
-            decoder = self._decoder
-            results: Iterator[tuple[np.ndarray, list[tuple[int, str]]]] = (decoder.run(t) for t in tasks())
+            if shared and self._decoder is None:
+                self._decoder = Decoder(**settings)
+            decoder = self._decoder if shared and self._decoder is not None else Decoder(**settings)
+            runner, results = decoder, (decoder.run(t) for t in tasks())
         else:
-            if self._pool is None:
-                self._pool = DecodePool(self._settings(), self.num_workers)
-            results = self._pool.map(tasks())
+            if shared and self._pool is None:
+                self._pool = DecodePool(settings, self.num_workers)
+            pool = self._pool if shared and self._pool is not None else DecodePool(settings, self.num_workers)
+            runner, results = pool, pool.map(tasks())
         skipped: list[str] = []
         skipped_at: list[int] = []
-        for i, (images, failed) in enumerate(results):
-            a, b = spans[i]
-            keep = np.ones(b - a, dtype=bool)
-            for pos, why in failed:
-                keep[pos] = False
-                skipped_at.append(a + pos)
-                skipped.append(s.name(a + pos))
-                if len(skipped) <= _LOGGED_SKIPS:
-                    log.warning("data: skipping %s (%s split): cannot decode it: %s", skipped[-1], split, why)
-            yield images, s.labels[a:b][keep]
+        try:
+            for i, (images, failed) in enumerate(results):
+                a, b = spans[i]
+                keep = np.ones(b - a, dtype=bool)
+                for pos, why in failed:
+                    keep[pos] = False
+                    skipped_at.append(a + pos)
+                    skipped.append(s.name(a + pos))
+                    if len(skipped) <= _LOGGED_SKIPS:
+                        log.warning(
+                            "data: skipping %s (%s split): cannot decode it: %s", skipped[-1], split, why
+                        )
+                yield images, s.labels[a:b][keep]
+        finally:
+            if hasattr(results, "close"):
+                results.close()  # the pool's pass ends here, not whenever it is collected
+            if shared:
+                self._busy.release()
+            else:
+                runner.close()
         if len(skipped) > _LOGGED_SKIPS:
             log.warning(
                 "data: %d images of the %s split could not be decoded and were skipped", len(skipped), split

@@ -193,8 +193,13 @@ class DecodePool:
             pass  # it died: reading its result finds out and restarts it
 
     def map(self, tasks: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
-        with self._lock:
+        """One pass at a time: results of two passes would mix in the workers' pipes."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("DecodePool.map: a pass is already running on this pool")
+        try:
             yield from self._map(tasks)
+        finally:
+            self._lock.release()
 
     def _map(self, tasks: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
         self.start()
