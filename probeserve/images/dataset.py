@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -239,8 +239,9 @@ class ImageDataset:
                         )
                 yield images, s.labels[a:b][keep]
         finally:
-            if hasattr(results, "close"):
-                results.close()  # the pool's pass ends here, not whenever it is collected
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # the pool's pass ends here, not whenever it is collected
             if shared:
                 self._busy.release()
             else:
@@ -254,7 +255,7 @@ class ImageDataset:
 
     def _u8_batches(
         self, split: str, batch_size: int, *, pin: bool
-    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    ) -> Generator[tuple[torch.Tensor, np.ndarray], None, None]:
         """The decoded images regrouped into batches of `batch_size` (the last may be short)."""
         size = self.spec.image_size
         pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -303,7 +304,7 @@ class _Raised:
 _DONE = object()
 
 
-def _in_background(make: Callable[[], Iterator[Any]], depth: int) -> Iterator[Any]:
+def _in_background(make: Callable[[], Generator[Any, None, None]], depth: int) -> Iterator[Any]:
     """Run a generator in a thread, at most `depth` items ahead of the consumer. Its
     exceptions are raised here; closing this generator stops (and closes) the other."""
     items: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -362,7 +363,7 @@ class SyntheticImageDataset:
         c, h, w = spec.shape
         self.input_shape: tuple[int, ...] = (c, h, w)
         self.num_classes = spec.num_classes
-        self.class_names = None
+        self.class_names: tuple[str, ...] | None = None
         self.source = f"synthetic_images:{c}x{h}x{w},classes={spec.num_classes},seed={spec.seed}"
         self._labels: dict[str, np.ndarray] = {}
         for split in SPLITS:

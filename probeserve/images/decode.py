@@ -64,7 +64,7 @@ def preprocess(data: bytes, *, image_size: int, resize_size: int) -> np.ndarray:
         with warnings.catch_warnings():
             # palette transparency, odd EXIF, large-image warnings: nothing to act on here
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data), formats=_FORMATS)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
             width, height = img.size
             if width < 1 or height < 1:
                 raise ValueError(f"image of size {width}x{height}")

@@ -130,7 +130,7 @@ class ImageIndex:
 
 def identity(spec: ImagesData) -> str:
     """The fields that decide which examples a split holds, and in which order."""
-    keep = ("uri", "layout", "splits", "image_column", "label_column", "split_column")
+    keep: tuple[str, ...] = ("uri", "layout", "splits", "image_column", "label_column", "split_column")
     keep += ("train_size", "val_size", "test_size", "seed")
     return json.dumps({k: getattr(spec, k) for k in keep}, sort_keys=True)
 
@@ -649,6 +649,7 @@ def _draw(
         src, positions = picks[split]
         group = groups[src]
         if group.unit is not None:  # parquet: row groups in a seeded order, rows in file order
+            assert group.row is not None
             rank = _rng(spec.seed, f"images/{split}/order").permutation(int(group.unit.max()) + 1)
             positions = positions[np.lexsort((group.row[positions], rank[group.unit[positions]]))]
         if len(positions) == 0:

@@ -69,7 +69,7 @@ def read_frame(f: BinaryIO) -> tuple[Any, np.ndarray] | None:
     if not _read_into(f, memoryview(head)):
         return None
     payload = np.empty(n_payload, dtype=np.uint8)
-    if n_payload and not _read_into(f, memoryview(payload)):
+    if n_payload and not _read_into(f, payload.data):
         return None
     return pickle.loads(head), payload
 
@@ -171,7 +171,7 @@ class DecodePool:
             start_new_session=NEW_SESSION,
         )
         assert proc.stdin is not None
-        write_frame(proc.stdin, {**self.settings, "depth": self.depth})
+        write_frame(proc.stdin, {**self.settings, "depth": self.depth})  # type: ignore[arg-type]
         return proc
 
     def start(self) -> None:
