@@ -66,7 +66,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("seconds", pa.float64(), "wall time of the probe (and of extraction, for failed extraction)"),
     ("device", pa.string(), "where the probe trained: cpu or cuda:N"),
     ("finished_at", pa.timestamp("ms", tz="UTC"), "when the row was committed"),
+    ("n_skipped", pa.int64(), "examples that could not be decoded and were left out, over all splits"),
+    ("skipped", pa.list_(pa.string()), "their names (at most 100)"),
 ]
+MAX_SKIPPED = 100  # names of undecodable examples kept in a row (the manifest keeps more)
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
 COLUMN_NAMES = [c[0] for c in COLUMNS]
 METRICS = [

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from probeserve.errors import SpecError
 
@@ -177,7 +185,117 @@ class ParquetData(_DataCommon):
     )
 
 
-DataSpec = Annotated[GaussianData | IdxData | ParquetData, Field(discriminator="kind")]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PROBE_SPLITS = ("train", "val", "test")
+
+
+class ImagesData(_DataCommon):
+    """Labelled images from a local folder or an `s3://` prefix (docs/images.md).
+
+    Two layouts: a folder tree `{split}/{class}/{file}` (ImageFolder: sorted class names
+    give the label ids) or Parquet files with an encoded-image column and an integer label
+    column. Images are decoded and given the standard evaluation preprocessing (shorter side
+    resized to `resize_size`, centre crop to `image_size`, then (x/255 - mean)/std) in
+    `num_workers` worker processes. The example index (keys and labels per split) is frozen
+    with the run the first time it is resolved, so every checkpoint sees the same examples.
+    """
+
+    kind: Literal["images"]
+    uri: str = Field(description="a folder or Parquet file(s): a path, file:// or s3://bucket/prefix")
+    layout: Literal["auto", "folder", "parquet"] = Field(
+        default="auto", description="auto: parquet if the uri holds .parquet files, folder if it holds images"
+    )
+    splits: dict[str, str | None] | None = Field(
+        default=None,
+        description="probe split -> source split: a folder name (folder layout), the split a Parquet "
+        "file is named after (train-*.parquet) or a value of split_column; val: null carves val "
+        "from train. Default: train from 'train', test from 'test' if it is there (and labelled) "
+        "else from 'val'/'validation', val from 'val'/'validation' when 'test' is used, else "
+        "carved from train",
+    )
+    image_size: int = Field(default=224, gt=0, description="side of the square centre crop")
+    resize_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="the shorter side is resized to this first; default image_size*256/224",
+    )
+    mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN), min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD), min_length=3, max_length=3)
+    num_workers: int | None = Field(
+        default=None, ge=0, description="decode processes; default min(8, CPUs); 0 decodes in this process"
+    )
+    image_column: str = Field(
+        default="image", description="parquet: encoded image bytes, or a struct with 'bytes'"
+    )
+    label_column: str = Field(default="label", description="parquet: integer (or string) labels")
+    split_column: str | None = Field(
+        default=None,
+        description="parquet: a column naming each row's split; otherwise files are named by split",
+    )
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: dict[str, str | None] | None) -> dict[str, str | None] | None:
+        if v is None:
+            return v
+        unknown = sorted(set(v) - set(_PROBE_SPLITS))
+        if unknown:
+            raise ValueError(f"keys are probe splits train, val, test; not {', '.join(map(repr, unknown))}")
+        for split in ("train", "test"):
+            if not v.get(split):
+                raise ValueError(f"needs a source for {split} (only val may be null: carved from train)")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be positive")
+        return v
+
+    @field_validator("resize_size")
+    @classmethod
+    def _crop_fits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        size = info.data.get("image_size")
+        if v is not None and size is not None and v < size:
+            raise ValueError(f"{v} is smaller than image_size {size}: the centre crop would not fit")
+        return v
+
+    def resolved_resize_size(self) -> int:
+        return self.resize_size if self.resize_size is not None else round(self.image_size * 256 / 224)
+
+
+class SyntheticImagesData(_DataCommon):
+    """Seeded images generated on the device, no I/O: for measuring the compute ceiling.
+
+    Each class has a smooth random template; an example is its class's template plus
+    Gaussian noise, so probes on it do far better than chance. The same (split, example)
+    gives the same image on every call on the same kind of device (CPU and CUDA random
+    streams differ).
+    """
+
+    kind: Literal["synthetic_images"]
+    shape: list[int] = Field(
+        default_factory=lambda: [3, 224, 224], min_length=3, max_length=3, description="one image: [C, H, W]"
+    )
+    num_classes: int = Field(default=1000, ge=2)
+    signal: float = Field(default=1.0, ge=0, description="template amplitude; the noise has std 1")
+    train_size: int | None = Field(default=10000, gt=0)
+    val_size: int = Field(default=2000, gt=0)
+    test_size: int | None = Field(default=2000, gt=0)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("every dimension must be positive")
+        return v
+
+
+DataSpec = Annotated[
+    GaussianData | IdxData | ParquetData | ImagesData | SyntheticImagesData, Field(discriminator="kind")
+]
 
 
 class ProbeSpec(_Strict):
@@ -272,6 +390,7 @@ class SweepSpec(_Strict):
         `layers.inputs` is in, because it changes every probe point's `layer_index`.
         """
         keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
+        keep["data"].pop("num_workers", None)  # images: how many processes decode, not what they see
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()

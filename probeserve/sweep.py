@@ -41,6 +41,8 @@ log = logging.getLogger("probeserve")
 SPLITS = ("train", "val", "test")
 ACTIVATIONS_DIR = "activations"
 RUNS_DIR = results.RUNS_DIR
+DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
+MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,12 @@ class Sweep:
         )
 
     @cached_property
-    def dataset(self):  # -> probeserve.data.ProbeDataset
+    def dataset(self):  # -> probeserve.data.Dataset
         from probeserve.data import load_dataset
 
-        return load_dataset(self.spec.data, s3_endpoint=self.spec.storage.resolved_endpoint())
+        # images: the run's frozen example index, once record_spec has published it
+        frozen = (self.output, results.run_key(self.spec.run, DATA_INDEX))
+        return load_dataset(self.spec.data, s3_endpoint=self.spec.storage.resolved_endpoint(), frozen=frozen)
 
     def build_model(self) -> torch.nn.Module:
         from probeserve.models import build_model
@@ -243,6 +247,19 @@ class Sweep:
                 )
         layers = [{"layer": p.name, "layer_index": p.index} for p in self.points]
         self.output.publish_bytes(results.run_key(self.spec.run, "layers.json"), json.dumps(layers).encode())
+        self.record_data()
+
+    def record_data(self) -> None:
+        """Freeze the run's example index (images: every later process and checkpoint reads
+        the same examples, even if the bucket changes) and publish its class names."""
+        ds = self.dataset
+        freeze = getattr(ds, "freeze", None)
+        if freeze is not None:
+            freeze(self.output, results.run_key(self.spec.run, DATA_INDEX))
+        if ds.class_names is not None:
+            self.output.publish_bytes(
+                results.run_key(self.spec.run, "classes.json"), json.dumps(list(ds.class_names)).encode()
+            )
 
     def manifest(self, ckpt: Checkpoint, layer: str) -> dict[str, Any] | None:
         key = manifest_key(self.spec.run, ckpt, layer)
@@ -302,6 +319,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     errors: dict[str, str] = {}
     shards: dict[str, dict[str, list]] = {p.name: {} for p in points}
     counts: dict[str, list[int]] = {}
+    skipped: dict[str, list[str]] = {}
     for split in SPLITS:
         writers = {}
         for p in points:
@@ -338,7 +356,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             return cast_rows(reducers[name](t), spec.output.dtype, name)
 
         with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
-            for x, y in ds.batches(split, spec.resources.extract_batch_size):
+            for x, y in ds.batches(split, spec.resources.extract_batch_size, device=device):
                 x = x.to(device)
                 model(x)
                 try:
@@ -363,6 +381,10 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
                 errors[name] = f"layer {name}: {describe_error(e)}"
         y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
         counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
+        skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
+    n_skipped = sum(len(v) for v in skipped.values())
+    if n_skipped:
+        log.warning("%s: %d undecodable image(s) left out of the probe data", ckpt.key, n_skipped)
     seconds = time.perf_counter() - t0
     for p in points:
         if p.name in errors:
@@ -378,6 +400,10 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             "dtype": spec.output.dtype,
             "reducer": reducers[p.name].describe(),
             "num_classes": ds.num_classes,
+            "class_names": list(ds.class_names) if ds.class_names is not None else None,
+            "data": ds.describe(),
+            "n_skipped": n_skipped,
+            "skipped": {s: names[:MAX_SKIPPED_NAMES] for s, names in skipped.items()},
             "class_counts": counts,
             "extract_seconds": seconds,
             "splits": {
@@ -445,6 +471,8 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         error=None,
         seconds=time.perf_counter() - t0,
         device=res.device,
+        n_skipped=manifest.get("n_skipped", 0),
+        skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
     )
 
 
