@@ -109,15 +109,17 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
     except ProbeserveError as e:
         return [*errors, _under("model", str(e))], notes
     include, exclude = spec.layers.include, spec.layers.exclude
+    matching = []
     for i, pattern in enumerate(include):
         try:
             select_probe_points(points, [pattern], [])
+            matching.append(pattern)
         except ProbeserveError as e:
             errors.append(str(e).replace("layers.include:", f"layers.include[{i}]:", 1))
-    if any(e.startswith("layers.include[") for e in errors):
+    if not matching:
         return errors, notes
-    try:
-        selected = select_probe_points(points, include, exclude)
+    try:  # the reducers of what the patterns that match select
+        selected = select_probe_points(points, matching, exclude)
     except ProbeserveError as e:
         return [*errors, str(e).replace("layers:", "layers.exclude:", 1)], notes
     notes.append(f"layers: {len(selected)} of {len(points)} probe points selected")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import yaml
 
 from probeserve.errors import SpecError
 from probeserve.spec import dump_spec, load_spec, spec_from_dict
@@ -441,3 +444,97 @@ def test_spec_files_that_are_huge_or_special_are_refused(tmp_path):
     os.mkfifo(tmp_path / "fifo.yaml")
     with pytest.raises(SpecError, match="is not a regular file"):
         load_spec(tmp_path / "fifo.yaml")
+
+
+# --- `probeserve validate` finds what `layers` and `run` would, all at once ---------------
+
+
+def _validate(tmp_path, text: str) -> subprocess.CompletedProcess:
+    (tmp_path / "spec.yaml").write_text(text)
+    return subprocess.run(
+        [sys.executable, "-m", "probeserve", "validate", "spec.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_validate_reports_every_model_and_data_error_with_its_field(tmp_path):
+    done = _validate(
+        tmp_path,
+        "checkpoints: {uri: ckpts}\n"
+        "model: {factory: mlp, kwargs: {input_dim: 8, widht: 16, depht: 2}}\n"
+        "data: {kind: idx, path: no-such-folder}\n"
+        "output: {uri: out}\n",
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "error: spec.yaml: 3 errors"
+    assert lines[1].startswith(
+        "  model.kwargs.widht: factory 'mlp' does not take 'widht' (did you mean 'width'?)"
+    )
+    assert lines[2].startswith(
+        "  model.kwargs.depht: factory 'mlp' does not take 'depht' (did you mean 'depth'?)"
+    )
+    assert lines[3].startswith("  data: ") and "no-such-folder" in lines[3]
+    assert done.stdout == ""
+
+
+def test_validate_reports_every_layer_pattern_and_reducer_error(tmp_path):
+    done = _validate(
+        tmp_path,
+        "checkpoints: {uri: ckpts}\n"
+        "model: {factory: mlp, kwargs: {input_dim: 300000, width: 8, depth: 2}}\n"
+        "layers: {include: [input, 'hidden.*', 'hiden.*', fc9]}\n"
+        "reducer: {kind: projection, max_features: 1000}\n"
+        "data: {kind: gaussian, dim: 300000, train_size: 4, val_size: 4, test_size: 4}\n"
+        "output: {uri: out}\n",
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line.strip() for line in done.stderr.strip().splitlines()]
+    assert lines[0] == "error: spec.yaml: 3 errors"
+    assert lines[1].startswith("layers.include[2]: 'hiden.*' matches no probe point. Did you mean")
+    assert lines[2].startswith("layers.include[3]: 'fc9' matches no probe point.")
+    assert lines[3].startswith(
+        "reducer: layer 'input': a projection from 300000 to 1000 features needs a 1.1 GiB"
+    )
+
+
+def test_validate_refuses_a_run_name_bound_to_another_spec_and_a_file_as_output(tmp_path):
+    (tmp_path / "out" / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "r" / "spec.json").write_text('{"spec_hash": "0123456789abcdef"}')
+    done = _validate(
+        tmp_path,
+        "run: r\ncheckpoints: {uri: ckpts}\nmodel: {factory: tiny, kwargs: {input_dim: 4}}\n"
+        "data: {kind: gaussian, dim: 4}\noutput: {uri: out}\n",
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.startswith("error: spec.yaml: run: run 'r' in ")
+        and "made with a different spec" in done.stderr
+    )
+    (tmp_path / "file").write_text("")
+    done = _validate(
+        tmp_path,
+        "checkpoints: {uri: ckpts}\nmodel: {factory: tiny, kwargs: {input_dim: 4}}\n"
+        "data: {kind: gaussian, dim: 4}\noutput: {uri: file}\n",
+    )
+    assert done.returncode == 2 and "output.uri: " in done.stderr and "is a file, not a folder" in done.stderr
+
+
+def test_validate_prints_the_resolved_spec_and_what_it_checked(tmp_path):
+    done = _validate(
+        tmp_path,
+        "checkpoints: {uri: ckpts}\nmodel: {factory: tiny, kwargs: {input_dim: 4}}\n"
+        "layers: {include: ['fc*']}\ndata: {kind: gaussian, dim: 4}\noutput: {uri: out}\n",
+    )
+    assert done.returncode == 0, done.stderr
+    spec = spec_from_dict(yaml.safe_load(done.stdout))
+    assert spec.layers.include == ["fc*"] and spec.probe.solver == "lbfgs"
+    assert (
+        "# checked: data opens: train 10000, val 2000, test 2000 examples of shape [4], 2 classes"
+        in done.stdout
+    )
+    assert "# checked: layers: 2 of 4 probe points selected" in done.stdout
+    assert not (tmp_path / "out").exists()  # validate writes nothing
