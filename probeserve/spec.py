@@ -388,8 +388,8 @@ class ResourcesSpec(_Strict):
     def _threads(cls, v: int | None) -> int | None:
         if v is not None and v > MAX_TORCH_THREADS:
             raise ValueError(
-                f"{v} is more than {MAX_TORCH_THREADS}: torch starts every thread at once (100000 crash the "
-                f"process), and threads beyond the CPU cores only slow it down (this machine has {os.cpu_count()})"
+                f"{v} is more than {MAX_TORCH_THREADS}: torch starts every thread at once (too many crash "
+                f"the process), and threads beyond the CPU cores only slow it down (this machine has {os.cpu_count()})"
             )
         return v
 

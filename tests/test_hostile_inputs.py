@@ -355,7 +355,12 @@ def test_a_query_sees_the_results_table_and_nothing_else(output, tmp_path, attac
     sql = ATTACKS[attack].format(secret=tmp_path / "secret.csv", dir=tmp_path)
     done = probeserve("query", output, "--sql", sql, "--format", "csv", cwd=tmp_path)
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert one_line(done.stderr).startswith("error: --sql: ")
+    line = one_line(done.stderr)
+    assert line.startswith("error: --sql: ")
+    if attack != "read a Python variable":  # refused by the sandbox, not by a missing network
+        assert line.endswith("(a query sees the results table only; --allow-external-access lifts this)")
+    else:
+        assert "Table with name table does not exist" in line
     assert "SECRET-VALUE" not in done.stdout + done.stderr
     assert sorted(os.listdir(tmp_path)) == ["secret.csv"]  # nothing written
 
