@@ -490,6 +490,19 @@ def _integral_text(value: Any) -> int | None:
     return int(f) if math.isfinite(f) and f == int(f) else None
 
 
+def _yaml_type(value: Any) -> str:
+    """What a value is, in the words of YAML rather than Python."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
 def _format_validation_error(err: ValidationError, overridden: list[str] = (), data: Any = None) -> list[str]:
     # The tag of the `data` union (`data.gaussian.dim`) is pydantic's, not a field the user wrote.
     data_kind = (
@@ -518,6 +531,11 @@ def _format_validation_error(err: ValidationError, overridden: list[str] = (), d
                 f"required, one of {expected}"
                 if e["type"] == "union_tag_not_found"
                 else f"{ctx.get('tag')!r} is not one of {expected}"
+            )
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            got = e.get("input")
+            msg = "expected a mapping of fields, " + (
+                "got nothing (a section header without fields?)" if got is None else f"got {_yaml_type(got)}"
             )
         elif e["type"] == "int_parsing" and _integral_text(e.get("input")) is not None:
             msg += f" (YAML reads {e['input']} as text: write {_integral_text(e['input'])})"
@@ -697,6 +715,18 @@ def _yaml(text: str) -> Any:
         ) from None
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json.loads keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(
+                f"key {key!r} appears twice in one object; the second would silently replace the first"
+            )
+        out[key] = value
+    return out
+
+
 def _plain(value: Any, path: list[int | str]) -> Any:
     """A deep copy made only of JSON values; anything else is an error naming its field."""
     if len(path) > MAX_DEPTH:
@@ -812,10 +842,10 @@ def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> Swe
     except OSError as e:
         raise SpecError([f"cannot read {p}: {e.strerror}"], source=str(p)) from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else _yaml(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys) if p.suffix == ".json" else _yaml(text)
     except RecursionError:
         raise SpecError([f"cannot parse {p.name}: nested too deeply"], source=str(p)) from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # json.JSONDecodeError included
         raise SpecError([f"cannot parse {p.name}: {e}"], source=str(p)) from None
     except yaml.YAMLError as e:
         raise SpecError([f"cannot parse {p.name}: {_yaml_message(e)}"], source=str(p)) from None

@@ -173,7 +173,7 @@ MORE = [
     ({"data": "{kind: gaussian, seed: []}"}, "data.seed: Input should be a valid integer"),
     ({"data": "{kind: imagenet}"}, "data.kind: 'imagenet' is not one of"),
     ({"data": "{dim: 3}"}, "data.kind: required, one of"),
-    ({"data": "[1, 2]"}, "data: Input should be a valid dictionary"),
+    ({"data": "[1, 2]"}, "data: expected a mapping of fields, got a list"),
     ({"data": "{kind: idx, scale: .nan}"}, "data.scale: Input should be a finite number"),
     ({"data": "{kind: idx, path: ''}"}, "data.path: empty"),
     ({"data": "{kind: parquet, uri: 's3:///d.parquet'}"}, "data.uri: an s3:// URI needs a bucket"),
@@ -191,7 +191,7 @@ MORE = [
         "probe.seed: 1000000000000000000000000000000 is outside torch's seed range",
     ),
     ({"probe": "{solver: sgd}"}, "probe.solver: Input should be 'lbfgs' or 'adam'"),
-    ({"probe": "fast"}, "probe: Input should be a valid dictionary"),
+    ({"probe": "fast"}, "probe: expected a mapping of fields, got the text 'fast'"),
     ({"probe": "{l3: 0.1}"}, "probe.l3: unknown field"),
     (
         {"resources": "{num_cpus_per_probe: .inf}"},
@@ -266,7 +266,7 @@ MORE = [
         {"model": "{factory: tiny, kwargs: {input_dim: 6, hidden: 100000000000}}"},
         "model.kwargs.hidden: factory 'tiny' rejected its arguments: a tiny model",
     ),
-    ({"model": "{factory: tiny, kwargs: [1]}"}, "model.kwargs: Input should be a valid dictionary"),
+    ({"model": "{factory: tiny, kwargs: [1]}"}, "model.kwargs: expected a mapping of fields, got a list"),
     (
         {"model": "{factory: tiny, kwargs: {input_dim: !!binary aGk=}}"},
         "model.kwargs.input_dim: binary data (!!binary) is not a spec value",
@@ -281,6 +281,8 @@ MORE = [
     ({"reducer": "{kind: subset}"}, "reducer: reducer kind 'subset' needs max_features"),
     ({"reducer": "{kind: avgpool, max_features: 0}"}, "reducer.max_features: Input should be greater than 0"),
     ({"extra": "1"}, "extra: unknown field"),
+    ({"probe": ""}, "probe: expected a mapping of fields, got nothing (a section header without fields?)"),
+    ({"data": "null"}, "data: expected a mapping of fields, got nothing"),
     (
         {"x": "!!python/object/apply:os.system ['touch pwned']"},
         "cannot parse spec.yaml: could not determine a constructor",

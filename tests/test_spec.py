@@ -538,3 +538,18 @@ def test_validate_prints_the_resolved_spec_and_what_it_checked(tmp_path):
     )
     assert "# checked: layers: 2 of 4 probe points selected" in done.stdout
     assert not (tmp_path / "out").exists()  # validate writes nothing
+
+
+def test_a_json_key_twice_and_an_empty_section_are_named(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(BASE)[:-1] + ', "run": "a", "run": "b"}')
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "s.json")
+    assert info.value.errors == [
+        "cannot parse s.json: key 'run' appears twice in one object; the second would silently replace the first"
+    ]
+    (tmp_path / "s.yaml").write_text(SPEC_YAML + "probe:\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "s.yaml")
+    assert info.value.errors == [
+        "probe: expected a mapping of fields, got nothing (a section header without fields?)"
+    ]
