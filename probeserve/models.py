@@ -350,7 +350,25 @@ def _stopped(factory: str, e: BaseException, doing: str) -> ModelError:
         how = f"called sys.exit({e.code!r})"
     else:
         how = f"raised {type(e).__name__}" + (f": {one_line(e)}" if one_line(e) else "")
-    return ModelError(f"model.factory {factory!r}: {how} while {doing}; a factory must return a model")
+    return ModelError(
+        f"model.factory {factory!r}: {how} while {doing}; user code must raise an exception, not end the process"
+    )
+
+
+@contextlib.contextmanager
+def user_code(factory: str, doing: str) -> Iterator[None]:
+    """Run the user's model code (its factory, its forward pass) so that it cannot end the
+    process: `sys.exit()` or a BaseException of its own becomes a ModelError naming the
+    factory; a real Ctrl-C still interrupts."""
+    with _telling_real_interrupts() as interrupts:
+        try:
+            yield
+        except Exception:
+            raise
+        except BaseException as e:  # sys.exit(), a KeyboardInterrupt of its own, ...
+            if isinstance(e, KeyboardInterrupt) and interrupts["signalled"]:
+                raise
+            raise _stopped(factory, e, doing) from None
 
 
 def _resolve_factory(factory: str) -> Callable[..., Any]:
@@ -364,17 +382,15 @@ def _resolve_factory(factory: str) -> Callable[..., Any]:
         )
     if not module_name or not attr_path:
         raise ModelError(f"model.factory: {factory!r} is not of the form 'package.module:function'")
-    with _telling_real_interrupts() as interrupts:
-        try:
+    try:
+        with user_code(factory, f"importing {module_name!r}"):
             obj: Any = importlib.import_module(module_name)
-        except Exception as e:  # user code: an import can fail in any way, all of them are spec errors
-            raise ModelError(
-                f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {one_line(e)}"
-            ) from None
-        except BaseException as e:  # sys.exit() at import time, and the like
-            if isinstance(e, KeyboardInterrupt) and interrupts["signalled"]:
-                raise
-            raise _stopped(factory, e, f"importing {module_name!r}") from None
+    except ModelError:
+        raise
+    except Exception as e:  # user code: an import can fail in any way, all of them are spec errors
+        raise ModelError(
+            f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {one_line(e)}"
+        ) from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ModelError(
@@ -443,20 +459,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
     errors = kwargs_errors(spec.factory, fn, spec.kwargs)
     if errors:
         raise ModelError("; ".join(errors))
-    with _telling_real_interrupts() as interrupts:
-        try:
+    try:
+        with user_code(spec.factory, "building the model"):
             model = fn(**spec.kwargs)
-        except (TypeError, ValueError) as e:
-            field, message = _kwarg_field(spec.kwargs, one_line(e))
-            raise ModelError(f"{field}: factory {spec.factory!r} rejected its arguments: {message}") from None
-        except Exception as e:  # user code: report it on one line, naming the factory
-            raise ModelError(
-                f"model.factory {spec.factory!r} raised {type(e).__name__}: {one_line(e)}"
-            ) from None
-        except BaseException as e:  # sys.exit(), a KeyboardInterrupt of its own, ...
-            if isinstance(e, KeyboardInterrupt) and interrupts["signalled"]:
-                raise
-            raise _stopped(spec.factory, e, "building the model") from None
+    except ModelError:
+        raise
+    except (TypeError, ValueError) as e:
+        field, message = _kwarg_field(spec.kwargs, one_line(e))
+        raise ModelError(f"{field}: factory {spec.factory!r} rejected its arguments: {message}") from None
+    except Exception as e:  # user code: report it on one line, naming the factory
+        raise ModelError(f"model.factory {spec.factory!r} raised {type(e).__name__}: {one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"model.factory {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module"

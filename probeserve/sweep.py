@@ -163,10 +163,12 @@ class Sweep:
     @cached_property
     def all_points(self):  # -> list[ProbePoint]
         from probeserve.layers import discover_probe_points
+        from probeserve.models import user_code
 
         model = self.build_model().eval()
         try:
-            return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
+            with user_code(self.spec.model.factory, "running the model's forward pass"):
+                return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
         except ProbeserveError:
             raise
         except Exception as e:

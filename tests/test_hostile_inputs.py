@@ -59,7 +59,28 @@ def one_line(stderr: str) -> str:
 
 # --- the findings named in the issue, as the user met them: subprocesses ------------------
 
-EVIL_FACTORY = "import sys\n\ndef build(**kwargs):\n    sys.exit(7)\n"
+EVIL_FACTORY = """
+import sys
+
+import torch
+
+
+def build(**kwargs):
+    sys.exit(7)
+
+
+class ExitsInForward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        sys.exit(5)
+
+
+def exits_in_forward():
+    return ExitsInForward()
+"""
 
 NAMED = [
     (
@@ -88,6 +109,11 @@ NAMED = [
         "factory calls sys.exit",
         {"model": "{factory: 'evil:build'}"},
         "model.factory 'evil:build': called sys.exit(7)",
+    ),
+    (
+        "forward calls sys.exit",
+        {"model": "{factory: 'evil:exits_in_forward'}"},
+        "model.factory 'evil:exits_in_forward': called sys.exit(5) while running the model's forward pass",
     ),
     (
         "torch fails with C++ frames",
