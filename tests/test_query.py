@@ -182,3 +182,31 @@ def test_out_writes_one_file_and_nothing_beside_it(output, tmp_path):
     assert done.returncode == 0, done.stderr
     assert os.listdir(tmp_path / "sub") == ["answer.csv"]
     assert len(pd.read_csv(out)) == 2
+
+
+@pytest.mark.integration
+def test_out_to_s3_writes_one_object(output, s3_server, tmp_path):
+    bucket = s3_server.new_bucket()
+    env = {**os.environ, "PROBESERVE_S3_ENDPOINT": s3_server.endpoint}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probeserve",
+            "query",
+            output,
+            "--format",
+            "csv",
+            "--out",
+            f"s3://{bucket}/a/b.csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    listed = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert [o["Key"] for o in listed] == ["a/b.csv"]
+    body = s3_server.client().get_object(Bucket=bucket, Key="a/b.csv")["Body"].read()
+    assert list(pd.read_csv(io.BytesIO(body)).columns) == results.COLUMN_NAMES
