@@ -312,8 +312,7 @@ def _json_value(v: object) -> object:
 def _as_text(table, *, parquet: bool = False):
     """Columns a CSV file (or the terminal table) cannot hold as they are, as JSON text.
 
-    Lists, structs and maps become `[1, 2]`, `{"a": 1}` (a map: `[["k", 1]]`); binary becomes
-    hex text. For Parquet (which holds lists, structs and binary) only the types it has no
+    Lists, structs and maps become `[1, 2]`, `{"a": 1}`, `{"k": 1}`; binary becomes hex text. For Parquet (which holds lists, structs and binary) only the types it has no
     counterpart for (intervals, unions) are turned into text.
     """
     import pyarrow as pa
