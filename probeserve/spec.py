@@ -21,14 +21,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from probeserve.errors import SpecError
 
@@ -229,6 +222,7 @@ class ModelSpec(_Strict):
         description="a built-in name (mlp, mnist_convnet, tiny) or 'package.module:function'"
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    strict: bool = Field(default=True, description="every weight must match a parameter and back")
 
     @field_validator("factory")
     @classmethod
@@ -242,8 +236,6 @@ class ModelSpec(_Strict):
         if sep and not (_DOTTED.match(module) and _DOTTED.match(attr)):
             raise ValueError(f"{v!r} is not of the form 'package.module:function'")
         return v
-
-    strict: bool = Field(default=True, description="every weight must match a parameter and back")
 
 
 class LayersSpec(_Strict):
