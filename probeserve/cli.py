@@ -51,12 +51,97 @@ def _spec(args: argparse.Namespace):
     return load_spec(args.spec, overrides=args.set or [])
 
 
+def _under(field: str, message: str) -> str:
+    """A message that names `field` first (unless it already names a field below it)."""
+    return message if message.startswith((field + ".", field + ":", field + "[")) else f"{field}: {message}"
+
+
+def check_spec(spec) -> tuple[list[str], list[str]]:
+    """Everything `validate` can find wrong with a spec beyond its fields, without a checkpoint:
+    (errors, each naming its field, and notes on what was checked).
+
+    The model is built (random weights), the probe data opened, the output location checked
+    (and that the run name is not bound to another spec there), each layer pattern matched
+    and each selected layer's reducer made. A step that fails does not hide the ones that
+    do not depend on it: a model error is reported with a data error, but layers need both.
+    """
+    from probeserve import results
+    from probeserve.layers import select_probe_points
+    from probeserve.models import model_errors
+    from probeserve.sweep import Sweep
+
+    sweep = Sweep(spec)
+    errors: list[str] = []
+    notes: list[str] = []
+    errors += model_errors(spec.model)
+    model_found = not errors  # the factory imports and takes the keywords: it can be called
+    dataset = None
+    try:
+        dataset = sweep.dataset
+        notes.append(
+            f"data opens: {', '.join(f'{s} {dataset.size(s)}' for s in ('train', 'val', 'test'))} examples "
+            f"of shape {list(dataset.input_shape)}, {dataset.num_classes} classes"
+        )
+    except ProbeserveError as e:
+        errors.append(_under("data", str(e)))
+    try:
+        output = sweep.output
+        key = results.run_key(spec.run, "spec.json")
+        if output.stat(key) is not None:
+            stored = results.read_json(output, key)
+            if isinstance(stored, dict) and stored.get("spec_hash") != sweep.spec_hash:
+                errors.append(
+                    f"run: run {spec.run!r} in {output.uri} was made with a different spec (hash "
+                    f"{stored.get('spec_hash')} vs {sweep.spec_hash}); choose another run name or output.uri"
+                )
+    except ProbeserveError as e:
+        errors.append(_under("output.uri", str(e)))
+    if not model_found:
+        return errors, notes  # no model: no layers to check
+    if dataset is None:
+        try:
+            sweep.build_model()
+        except ProbeserveError as e:
+            errors.append(_under("model", str(e)))
+        return errors, notes
+    try:
+        points = sweep.all_points
+    except ProbeserveError as e:
+        return [*errors, _under("model", str(e))], notes
+    include, exclude = spec.layers.include, spec.layers.exclude
+    matching = []
+    for i, pattern in enumerate(include):
+        try:
+            select_probe_points(points, [pattern], [])
+            matching.append(pattern)
+        except ProbeserveError as e:
+            errors.append(str(e).replace("layers.include:", f"layers.include[{i}]:", 1))
+    if not matching:
+        return errors, notes
+    try:  # the reducers of what the patterns that match select
+        selected = select_probe_points(points, matching, exclude)
+    except ProbeserveError as e:
+        return [*errors, str(e).replace("layers:", "layers.exclude:", 1)], notes
+    notes.append(f"layers: {len(selected)} of {len(points)} probe points selected")
+    for p in selected:
+        try:
+            sweep.reducer(p)
+        except ProbeserveError as e:
+            errors.append(_under("reducer", str(e)))
+    return errors, notes
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from probeserve.spec import dump_spec
 
     spec = _spec(args)
+    errors, notes = check_spec(spec)
+    if errors:
+        raise SpecError(errors, source=args.spec)
     print(dump_spec(spec), end="")
     print(f"# spec_hash: {spec.hash()}")
+    for note in [f"model builds: {spec.model.factory}", *notes]:
+        print(f"# checked: {note}")
     return 0
 
 
@@ -173,10 +258,168 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
+# The plain terminal table shows these; exports (csv, json, parquet) carry every column.
 DEFAULT_SQL = (
     "SELECT run, step, layer, layer_index, n_features, train_error, val_error, test_error, "
     "epochs, status, error FROM results ORDER BY run, step, layer_index"
 )
+EXPORT_SQL = "SELECT * FROM results ORDER BY run, step, layer_index"
+
+
+def _sandbox(con) -> None:
+    """Let a query see the registered results table and nothing else.
+
+    `enable_external_access = false` stops every file system and network access (read_csv,
+    glob, COPY ... TO, ATTACH, EXPORT DATABASE, INSTALL and LOAD); no extension is installed
+    or loaded behind the query's back; Python replacement scans (a query reading any Arrow or
+    pandas object in scope by its variable name) are off; and the configuration is locked so
+    that the query cannot turn any of this back on.
+    """
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _nested(t) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_nested(t)  # list, large list, fixed-size list, list view, struct, map, union
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or pa.types.is_interval(t)
+        or isinstance(t, pa.ExtensionType)
+    )
+
+
+def _json_value(v: object) -> object:
+    """A value JSON can hold: non-finite floats become null, bytes hex text, others as they are."""
+    import math
+
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _as_text(table, *, parquet: bool = False):
+    """Columns a CSV file (or the terminal table) cannot hold as they are, as JSON text.
+
+    Lists, structs and maps become `[1, 2]`, `{"a": 1}`, `{"k": 1}`; binary becomes hex text. For Parquet (which holds lists, structs and binary) only the types it has no
+    counterpart for (intervals, unions) are turned into text.
+    """
+    import pyarrow as pa
+
+    def needs_text(t) -> bool:
+        if parquet:
+            if pa.types.is_interval(t) or pa.types.is_union(t):
+                return True
+            return pa.types.is_nested(t) and any(needs_text(t.field(i).type) for i in range(t.num_fields))
+        return _nested(t)
+
+    columns = []
+    for field, column in zip(table.schema, table.columns):
+        if not needs_text(field.type):
+            columns.append(column)
+            continue
+        text = [
+            None
+            if v is None
+            else (
+                v.hex()
+                if isinstance(v, bytes)
+                else json.dumps(_json_value(v), default=str, ensure_ascii=False)
+            )
+            for v in column.to_pylist(maps_as_pydicts="lossy")
+        ]
+        columns.append(pa.array(text, pa.string()))
+    names = table.column_names
+    return pa.Table.from_arrays(columns, names=names)
+
+
+def _encode(table, fmt: str) -> bytes:
+    """The answer as bytes in a format: Arrow's own buffers for Parquet and CSV.
+
+    Not `io.BytesIO`: a Python file object written by pyarrow's threads can be destroyed by
+    one of them during interpreter shutdown, which aborted the process (exit 134) after a
+    correct answer.
+    """
+    import pyarrow as pa
+
+    if fmt == "json":
+        rows = [
+            {k: _json_value(v) for k, v in row.items()} for row in table.to_pylist(maps_as_pydicts="lossy")
+        ]
+        return (json.dumps(rows, default=str, indent=1, ensure_ascii=False) + "\n").encode()
+    if fmt == "table":
+        return (format_table(_as_text(table).to_pylist(), table.column_names) + "\n").encode()
+    buf = pa.BufferOutputStream()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(_as_text(table, parquet=True), buf)
+    else:
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(_as_text(table), buf)
+    return buf.getvalue().to_pybytes()
+
+
+_GOOD_OUT = "a file path, file:///path/answer.csv or s3://bucket/path/answer.csv"
+
+
+def _out_location(out: str, results_uri: str) -> tuple[str, str]:
+    """(folder URI, file name) of `--out`, or a one-line error naming `--out`.
+
+    The answer goes exactly where `--out` says, as one file: never a folder, never inside the
+    results folder (where every file is read as a result row).
+    """
+    import os
+    import posixpath
+    import re
+    from urllib.parse import urlsplit
+
+    from probeserve import results
+    from probeserve.spec import check_uri
+
+    try:
+        check_uri(out)
+    except ValueError as e:
+        what = re.split(r"; |, like ", str(e))[0]  # the problem, not check_uri's spec-field advice
+        raise ProbeserveError(f"--out {out!r}: {what}; give {_GOOD_OUT}") from None
+    parts = urlsplit(out)
+    if parts.scheme == "s3":
+        parent, name = posixpath.split(parts.path)
+        if not name:
+            raise ProbeserveError(f"--out {out!r}: names no object; give {_GOOD_OUT}")
+        folder = f"s3://{parts.netloc}{parent}"
+    else:
+        path = parts.path if parts.scheme == "file" else out
+        if path.endswith(("/", os.sep)) or os.path.isdir(path):
+            raise ProbeserveError(
+                f"--out {out!r}: is a folder; give a file name, like {out.rstrip('/')}/answer.csv"
+            )
+        folder, name = os.path.split(os.path.abspath(path))
+        if name in ("", ".", ".."):
+            raise ProbeserveError(f"--out {out!r}: names no file; give {_GOOD_OUT}")
+    results_dir = results.output_root(results_uri).rstrip("/") + "/" + results.RESULTS_DIR
+    if results_dir.startswith("file://"):
+        results_dir = urlsplit(results_dir).path
+    if "://" not in results_dir:
+        results_dir = os.path.abspath(results_dir)
+    target = folder.rstrip("/") + "/" + name
+    if target.startswith(results_dir + "/"):
+        raise ProbeserveError(
+            f"--out {out!r}: is inside {results_dir}, where every file is read as a result row; write it elsewhere"
+        )
+    return folder, name
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -184,58 +427,50 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from probeserve import results
 
+    where = _out_location(args.out, args.results) if args.out is not None else None  # before any work
+    if args.format == "parquet" and where is None:
+        raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
         print(f"no results yet under {args.results}", file=sys.stderr)
     con = duckdb.connect()
     con.register("results", table)
+    con.execute("SET python_enable_replacements = false")  # never: it reads Python variables by name
+    if not args.allow_external_access:
+        _sandbox(con)
+    sql = args.sql or (DEFAULT_SQL if args.format == "table" else EXPORT_SQL)
     try:
-        rel = con.sql(args.sql or DEFAULT_SQL)
+        rel = con.sql(sql)
         if rel is None:  # a statement with no result set
             raise ProbeserveError("--sql: the statement returns no rows; use a SELECT")
         out = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
+        if "configuration" in first and ("disabled" in first or "locked" in first):
+            first += " (a query sees the results table only; --allow-external-access lifts this)"
         raise ProbeserveError(f"--sql: {first}") from None
-    if args.format == "parquet":
-        import io
-
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(out, buf)
-        data = buf.getvalue()
-    elif args.format == "json":
-        data = (json.dumps(out.to_pylist(), default=str, indent=1) + "\n").encode()
-    elif args.format == "csv":
-        import io
-
-        import pyarrow.csv as pcsv
-
-        buf = io.BytesIO()
-        pcsv.write_csv(out, buf)
-        data = buf.getvalue()
-    else:
-        data = (format_table(out.to_pylist(), out.column_names) + "\n").encode()
-    if args.out:
-        _publish(args.out, data, s3_endpoint=args.s3_endpoint)
+    finally:
+        con.close()
+    data = _encode(out, args.format)
+    if where is not None:
+        _publish(where, data, s3_endpoint=args.s3_endpoint)
         print(f"{out.num_rows} row(s) written to {args.out}", file=sys.stderr)
-    elif args.format == "parquet":
-        raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     return 0
 
 
-def _publish(uri: str, data: bytes, *, s3_endpoint: str | None) -> None:
-    """Write one whole object atomically to a path or URI."""
-    import posixpath
+def _publish(where: tuple[str, str], data: bytes, *, s3_endpoint: str | None) -> None:
+    """Write one whole object atomically: `where` is (folder URI, name) from `_out_location`.
 
+    Locally the bytes go to a temporary name in that folder, renamed over the name; on S3 one
+    PUT. Nothing else is written.
+    """
     from probeserve.storage import open_storage
 
-    parent, name = posixpath.split(uri.rstrip("/"))
-    open_storage(parent or ".", s3_endpoint=s3_endpoint).publish_bytes(name, data)
+    folder, name = where
+    open_storage(folder, s3_endpoint=s3_endpoint).publish_bytes(name, data)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -375,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     q.add_argument(
         "--out", help="write the answer here (a path or URI) instead of stdout; needed for parquet"
+    )
+    q.add_argument(
+        "--allow-external-access",
+        action="store_true",
+        help="let --sql read and write files, attach databases and load extensions (DuckDB's defaults); "
+        "by default a query sees the results table and nothing else",
     )
     q.add_argument("--run", help="only this run")
     q.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")

@@ -167,10 +167,12 @@ class Sweep:
     @cached_property
     def all_points(self):  # -> list[ProbePoint]
         from probeserve.layers import discover_probe_points
+        from probeserve.models import user_code
 
         model = self.build_model().eval()
         try:
-            return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
+            with user_code(self.spec.model.factory, "running the model's forward pass"):
+                return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
         except ProbeserveError:
             raise
         except Exception as e:
@@ -199,6 +201,7 @@ class Sweep:
     def discover(self) -> Discovery:
         found = discover(self.checkpoints_storage, self.spec.checkpoints)
         if not found.complete and not found.incomplete:
+            self._blame_steps_or_regex(found)
             raise CheckpointError(
                 f"checkpoints.uri: no checkpoints under {self.checkpoints_storage.uri} match "
                 f"checkpoints.weights {self.spec.checkpoints.weights!r}"
@@ -209,6 +212,27 @@ class Sweep:
                 )
             )
         return found
+
+    def _blame_steps_or_regex(self, found: Discovery) -> None:
+        """Name the field that left no checkpoint, when it is not `checkpoints.uri`: a step
+        regex that reads no step number from any key, or `steps` that none of them has."""
+        spec = self.spec.checkpoints
+        no_step = [(k, why) for k, why in found.rejected if "step_regex" in why or "not an integer" in why]
+        if no_step and len(no_step) == len(found.rejected):
+            key, why = no_step[0]
+            raise CheckpointError(
+                f"checkpoints.step_regex: {spec.step_regex!r} reads no step number from the {len(no_step)} "
+                f"key(s) that match checkpoints.weights, e.g. {key} ({why}); its group 1 must match the digits"
+            )
+        if spec.steps is not None:
+            every = discover(self.checkpoints_storage, spec.model_copy(update={"steps": None}))
+            steps = sorted({c.step for c in every.complete + every.incomplete})
+            if steps:
+                shown = ", ".join(map(str, steps[:10])) + (", ..." if len(steps) > 10 else "")
+                raise CheckpointError(
+                    f"checkpoints.steps: none of {spec.steps} is the step of a checkpoint under "
+                    f"{self.checkpoints_storage.uri}; there are steps {shown}"
+                )
 
     def plan(self) -> Plan:
         found = self.discover()

@@ -295,7 +295,7 @@ def test_cli_run_plan_query(tmp_path, capsys):
     )
     assert json.loads(capsys.readouterr().out) == [{"n": 4}]
     assert main(["query", out, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith('"run","step","layer"')
+    assert capsys.readouterr().out.startswith('"run","spec_hash","checkpoint","step","layer"')  # every column
     assert main(["query", out, "--sql", "SELEC nonsense"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --sql:") and len(err.strip().splitlines()) == 1
