@@ -116,6 +116,34 @@ def keep_freed_memory() -> bool:
     return _MALLOC_TUNED
 
 
+def release_freed_memory() -> bool:
+    """Give the memory an extraction freed back to the OS; True if the C library did.
+
+    `keep_freed_memory` has glibc keep freed blocks for the next batch, so a process holds
+    the peak heap of its last extraction for as long as it lives. A Ray worker lives on after
+    its task, waiting to be reused, and would hold that peak (hundreds of MB on a small
+    convnet, far more on a large model) on every node that ever extracted. So an extraction
+    task ends here: `malloc_trim(0)` returns the free pages of every arena (glibc also
+    releases free pages inside the heap, not only at its top), and cached CUDA blocks go back
+    to the driver. The worker keeps what it caches on purpose: the probe dataset, for the next
+    checkpoint. Letting the worker exit instead (Ray's `max_calls=1`) cost a new worker,
+    importing torch, per checkpoint (docs/benchmarks.md).
+    """
+    # no gc.collect(): the extraction's arrays are freed by reference counting when it returns,
+    # and a full collection with torch loaded takes about 0.4 s (2 cores), per checkpoint
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(libc, "malloc_trim"):  # glibc only
+        return False
+    return libc.malloc_trim(0) == 1
+
+
 def describe_error(e: BaseException) -> str:
     """One line for a result row: the message of a user error, type and message otherwise."""
     if isinstance(e, ProbeserveError):
@@ -725,6 +753,9 @@ def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str
     except Exception as e:
         log_failure(f"extract {ckpt.key}", e)
         errors = {i.layer: describe_error(e) for i in need}
+        for i in need:  # parts it published before it failed: no manifest lists them
+            with tidying(f"layer {i.layer} of {ckpt.key}: removing the parts of its failed extraction"):
+                delete_unlisted_parts(out, layer_prefix(run, ckpt, i.layer), set())
     seconds = time.perf_counter() - t0
     for item in need:
         if item.layer in errors:
@@ -757,8 +788,9 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
 
     Another run on the same output may delete this layer's shards while this one reads
     them: with `keep_activations: false` once it has committed the item, or after its own
-    extraction of the layer failed. A probe that misses its shards therefore looks again:
-    a committed ok row is the answer (nothing is logged as an error); otherwise it extracts
+    extraction of the layer failed; or extract the layer again and replace its parts. A probe
+    that misses its shards therefore looks again: a committed ok row is the answer (nothing is
+    logged as an error); a manifest that is there is read again, once; otherwise it extracts
     the layer again and retries, and fails only if that keeps happening.
     """
     ckpt = item.checkpoint
@@ -772,38 +804,42 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
     t0 = time.perf_counter()
     with Heartbeat(sweep.output, running_key(run, ckpt, item.layer), device=device) as beat:
         row = None
-        for attempt in range(REEXTRACT_TRIES + 1):
+        extractions = 0
+        reread = False  # whether the manifest was read again since the last extraction
+        while row is None:
             try:
                 row = probe(sweep, ckpt, item.layer, device=device)
-                break
             except ShardMissing as e:
                 done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
                 if done is not None and done["status"] == "ok":
                     log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
-                    row = done
-                    break  # and nothing to commit
-                if attempt == REEXTRACT_TRIES:
+                    row = done  # and nothing to commit
+                elif not reread and sweep.manifest(ckpt, item.layer) is not None:
+                    # a new manifest (another run extracted the layer again) lists other parts
+                    log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+                    reread = True
+                elif extractions == REEXTRACT_TRIES:
                     log_failure(f"probe {ckpt.key} {item.layer}", e)
                     row = sweep.failed_row(
                         ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
                     )
-                    break
-                log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
-                try:
-                    failed = extract(sweep, ckpt, [item.layer], device=device)
-                except Exception as ex:
-                    failed = {item.layer: describe_error(ex)}
-                if item.layer in failed:
-                    row = sweep.failed_row(
-                        ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
-                    )
-                    break
+                else:
+                    log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+                    extractions += 1
+                    reread = False
+                    try:
+                        failed = extract(sweep, ckpt, [item.layer], device=device)
+                    except Exception as ex:
+                        failed = {item.layer: describe_error(ex)}
+                    if item.layer in failed:
+                        row = sweep.failed_row(
+                            ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
+                        )
             except Exception as e:
                 log_failure(f"probe {ckpt.key} {item.layer}", e)
                 row = sweep.failed_row(
                     ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
                 )
-                break
         assert row is not None
         if row is not done:
             row = commit_unless_done(sweep, row)

@@ -524,3 +524,113 @@ def test_a_rerun_plan_and_status_send_s3_no_write_request(tmp_path, monkeypatch,
     assert methods.count("GET") + methods.count("HEAD") > 10  # it did record the rerun
     assert [(r["method"], r["url"]) for r in requests if r["method"] not in ("GET", "HEAD")] == []
     capsys.readouterr()
+
+
+# ---- a process that extracted does not keep its peak heap
+
+RELEASE = """
+import json, sys
+import numpy as np
+import probeserve.sweep as sw
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) << 10
+
+assert sw.keep_freed_memory()  # as every extraction does
+blocks = [np.ones(1 << 20, np.uint8) for _ in range(300)]  # 300 MiB from the heap, touched
+held = rss()
+del blocks
+freed = rss()
+if sys.argv[1] == "release":
+    sw.release_freed_memory()
+print(json.dumps([held, freed, rss()]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_the_memory_an_extraction_freed_is_given_back_at_its_end():
+    got = {}
+    for mode in ("control", "release"):
+        proc = subprocess.run(
+            [sys.executable, "-c", RELEASE, mode], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    mib = 1 << 20
+    held, freed, after = got["control"]
+    assert held - after < 50 * mib, got  # kept for the next batch: what a waiting worker would hold
+    held, freed, after = got["release"]
+    assert freed - after > 250 * mib, got
+
+
+PID_FACTORY = """
+import os
+
+from probeserve.models import build_model
+from probeserve.spec import ModelSpec
+
+
+def build(**kwargs):
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    with open(os.environ["PROBESERVE_TEST_PID_LOG"], "a") as f:
+        f.write(f"{os.getpid()} {rss}\\n")
+    return build_model(ModelSpec(factory="mnist_convnet", kwargs=kwargs))
+"""
+
+
+def worker_memory(pid: int) -> tuple[int, int]:
+    """(resident, peak resident) KiB of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_ray_worker_does_not_keep_what_its_extraction_used(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import numpy as np
+
+    from probeserve.data import write_idx
+    from probeserve.runners.ray import run_ray
+
+    # a model factory that says which processes build the model, and their memory then:
+    # the driver (planning) and the extraction workers (probe actors only read shards)
+    (tmp_path / "pid_factory.py").write_text(PID_FACTORY)
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("PROBESERVE_TEST_PID_LOG", str(pids))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # Ray puts the driver's folder on its workers' path
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for prefix, n in (("train", 1200), ("t10k", 300)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx(str(tmp_path / "data" / f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(
+            str(tmp_path / "data" / f"{prefix}-labels-idx1-ubyte.gz"), (np.arange(n) % 10).astype(np.uint8)
+        )
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        spec = tiny_spec(
+            tmp_path,
+            model={"factory": "pid_factory:build"},
+            data={"kind": "idx", "path": str(tmp_path / "data"), "val_size": 300},
+            layers={"include": ["input", "fc2"]},
+            reducer={"kind": "subset", "max_features": 64},
+            probe={"max_epochs": 2},
+            resources={"device": "cpu", "extract_batch_size": 512, "max_checkpoints_in_flight": 1},
+        )
+        write_checkpoints(spec, steps=(0,))
+        assert run_ray(spec).ok == 2
+        built = {}
+        for line in pids.read_text().splitlines():
+            pid, rss = map(int, line.split())
+            built.setdefault(pid, rss)  # the first build: before any activation was computed
+        ((worker, before),) = [(p, r) for p, r in built.items() if p != os.getpid()]
+        now, peak = worker_memory(worker)
+        assert peak - before > 64 << 10  # the extraction took over 64 MiB at its peak (about 120 here)
+        assert now - before < (peak - before) / 3, (before, now, peak)  # and kept little of it
+    finally:
+        ray.shutdown()
