@@ -29,6 +29,7 @@ import torch
 
 from probeserve.errors import CheckpointError, StorageError
 from probeserve.spec import CheckpointsSpec
+from probeserve.staging import StagingDir
 from probeserve.storage import LocalStorage, Storage, join, open_storage
 
 DEFAULT_MARKER = "COMPLETE"
@@ -278,14 +279,18 @@ def load_state_dict(storage: Storage, ckpt: Checkpoint, spec: CheckpointsSpec) -
         if expected and _file_sha256(path) != expected:
             raise CheckpointError(f"{where}: SHA-256 differs from its marker: truncated or modified")
         return _load_file(path, where)
-    with tempfile.TemporaryDirectory(prefix="probeserve-ckpt-") as tmp:
-        path = os.path.join(tmp, "weights")
+    # named and locked, so that a run after a kill -9 can tell it is dead and remove it
+    staging = StagingDir()
+    try:
+        path = os.path.join(staging.path, "weights")
         storage.download(ckpt.key, path)
         if expected and _file_sha256(path) != expected:
             raise CheckpointError(f"{where}: SHA-256 differs from its marker: truncated or modified")
         sd = _load_file(path, where)
         # safetensors' load_file copies into tensors; torch's mmap keeps the file: copy out
         return {k: v.clone() for k, v in sd.items()}
+    finally:
+        staging.remove()
 
 
 def load_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:

@@ -252,7 +252,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     columns = ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
     broken = [r for r in rows if r.get("error")]
-    print(format_table(rows, columns + (["error"] if broken else [])))
+    stale = [r for r in rows if r.get("stale")]
+    print(format_table(rows, columns + (["stale"] if stale else []) + (["error"] if broken else [])))
+    for r in stale:
+        print(
+            f"run {r['run']}: {r['stale']} item(s) marked running have no live probe (dead process or "
+            "no heartbeat): counted as pending; the next run removes their markers"
+        )
     for r in broken:
         print(f"run {r['run']}: cannot read its records: {r['error']}", file=sys.stderr)
     return 1 if broken else 0

@@ -59,11 +59,8 @@ import json
 import math
 import mmap
 import os
-import shutil
 import struct
 import sys
-import tempfile
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -73,6 +70,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probeserve.errors import LayerError, StorageError
+from probeserve.staging import StagingDir
 from probeserve.storage import LocalStorage, Storage, join
 
 FORMAT_VERSION = 1
@@ -381,8 +379,10 @@ class ShardWriter:
         group_bytes = min(row_group_bytes, _MAX_GROUP_BYTES)
         self._rows_per_group = max(1, min(group_bytes // row_bytes, self._rows_per_part))
 
-        self._staging = tempfile.mkdtemp(prefix="probeserve-shards-", dir=staging_dir)
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._staging, ignore_errors=True)
+        # named and locked so that a later run can tell it from a live writer's (staging.py)
+        self._staging_dir = StagingDir(staging_dir)
+        self._staging = self._staging_dir.path
+        self._cleanup = self._staging_dir.remove
         self._file: BinaryIO | None = None  # the open part's staging file
         self._part_path = ""
         self._groups: list[tuple[int, list[_Chunk]]] = []  # the open part's finished row groups
@@ -804,6 +804,12 @@ def table_x(table: pa.Table) -> np.ndarray:
     return _blobs(table.column(COL_X).combine_chunks(), dtype, int(meta[KEY_N_FEATURES]))
 
 
+class ShardMissing(StorageError):
+    """A shard that a manifest lists is not there: another run deleted the layer's shards
+    (its item was committed, or its extraction failed) or replaced them after this reader
+    read the manifest. The reader's item is not broken: see `sweep.probe_and_commit`."""
+
+
 def iter_chunks(
     storage: Storage, keys: list[str], *, batch_rows: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -818,8 +824,15 @@ def iter_chunks(
     carried = 0
     layout = None
     for key in keys:
-        source = storage.uri_for(key) if isinstance(storage, LocalStorage) else storage.read_bytes(key)
-        shard = _ShardFile(source, name=storage.uri_for(key))
+        try:
+            source = storage.uri_for(key) if isinstance(storage, LocalStorage) else storage.read_bytes(key)
+            shard = _ShardFile(source, name=storage.uri_for(key))
+        except StorageError:
+            if storage.stat(key) is None:
+                raise ShardMissing(
+                    f"{storage.uri_for(key)}: shard is gone (deleted after it was listed)"
+                ) from None
+            raise
         if layout is None:
             layout = (shard.n_features, shard.dtype)
         elif (shard.n_features, shard.dtype) != layout:

@@ -15,14 +15,18 @@ the same answers for the same spec.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
+import re
 import socket
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -32,14 +36,15 @@ import torch
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
+from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError, StorageError
 from probeserve.spec import SweepSpec, dump_spec
-from probeserve.storage import Storage, join, open_storage
+from probeserve.storage import ObjectInfo, Storage, join, open_storage
 
 log = logging.getLogger("probeserve")
 
 SPLITS = ("train", "val", "test")
 ACTIVATIONS_DIR = "activations"
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below this
 RUNS_DIR = results.RUNS_DIR
 DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
 MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
@@ -113,6 +118,34 @@ def keep_freed_memory() -> bool:
     return _MALLOC_TUNED
 
 
+def release_freed_memory() -> bool:
+    """Give the memory an extraction freed back to the OS; True if the C library did.
+
+    `keep_freed_memory` has glibc keep freed blocks for the next batch, so a process holds
+    the peak heap of its last extraction for as long as it lives. A Ray worker lives on after
+    its task, waiting to be reused, and would hold that peak (hundreds of MB on a small
+    convnet, far more on a large model) on every node that ever extracted. So an extraction
+    task ends here: `malloc_trim(0)` returns the free pages of every arena (glibc also
+    releases free pages inside the heap, not only at its top), and cached CUDA blocks go back
+    to the driver. The worker keeps what it caches on purpose: the probe dataset, for the next
+    checkpoint. Letting the worker exit instead (Ray's `max_calls=1`) cost a new worker,
+    importing torch, per checkpoint (docs/benchmarks.md).
+    """
+    # no gc.collect(): the extraction's arrays are freed by reference counting when it returns,
+    # and a full collection with torch loaded takes about 0.4 s (2 cores), per checkpoint
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(libc, "malloc_trim"):  # glibc only
+        return False
+    return libc.malloc_trim(0) == 1
+
+
 def describe_error(e: BaseException) -> str:
     """One line for a result row: the message of a user error, type and message otherwise."""
     if isinstance(e, ProbeserveError):
@@ -126,6 +159,28 @@ def layer_prefix(run: str, ckpt: Checkpoint, layer: str) -> str:
 
 def manifest_key(run: str, ckpt: Checkpoint, layer: str) -> str:
     return join(layer_prefix(run, ckpt, layer), "manifest.json")
+
+
+_PART = re.compile(r"^(?:train|val|test)/part-[0-9]{5}\.parquet$")
+
+
+def shard_keys(storage: Storage, prefix: str) -> list[str]:
+    """The shard parts under one layer's prefix, as listed now: `{split}/part-NNNNN.parquet`
+    keys only, so that nothing else a user may have put there is ever deleted."""
+    start = len(prefix) + 1
+    return [o.key for o in storage.list(prefix + "/") if _PART.match(o.key[start:])]
+
+
+def publish_if_changed(storage: Storage, key: str, data: bytes) -> bool:
+    """Publish `data` under `key` unless it holds exactly that already; True if it wrote."""
+    if storage.stat(key) is not None:
+        try:
+            if storage.read_bytes(key, max_bytes=len(data)) == data:
+                return False
+        except StorageError:
+            pass  # larger, or gone since the stat: write it
+    storage.publish_bytes(key, data)
+    return True
 
 
 class Sweep:
@@ -252,13 +307,16 @@ class Sweep:
 
         Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
         which reads progress without building the model.
+
+        Each object is read first and written only when it is missing or differs, so a rerun
+        over a finished output writes nothing (on S3, every write is a billed request, and the
+        watch daemon reruns on every scan).
         """
         key = results.run_key(self.spec.run, "spec.json")
+        yaml_key = results.run_key(self.spec.run, "spec.yaml")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
-        if self.output.create_only(key, body.encode()):
-            self.output.publish_bytes(
-                results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
-            )
+        if self.output.stat(key) is None and self.output.create_only(key, body.encode()):
+            self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         else:
             stored = results.read_json(self.output, key)
             if stored.get("spec_hash") != self.spec_hash:
@@ -269,20 +327,28 @@ class Sweep:
                         "layers.inputs changed); choose another run name or output.uri"
                     ]
                 )
+            if self.output.stat(yaml_key) is None:  # the run that bound the name died before it
+                self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         layers = [{"layer": p.name, "layer_index": p.index} for p in self.points]
-        self.output.publish_bytes(results.run_key(self.spec.run, "layers.json"), json.dumps(layers).encode())
+        publish_if_changed(
+            self.output, results.run_key(self.spec.run, "layers.json"), json.dumps(layers).encode()
+        )
         self.record_data()
 
     def record_data(self) -> None:
         """Freeze the run's example index (images: every later process and checkpoint reads
-        the same examples, even if the bucket changes) and publish its class names."""
+        the same examples, even if the bucket changes) and publish its class names. Like
+        `record_spec`, it writes nothing when both are there already."""
         ds = self.dataset
         freeze = getattr(ds, "freeze", None)
-        if freeze is not None:
-            freeze(self.output, results.run_key(self.spec.run, DATA_INDEX))
+        index_key = results.run_key(self.spec.run, DATA_INDEX)
+        if freeze is not None and self.output.stat(index_key) is None:
+            freeze(self.output, index_key)
         if ds.class_names is not None:
-            self.output.publish_bytes(
-                results.run_key(self.spec.run, "classes.json"), json.dumps(list(ds.class_names)).encode()
+            publish_if_changed(
+                self.output,
+                results.run_key(self.spec.run, "classes.json"),
+                json.dumps(list(ds.class_names)).encode(),
             )
 
     def manifest(self, ckpt: Checkpoint, layer: str) -> dict[str, Any] | None:
@@ -295,6 +361,10 @@ class Sweep:
             # damaged (cut short, edited by hand): as if absent, so the layer is extracted again
             log.warning("%s; extracting layer %s of %s again", e, layer, ckpt.key)
             return None
+        except StorageError:
+            if self.output.stat(key) is None:
+                return None  # another run deleted it since the stat: its item is committed
+            raise
 
     def failed_row(self, ckpt: Checkpoint, layer: str, layer_index: int, error: str, seconds: float) -> dict:
         return results.make_row(
@@ -430,13 +500,56 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             "skipped": {s: names[:MAX_SKIPPED_NAMES] for s, names in skipped.items()},
             "class_counts": counts,
             "extract_seconds": seconds,
+            # with false, the shards go once the item is committed: a manifest of a committed
+            # item that says false was left by a run killed before it deleted them
+            "keep_activations": spec.output.keep_activations,
             "splits": {
                 s: {"rows": sum(i.rows for i in infos), "shards": [i.key for i in infos]}
                 for s, infos in shards[p.name].items()
             },
         }
         sweep.output.publish_bytes(manifest_key(spec.run, ckpt, p.name), json.dumps(body, indent=1).encode())
+        # only now, with the new manifest published, may parts it does not list go (an earlier
+        # extraction with another output.max_shard_bytes, or one killed before its manifest)
+        listed = {info.key for infos in shards[p.name].values() for info in infos}
+        with tidying(f"layer {p.name} of {ckpt.key}: removing parts its new manifest does not list"):
+            delete_unlisted_parts(sweep.output, layer_prefix(spec.run, ckpt, p.name), listed)
+    for name in errors:  # a failed layer's complete parts have no manifest: nothing reads them
+        with tidying(f"layer {name} of {ckpt.key}: removing the parts of its failed extraction"):
+            delete_unlisted_parts(sweep.output, layer_prefix(spec.run, ckpt, name), set())
     return errors
+
+
+@contextlib.contextmanager
+def tidying(what: str) -> Iterator[None]:
+    """Clean-up that must not turn work that succeeded into a failure: log, and go on.
+
+    What it leaves is removed by a later run."""
+    try:
+        yield
+    except Exception as e:
+        log.warning("%s failed: %s", what, describe_error(e))
+
+
+def delete_unlisted_parts(storage: Storage, prefix: str, listed: set[str]) -> int:
+    """Delete the shard parts under a layer's prefix that are not in `listed`; how many.
+
+    With `listed` empty, a manifest published meanwhile by a racing run (the same layer
+    extracted twice at once) keeps its parts: only parts nothing lists are garbage. That
+    check and the deletion are not atomic; a reader that then misses a part extracts again
+    (`probe_and_commit`)."""
+    if not listed:
+        key = join(prefix, "manifest.json")
+        if storage.stat(key) is not None:
+            try:
+                other = json.loads(storage.read_bytes(key, max_bytes=MANIFEST_MAX_BYTES))
+                listed = {k for split in other["splits"].values() for k in split["shards"]}
+            except (ValueError, KeyError, TypeError, AttributeError, StorageError):
+                pass  # damaged or gone: it keeps nothing
+    stale = [k for k in shard_keys(storage, prefix) if k not in listed]
+    for k in stale:
+        storage.delete(k)
+    return len(stale)
 
 
 def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
@@ -447,7 +560,9 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
     t0 = time.perf_counter()
     manifest = sweep.manifest(ckpt, layer)
     if manifest is None:
-        raise ProbeserveError(f"layer {layer}: no activations for {ckpt.key}; extract first")
+        from probeserve.shards import ShardMissing
+
+        raise ShardMissing(f"layer {layer}: no activations for {ckpt.key}; extract first")
     batch = sweep.spec.probe.batch_size
     out = sweep.output
 
@@ -500,14 +615,53 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
     )
 
 
-def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> None:
-    """Drop a layer's shards (manifest first, so no reader is left with missing shards)."""
-    manifest = sweep.manifest(ckpt, layer)
-    sweep.output.delete(manifest_key(sweep.spec.run, ckpt, layer))
-    if manifest:
-        for split in manifest["splits"].values():
-            for key in split["shards"]:
-                sweep.output.delete(key)
+def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> int:
+    """Drop a layer's shards once its item is committed; return how many objects went.
+
+    The manifest goes first, so that no run starts reading shards that are about to go; then
+    every part under the layer's prefix, listed or not (a racing run's, or one left by a
+    killed or failed extraction). Only what is there is deleted, so a second run doing the
+    same finds nothing to do and writes nothing; a reader that had the manifest already and
+    misses a part finds the committed row (`probe_and_commit`)."""
+    out = sweep.output
+    key = manifest_key(sweep.spec.run, ckpt, layer)
+    n = 0
+    if out.stat(key) is not None:
+        out.delete(key)
+        n += 1
+    for part in shard_keys(out, layer_prefix(sweep.spec.run, ckpt, layer)):
+        out.delete(part)
+        n += 1
+    return n
+
+
+def clean_committed_activations(sweep: Sweep, plan: Plan) -> int:
+    """With `output.keep_activations: false`: delete the shards that runs killed after
+    committing an item left behind; how many objects went.
+
+    One listing of the run's activations. Only layers whose item is committed ok are
+    touched, and of those only parts with no manifest (nothing reads them) or with a
+    manifest that says it was not to be kept: a manifest from a run that kept its
+    activations (or one written before manifests said so) stays, with its parts."""
+    if sweep.spec.output.keep_activations:
+        return 0
+    out, run = sweep.output, sweep.spec.run
+    done = {layer_prefix(run, i.checkpoint, i.layer): i for i, s in plan.items if s == "ok"}
+    if not done:
+        return 0
+    base = join(ACTIVATIONS_DIR, run) + "/"
+    found = {"/".join(o.key.split("/")[:4]) for o in out.list(base)}  # activations/run/ckpt/layer
+    n = 0
+    for prefix in sorted(found):
+        item = done.get(prefix)
+        if item is None:
+            continue
+        manifest = sweep.manifest(item.checkpoint, item.layer)
+        if manifest is None or manifest.get("keep_activations") is False:
+            n += delete_activations(sweep, item.checkpoint, item.layer)
+    if n:
+        log.info("removed %d activation object(s) of committed items left by killed runs", n)
+    return n
 
 
 def log_failure(item: str, e: BaseException) -> None:
@@ -518,6 +672,11 @@ def log_failure(item: str, e: BaseException) -> None:
 
 
 RUNNING_DIR = "running"
+# A running marker is published again every HEARTBEAT_S seconds while its probe runs; one not
+# refreshed for STALE_BEATS of its own heartbeats is dead, wherever its process ran.
+HEARTBEAT_S = 30.0
+STALE_BEATS = 4
+MARKER_MAX_BYTES = 64 << 10
 
 
 def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
@@ -527,6 +686,108 @@ def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
         results.checkpoint_dir(ckpt.key, ckpt.step),
         results.layer_stem(layer) + ".json",
     )
+
+
+class Heartbeat:
+    """The `running/...` marker of one item while it is probed: published at once, then again
+    every `HEARTBEAT_S` seconds from a thread (so any machine can see that it is alive by its
+    age), and deleted at the end. It says who runs it: host, pid, start time, device."""
+
+    def __init__(self, storage: Storage, key: str, *, device: str) -> None:
+        self.storage, self.key = storage, key
+        self.interval = HEARTBEAT_S
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "device": device,
+            "heartbeat_s": self.interval,
+        }
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _publish(self) -> None:
+        self.storage.publish_bytes(self.key, json.dumps({**self.info, "beat": time.time()}).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._publish()
+            except Exception as e:  # a missed beat only makes status call it stale sooner
+                log.warning("%s: cannot refresh the running marker: %s", self.key, describe_error(e))
+
+    def __enter__(self) -> Heartbeat:
+        self._publish()
+        self._thread = threading.Thread(target=self._beat, name="probeserve-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating; once this returns, the marker is not published again."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def marker_state(storage: Storage, obj: ObjectInfo, *, now: float | None = None) -> tuple[bool, str]:
+    """(alive, why) for a running marker, from storage alone.
+
+    Dead: its pid is gone and it was written on this host, or it has not been refreshed for
+    `STALE_BEATS` heartbeats (its own `heartbeat_s`, or `HEARTBEAT_S` for a marker that does
+    not say). Its age is the storage's modification time, so clocks of the writer's machine
+    do not matter. A marker that cannot be read is judged by its age alone."""
+    now = time.time() if now is None else now
+    info: dict[str, Any] = {}
+    with contextlib.suppress(ProbeserveError, ValueError):
+        loaded = json.loads(storage.read_bytes(obj.key, max_bytes=MARKER_MAX_BYTES))
+        if isinstance(loaded, dict):
+            info = loaded
+    host, pid = info.get("host"), info.get("pid")
+    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        from probeserve.staging import pid_alive
+
+        if not pid_alive(pid):
+            return False, f"pid {pid} on {host} is gone"
+    interval = info.get("heartbeat_s")
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 < interval < 1e6:
+        interval = HEARTBEAT_S
+    age = now - obj.mtime
+    if age > STALE_BEATS * interval:
+        who = f" (host {host}, pid {pid})" if host else ""
+        return False, f"not refreshed for {age:.0f} s{who}"
+    return True, "running"
+
+
+def remove_dead_markers(sweep: Sweep) -> int:
+    """Delete the running markers of this run whose probes are dead (see `marker_state`);
+    how many. A live probe whose marker is deleted by mistake publishes it again at its
+    next heartbeat."""
+    out = sweep.output
+    n = 0
+    for obj in out.list(join(RUNNING_DIR, sweep.spec.run) + "/"):
+        alive, why = marker_state(out, obj)
+        if not alive:
+            log.info("removing the running marker %s: %s", obj.key, why)
+            out.delete(obj.key)
+            n += 1
+    return n
+
+
+def start_cleanup(sweep: Sweep, plan: Plan) -> None:
+    """What a run removes before it starts: leftovers of dead processes that are provably
+    its own (staging folders on this host, running markers, shards of committed items).
+    On an output with nothing left over, it writes nothing."""
+    from probeserve.staging import remove_stale
+
+    remove_stale()
+    with tidying(f"run {sweep.spec.run}: removing running markers of dead probes"):
+        remove_dead_markers(sweep)
+    with tidying(f"run {sweep.spec.run}: removing shards of committed items"):
+        clean_committed_activations(sweep, plan)
 
 
 def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str, str]:
@@ -539,12 +800,18 @@ def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str
     need = [i for i in items if sweep.manifest(ckpt, i.layer) is None]
     if not need:
         return {}
+    from probeserve.staging import remove_stale
+
+    remove_stale()  # a Ray worker on another host cleans up after that host's dead processes
     t0 = time.perf_counter()
     try:
         errors = extract(sweep, ckpt, [i.layer for i in need], device=device)
     except Exception as e:
         log_failure(f"extract {ckpt.key}", e)
         errors = {i.layer: describe_error(e) for i in need}
+        for i in need:  # parts it published before it failed: no manifest lists them
+            with tidying(f"layer {i.layer} of {ckpt.key}: removing the parts of its failed extraction"):
+                delete_unlisted_parts(out, layer_prefix(run, ckpt, i.layer), set())
     seconds = time.perf_counter() - t0
     for item in need:
         if item.layer in errors:
@@ -566,33 +833,82 @@ def commit_unless_done(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+REEXTRACT_TRIES = 2  # a probe whose shards vanish under it extracts again at most this often
+
+
 def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
     """Probe one item and commit its row (ok or failed); the commit is what makes it done.
 
-    While it runs, a small `running/...` object says so, for `probeserve status` on any machine.
+    While it runs, a `running/...` marker with a heartbeat says so, for `probeserve status`
+    on any machine.
+
+    Another run on the same output may delete this layer's shards while this one reads
+    them: with `keep_activations: false` once it has committed the item, or after its own
+    extraction of the layer failed; or extract the layer again and replace its parts. A probe
+    that misses its shards therefore looks again: a committed ok row is the answer (nothing is
+    logged as an error); a manifest that is there is read again, once; otherwise it extracts
+    the layer again and retries, and fails only if that keeps happening.
     """
     ckpt = item.checkpoint
-    done = results.read_row(sweep.output, sweep.spec.run, ckpt.key, ckpt.step, item.layer)
+    run = sweep.spec.run
+    done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
     if done is not None and done["status"] == "ok":
+        _drop_activations(sweep, item)  # shards this run extracted after another committed
         return done  # committed by another run since this one was planned
-    marker = running_key(sweep.spec.run, ckpt, item.layer)
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "device": device}
-    sweep.output.publish_bytes(marker, json.dumps(info).encode())
+    from probeserve.shards import ShardMissing
+
     t0 = time.perf_counter()
-    try:
-        row = probe(sweep, ckpt, item.layer, device=device)
-    except Exception as e:
-        log_failure(f"probe {ckpt.key} {item.layer}", e)
-        row = sweep.failed_row(
-            ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-        )
-    row = commit_unless_done(sweep, row)
-    try:  # the item is done now; tidying up after it must not undo that
-        sweep.output.delete(marker)
-        if row["status"] == "ok" and not sweep.spec.output.keep_activations:
-            delete_activations(sweep, ckpt, item.layer)
-    except Exception as e:
-        log.warning(
-            "step %d %s: committed, but cleaning up failed: %s", ckpt.step, item.layer, describe_error(e)
-        )
+    with Heartbeat(sweep.output, running_key(run, ckpt, item.layer), device=device) as beat:
+        row = None
+        extractions = 0
+        reread = False  # whether the manifest was read again since the last extraction
+        while row is None:
+            try:
+                row = probe(sweep, ckpt, item.layer, device=device)
+            except ShardMissing as e:
+                done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
+                if done is not None and done["status"] == "ok":
+                    log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
+                    row = done  # and nothing to commit
+                elif not reread and sweep.manifest(ckpt, item.layer) is not None:
+                    # a new manifest (another run extracted the layer again) lists other parts
+                    log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+                    reread = True
+                elif extractions == REEXTRACT_TRIES:
+                    log_failure(f"probe {ckpt.key} {item.layer}", e)
+                    row = sweep.failed_row(
+                        ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+                    )
+                else:
+                    log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+                    extractions += 1
+                    reread = False
+                    try:
+                        failed = extract(sweep, ckpt, [item.layer], device=device)
+                    except Exception as ex:
+                        failed = {item.layer: describe_error(ex)}
+                    if item.layer in failed:
+                        row = sweep.failed_row(
+                            ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
+                        )
+            except Exception as e:
+                log_failure(f"probe {ckpt.key} {item.layer}", e)
+                row = sweep.failed_row(
+                    ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+                )
+        assert row is not None
+        if row is not done:
+            row = commit_unless_done(sweep, row)
+        beat.stop()  # before the marker goes, or a last beat could publish it again
+    with tidying(f"step {ckpt.step} {item.layer}: committed, but cleaning up"):
+        sweep.output.delete(beat.key)
+    if row["status"] == "ok":
+        _drop_activations(sweep, item)
     return row
+
+
+def _drop_activations(sweep: Sweep, item: Item) -> None:
+    if sweep.spec.output.keep_activations:
+        return
+    with tidying(f"step {item.checkpoint.step} {item.layer}: committed, but deleting its shards"):
+        delete_activations(sweep, item.checkpoint, item.layer)

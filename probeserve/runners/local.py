@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from probeserve.probe import resolve_device
 from probeserve.progress import Progress
 from probeserve.spec import SweepSpec
-from probeserve.sweep import Item, Plan, Sweep, configure_torch, extract_missing, probe_and_commit
+from probeserve.sweep import (
+    Item,
+    Plan,
+    Sweep,
+    configure_torch,
+    extract_missing,
+    probe_and_commit,
+    start_cleanup,
+)
 
 log = logging.getLogger("probeserve")
 
@@ -55,6 +63,7 @@ def start(spec: SweepSpec) -> tuple[Sweep, Plan, RunSummary]:
     sweep = Sweep(spec)
     plan = sweep.plan()  # resolves data, model and layers: a bad spec stops here
     sweep.record_spec()  # ...so only a spec that works gets bound to the run name
+    start_cleanup(sweep, plan)  # what dead processes left: staging folders, markers, shards
     summary = RunSummary(skipped_done=plan.counts()["ok"])
     summary.incomplete = [c.key for c in plan.discovery.incomplete]
     summary.rejected = list(plan.discovery.rejected)

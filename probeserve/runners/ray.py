@@ -38,6 +38,7 @@ from probeserve.sweep import (
     describe_error,
     extract_missing,
     probe_and_commit,
+    release_freed_memory,
 )
 
 log = logging.getLogger("probeserve")
@@ -70,7 +71,10 @@ def _device(spec: SweepSpec, gpus: float) -> str:
 def _extract(spec: SweepSpec, items: list[Item], gpus: float) -> dict[str, str]:
     configure_torch(spec)
     sweep = _worker_sweep(spec)
-    return extract_missing(sweep, items, device=_device(spec, gpus))
+    try:
+        return extract_missing(sweep, items, device=_device(spec, gpus))
+    finally:  # the worker waits to be reused: it should not hold the extraction's peak heap
+        release_freed_memory()
 
 
 class _ProbeActor:
