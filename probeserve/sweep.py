@@ -39,7 +39,7 @@ from probeserve.storage import Storage, join, open_storage
 log = logging.getLogger("probeserve")
 
 SPLITS = ("train", "val", "test")
-ACTIVATIONS_DIR = "activations"
+ACTIVATIONS_DIR = results.ACTIVATIONS_DIR
 RUNS_DIR = results.RUNS_DIR
 
 
@@ -219,12 +219,19 @@ class Sweep:
                 plan.items.append((Item(ckpt, p.name, p.index), status.get((ckpt.key, p.name), "pending")))
         return plan
 
-    def record_spec(self) -> None:
+    def record_spec(self, *, run_level: bool = False) -> None:
         """Save the resolved spec beside the results; refuse a run name used by another spec.
 
         Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
-        which reads progress without building the model.
+        which reads progress without building the model. First, refuse an output in another
+        layout or schema (`results.check_layout`): nothing is written to one.
+
+        The first spec recorded under a run name stays its record, unless `run_level`: the watch
+        daemon records its own spec before it submits anything, and replaces a record of the
+        same hash, because the sweeps it submits are restricted to one checkpoint each and their
+        restriction (`checkpoints.steps: [N]`) must not become what the run covers.
         """
+        results.check_layout(self.output)
         key = results.run_key(self.spec.run, "spec.json")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
         if self.output.create_only(key, body.encode()):
@@ -233,6 +240,15 @@ class Sweep:
             )
         else:
             stored = results.read_json(self.output, key)
+            if (
+                run_level
+                and stored.get("spec_hash") == self.spec_hash
+                and stored.get("spec") != json.loads(body)["spec"]
+            ):
+                self.output.publish_bytes(key, body.encode())
+                self.output.publish_bytes(
+                    results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
+                )
             if stored.get("spec_hash") != self.spec_hash:
                 raise SpecError(
                     [
@@ -465,7 +481,7 @@ def log_failure(item: str, e: BaseException) -> None:
         log.error("%s failed:\n%s", item, "".join(traceback.format_exception(e)))
 
 
-RUNNING_DIR = "running"
+RUNNING_DIR = results.RUNNING_DIR
 
 
 def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
