@@ -5,8 +5,9 @@ kept in the working folder (`model.factory: acme_nets.zoo:build`). Each round st
 process in a folder holding such a module, starts Ray, and runs 4 tasks that import it, for
 three ways of starting Ray:
 
-- bare: `ray.init(address="local")`, nothing passed on (does a worker find the module?)
-- probeserve: `runners.ray.connect(None)`, which passes the folder on in PYTHONPATH
+- bare: `ray.init(address="local")`, nothing passed on (Ray puts the driver's working folder
+  on its workers' path itself)
+- probeserve: `runners.ray.connect(None)`, what `probeserve run` does
 - runtime_env: `ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": folder}})`
 
 It prints the median seconds to `ray.init` and from there to the 4 tasks' answers, and each
@@ -27,11 +28,12 @@ import tempfile
 
 CHILD = """
 import json, logging, os, sys, time
-t0 = time.perf_counter()
 import ray
 mode = sys.argv[1]
 if mode == "probeserve":
-    from probeserve.runners.ray import connect
+    from probeserve.runners.ray import connect  # imports torch: not part of the start-up measured
+t0 = time.perf_counter()
+if mode == "probeserve":
     connect(None)
 else:
     kwargs = {"address": "local", "include_dashboard": False, "logging_level": logging.WARNING}

@@ -145,21 +145,27 @@ def _auto_address() -> str:
     return recorded
 
 
-def _local_ray_env() -> None:
-    """What the local Ray we start, and every worker it forks, inherit from this process.
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that it turned token authentication on for a new local cluster.
 
-    - The working folder is importable in workers too, as it is in the CLI (a `model.factory`
-      such as `acme_nets.zoo:build` kept beside the spec). Through PYTHONPATH in the
-      environment Ray's processes inherit, not a runtime_env: a runtime_env keeps Ray from
-      using its pre-started workers (`jobs/benchmarks/bench_ray_start.py` measures both).
-    - RAY_AUTH_MODE=token, unless the user chose a mode: that is what Ray 2.60 enables by
-      default for a local cluster anyway, but set implicitly it prints a warning on every run.
+    Ray 2.60 turns it on by default for a cluster `ray.init` starts and says so, as a warning,
+    on every run; for the local Ray probeserve starts (and stops) itself it says nothing the
+    user can act on. Only that one message is dropped: every other warning of Ray's passes.
+    (Setting RAY_AUTH_MODE=token ourselves would silence it too, but set after Ray is
+    imported it leaves Ray's cached config behind and the new GCS refuses the driver.)
     """
-    cwd = os.getcwd()
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if cwd not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice() -> None:
+    notices = logging.getLogger(_TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in notices.filters):
+        notices.addFilter(_DropTokenAuthNotice())
 
 
 def connect(address: str | None) -> None:
@@ -170,6 +176,12 @@ def connect(address: str | None) -> None:
     names, which may be another user's cluster or, after a `ray start --head` that was
     killed, a dead one that ray.init retries for about 14 minutes. Every address is checked
     for a listener first, so a failure to connect comes within seconds.
+
+    The local Ray's workers can import what this process can from its working folder (a
+    `model.factory` such as `acme_nets.zoo:build` kept beside the spec): Ray puts a driver's
+    working folder on its workers' path itself, and nothing else is needed. A runtime_env
+    that does the same (`env_vars` PYTHONPATH) keeps Ray from using its pre-started workers
+    and makes start-up slower (`jobs/benchmarks/bench_ray_start.py`).
     """
     import ray
 
@@ -183,7 +195,7 @@ def connect(address: str | None) -> None:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if local:
         kwargs["include_dashboard"] = False
-        _local_ray_env()
+        _quiet_token_notice()
     try:
         ray.init(address="local" if local else address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
