@@ -109,7 +109,7 @@ def _key_digest(checkpoint: str) -> str:
     return hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
 
 
-_V1_DIR = re.compile(r"^step=(\d{12})-([0-9a-f]{8})$")
+_V1_DIR = re.compile(r"^step=(\d{12,})-([0-9a-f]{8})$")  # {step:012d}: more digits past 10**12
 
 
 def v1_checkpoint_dir(checkpoint: str, step: int) -> str:

@@ -119,8 +119,8 @@ def test_a_run_writes_results_that_every_tool_reads_with_its_defaults(made_by_wa
     out = made_by_watch / "out"
     expected = results.load(str(out)).to_pylist()
     assert len(expected) == 4 and {r["step"] for r in expected} == {0, 10}
-    assert not [k for k in every_key(out) if "=" in k], "a name=value folder is a hive partition"
     assert_read_right(out / "results", expected)
+    assert not [k for k in every_key(out) if "=" in k], "a name=value folder is a hive partition"
     # `probeserve query` exports every row, and a plain `run` on it has nothing to do
     assert cli("run", "spec.json", "--runner", "local", cwd=made_by_watch).returncode == 0
 
@@ -250,3 +250,30 @@ def test_migrate_refuses_while_a_run_is_in_progress(made_by_watch, tmp_path):
         migrate_output(open_storage(str(out)))
     forced = cli("migrate", str(out), "--force", cwd=tmp_path)
     assert forced.returncode == 0 and "running markers: 1 stale one(s) removed" in forced.stdout
+
+
+@pytest.mark.integration
+def test_migrate_an_old_output_on_s3(made_by_watch, tmp_path, s3_server, monkeypatch):
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    local = fresh_copy(made_by_watch, tmp_path / "src")
+    expected = {(r["checkpoint"], r["layer"]): r["test_error"] for r in results.load(str(local)).to_pylist()}
+    make_layout_1(local)
+    uri = f"s3://{s3_server.new_bucket()}/probes"
+    bucket = open_storage(uri)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            bucket.publish_bytes(str(p.relative_to(local)), p.read_bytes())
+    refused = cli("run", "spec.json", "--runner", "local", "--set", f"output.uri={uri}", cwd=local.parent)
+    assert refused.returncode == 2 and f"run `probeserve migrate {uri}` first" in refused.stderr
+    done = cli("migrate", uri, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "results: 4 row(s) moved to the new layout" in done.stdout and "12 shard file(s)" in done.stdout
+    keys = [o.key for o in bucket.list("")]
+    assert not [k for k in keys if "=" in k] and results.LAYOUT_KEY in keys
+    rows = results.load(uri).to_pylist()
+    assert {(r["checkpoint"], r["layer"]): r["test_error"] for r in rows} == expected
+    for key in [k for k in keys if k.endswith("manifest.json")]:
+        for split in json.loads(bucket.read_bytes(key))["splits"].values():
+            assert all(s in keys for s in split["shards"])  # the manifests name the moved shards
+    again = cli("run", "spec.json", "--runner", "local", "--set", f"output.uri={uri}", cwd=local.parent)
+    assert again.returncode == 0 and "4 already done" in again.stdout, again.stderr[-2000:]
