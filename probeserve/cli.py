@@ -478,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 def importable_working_folder() -> None:
     """Make the folder the command runs in importable, as `python -m` and uvicorn do, so a
     `model.factory` kept beside the spec (`acme_nets.zoo:build` for ./acme_nets/zoo.py) is
-    found by every command. (The `probeserve` script's own folder is what Python puts first;
-    the local Ray we start passes the folder on to its workers.)"""
+    found by every command. (Python puts the `probeserve` script's own folder first, not
+    this one; Ray passes a driver's working folder on to its workers itself.)"""
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)

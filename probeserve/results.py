@@ -280,7 +280,7 @@ def read_table(storage: Storage, run: str | None = None) -> pa.Table:
     tables = {k: _read_file(storage, k) for k in result_keys(storage, run)}
     if not tables:
         return SCHEMA.empty_table()
-    keep = _one_per_item((k, t.slice(0, 1).to_pylist()[0]) for k, t in tables.items())
+    keep = _one_per_item((k, t.to_pylist()[0]) for k, t in tables.items())  # one row each
     table = pa.concat_tables([tables[k] for k in keep])
     return table.sort_by([("run", "ascending"), ("step", "ascending"), ("layer_index", "ascending")])
 
@@ -336,7 +336,7 @@ def layout_problem(info: Mapping[str, Any] | None) -> str | None:
             + (f", columns {', '.join(extra)}" if extra else "")
             + "); upgrade probeserve to add to it"
         )
-    if layout < LAYOUT:
+    if isinstance(layout, int) and layout < LAYOUT:  # not an int: written_by_newer said so
         return f"it was written by an older probeserve (layout {layout})"
     if columns != COLUMN_NAMES:
         missing = [c for c in COLUMN_NAMES if c not in columns]

@@ -206,7 +206,10 @@ class RayJobSubmitter:
             raise ProbeserveError(f"--address {self.address}: {what}: {e}") from None
         raise e
 
-    def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str:
+    def check_spec(self, spec: SweepSpec) -> None:
+        """Refuse what a job cannot run: a relative data path would be looked for in the job's
+        copy of its working folder. (It is not made absolute, as the other paths are, because
+        data paths are part of the spec's hash.) The daemon asks before it claims anything."""
         for field_path, section, name in local_path_fields(spec.model_dump(mode="json")):
             if field_path.startswith("data.") and is_relative_local(section[name]):
                 raise SpecError(
@@ -215,6 +218,9 @@ class RayJobSubmitter:
                         "for in its copy of the working folder; give an absolute path or s3://"
                     ]
                 )
+
+    def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str:
+        self.check_spec(spec)
         if self.state(submission_id) != "unknown":
             return submission_id  # submitted before a restart: the same deterministic id
         tmp = tempfile.mkdtemp(prefix="probeserve-job-")
@@ -484,6 +490,9 @@ class Watcher:
             return
         from probeserve.sweep import Sweep
 
+        check = getattr(self.submitter, "check_spec", None)  # what only this submitter refuses
+        if check is not None:
+            check(self.spec)
         Sweep(self.spec).record_spec(run_level=True)
         self._recorded = True
 

@@ -874,3 +874,15 @@ def test_ray_jobs_carry_the_model_beside_the_spec_and_absolute_paths(tmp_path, m
     finally:
         for name in [m for m in sys.modules if m.split(".")[0] == "acme_nets"]:
             del sys.modules[name]
+
+
+def test_a_relative_data_path_is_refused_before_anything_is_submitted_as_a_ray_job(tmp_path, monkeypatch):
+    from probeserve.errors import SpecError
+
+    spec = tiny_spec(tmp_path, data={"kind": "idx", "path": "fashion-mnist"})  # relative, and in the hash
+    write_checkpoints(spec, steps=(0,))
+    client = FakeJobClient()
+    w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client))
+    with pytest.raises(SpecError, match=r"data.path: 'fashion-mnist' is a relative path, which a Ray job"):
+        w.scan()
+    assert client.jobs == {} and ledger_states(spec) == {}

@@ -187,8 +187,8 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    local = address in (None, "local")
-    if not local:
+    local = address is None or address == "local"
+    if address is not None and not local:
         # "auto" goes to ray.init as it is (Ray then also turns on token authentication when
         # a token is there), but what it resolves to is checked here first
         _check_reachable(_auto_address() if address == "auto" else address, given=address)
