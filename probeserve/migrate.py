@@ -99,6 +99,7 @@ def migrate(uri: str, *, s3_endpoint: str | None = None, force: bool = False) ->
 
 
 def migrate_output(out: Storage, *, force: bool = False) -> Migration:
+    """`migrate` on an opened output storage (tests wrap it to kill the migration midway)."""
     report = Migration(uri=out.uri)
     info = results.read_layout(out)
     if info is not None and results.layout_problem(info) is None:
