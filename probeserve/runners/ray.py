@@ -251,8 +251,6 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
 
 def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | None = None) -> RunSummary:
     """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
-    import ray
-
     t0 = time.perf_counter()
     sweep, plan, summary = start(spec)
     pending = plan.pending()
@@ -266,6 +264,8 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         )
         summary.seconds = time.perf_counter() - t0
         return summary
+    import ray
+
     connect(address)
     extract_gpus, probe_gpus, n_actors = plan_resources(spec)
     if max_actors is not None:
