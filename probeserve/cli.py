@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -567,6 +568,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from probeserve.migrate import migrate
+
+    done = migrate(args.output, s3_endpoint=args.s3_endpoint, force=args.force)
+    print("\n".join(done.lines()))
+    return 1 if done.damaged else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from probeserve.demo import run_demo
 
@@ -690,6 +699,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     rp.set_defaults(func=cmd_report)
 
+    mg = sub.add_parser(
+        "migrate",
+        help="bring an output written by an older probeserve to the current layout and columns",
+        description="Move results, activations, the watch ledger and running markers of an output written "
+        "by an older probeserve to the current layout, and rewrite its older rows with today's columns "
+        "(null where a row lacks one). Idempotent and safe to kill; refuses while a run or a watch "
+        "daemon looks active.",
+    )
+    mg.add_argument("output", help="the spec's output.uri")
+    mg.add_argument(
+        "--force", action="store_true", help="migrate although running markers or watch claims look live"
+    )
+    mg.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
+    mg.set_defaults(func=cmd_migrate)
+
     d = sub.add_parser("demo", help="train mnist_convnet on Fashion-MNIST, checkpoint it, probe every layer")
     d.add_argument("--out", default="demo-output", help="folder used as the bucket (default: demo-output)")
     d.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
@@ -698,10 +722,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def importable_working_folder() -> None:
+    """Make the folder the command runs in importable, as `python -m` and uvicorn do, so a
+    `model.factory` kept beside the spec (`acme_nets.zoo:build` for ./acme_nets/zoo.py) is
+    found by every command. (Python puts the `probeserve` script's own folder first, not
+    this one; Ray passes a driver's working folder on to its workers itself.)"""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    importable_working_folder()
     try:
         return int(args.func(args) or 0)
     except SpecError as e:

@@ -43,7 +43,7 @@ from probeserve.storage import ObjectInfo, Storage, join, open_storage
 log = logging.getLogger("probeserve")
 
 SPLITS = ("train", "val", "test")
-ACTIVATIONS_DIR = "activations"
+ACTIVATIONS_DIR = results.ACTIVATIONS_DIR
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below this
 RUNS_DIR = results.RUNS_DIR
 DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
@@ -302,16 +302,23 @@ class Sweep:
                 plan.items.append((Item(ckpt, p.name, p.index), status.get((ckpt.key, p.name), "pending")))
         return plan
 
-    def record_spec(self) -> None:
+    def record_spec(self, *, run_level: bool = False) -> None:
         """Save the resolved spec beside the results; refuse a run name used by another spec.
 
         Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
-        which reads progress without building the model.
+        which reads progress without building the model. First, refuse an output in another
+        layout or schema (`results.check_layout`): nothing is written to one.
+
+        The first spec recorded under a run name stays its record, unless `run_level`: the watch
+        daemon records its own spec before it submits anything, and replaces a record of the
+        same hash, because the sweeps it submits are restricted to one checkpoint each and their
+        restriction (`checkpoints.steps: [N]`) must not become what the run covers.
 
         Each object is read first and written only when it is missing or differs, so a rerun
         over a finished output writes nothing (on S3, every write is a billed request, and the
         watch daemon reruns on every scan).
         """
+        results.check_layout(self.output)
         key = results.run_key(self.spec.run, "spec.json")
         yaml_key = results.run_key(self.spec.run, "spec.yaml")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
@@ -319,6 +326,15 @@ class Sweep:
             self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         else:
             stored = results.read_json(self.output, key)
+            if (
+                run_level
+                and stored.get("spec_hash") == self.spec_hash
+                and stored.get("spec") != json.loads(body)["spec"]
+            ):
+                self.output.publish_bytes(key, body.encode())
+                self.output.publish_bytes(
+                    results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
+                )
             if stored.get("spec_hash") != self.spec_hash:
                 raise SpecError(
                     [
@@ -671,7 +687,7 @@ def log_failure(item: str, e: BaseException) -> None:
         log.error("%s failed:\n%s", item, "".join(traceback.format_exception(e)))
 
 
-RUNNING_DIR = "running"
+RUNNING_DIR = results.RUNNING_DIR
 # A running marker is published again every HEARTBEAT_S seconds while its probe runs; one not
 # refreshed for STALE_BEATS of its own heartbeats is dead, wherever its process ran.
 HEARTBEAT_S = 30.0

@@ -138,7 +138,7 @@ def test_plots_work_on_a_partly_finished_sweep(sweep_out, tmp_path):
     gone = [
         k
         for k in results.result_keys(storage, "t")
-        if "step=000000000010" in k and k.endswith(("act.parquet", "fc2.parquet"))
+        if "/step-000000000010-" in k and k.endswith(("act.parquet", "fc2.parquet"))
     ]
     assert len(gone) == 2
     for k in gone:

@@ -19,6 +19,7 @@ This is the only module that imports ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -92,37 +93,119 @@ class _ProbeActor:
         return probe_and_commit(_worker_sweep(self.spec), item, device=_device(self.spec, self.gpus))
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast: ray.init keeps retrying an address nobody listens on."""
+def _check_reachable(address: str, timeout: float = 5.0, *, given: str | None = None) -> None:
+    """Fail fast: ray.init keeps retrying an address nobody listens on. `given` is what the
+    user wrote, when `address` was resolved from it (`auto`)."""
     import socket
 
+    given = given or address
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
-        raise ProbeserveError(f"--address {address}: expected auto, host:port or ray://host:port")
+        raise ProbeserveError(
+            f"--address {given}: expected auto, host:port or ray://host:port, got {address}"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
+        why = e.strerror or str(e)
+        if given == address:
+            raise ProbeserveError(
+                f"--address {given}: cannot connect to a Ray cluster: nothing answers at {host}:{port} ({why})"
+            ) from None
+        source = "$RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "Ray's ray_current_cluster file"
         raise ProbeserveError(
-            f"--address {address}: cannot connect to a Ray cluster: nothing answers at {host}:{port} ({e.strerror or e})"
+            f"--address {given}: cannot connect to a Ray cluster: nothing answers at {host}:{port}, the address "
+            f"in {source} ({why}); that cluster is gone: start one with `ray start --head`, or leave out "
+            "--address to start a local Ray"
         ) from None
 
 
+def _auto_address() -> str:
+    """The cluster `--address auto` means: $RAY_ADDRESS, else the one `ray start` recorded.
+
+    Resolved here so that it can be checked: a cluster started with `ray start --head` and
+    then killed leaves its address in Ray's temp folder (`ray_current_cluster`), and
+    ray.init retries a dead address for many minutes.
+    """
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    recorded = None
+    try:  # Ray's own reader, so that RAY_TMPDIR and friends are honoured as Ray does
+        from ray._private.services import find_bootstrap_address
+
+        recorded = find_bootstrap_address(None)
+    except Exception:  # a Ray whose internals moved: fall back to the documented default
+        path = os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray", "ray_current_cluster")
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                recorded = f.read().strip()
+    if not recorded:
+        raise ProbeserveError(
+            "--address auto: no Ray cluster to join (no RAY_ADDRESS, and no `ray start` on this machine); "
+            "start one with `ray start --head`, or leave out --address to start a local Ray"
+        )
+    return recorded
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that it turned token authentication on for a new local cluster.
+
+    Ray 2.60 turns it on by default for a cluster `ray.init` starts and says so, as a warning,
+    on every run; for the local Ray probeserve starts (and stops) itself it says nothing the
+    user can act on. Only that one message is dropped: every other warning of Ray's passes.
+    (Setting RAY_AUTH_MODE=token ourselves would silence it too, but set after Ray is
+    imported it leaves Ray's cached config behind and the new GCS refuses the driver.)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice() -> None:
+    notices = logging.getLogger(_TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in notices.filters):
+        notices.addFilter(_DropTokenAuthNotice())
+
+
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` ("auto", "ray://host:port", host:port), or start a local one."""
+    """Join the cluster at `address` ("auto", "ray://host:port", host:port), or start a local one.
+
+    Without an address this always starts a fresh local Ray (`address="local"`), never joins
+    one: a bare `ray.init()` joins whatever $RAY_ADDRESS or Ray's `ray_current_cluster` file
+    names, which may be another user's cluster or, after a `ray start --head` that was
+    killed, a dead one that ray.init retries for about 14 minutes. Every address is checked
+    for a listener first, so a failure to connect comes within seconds.
+
+    The local Ray's workers can import what this process can from its working folder (a
+    `model.factory` such as `acme_nets.zoo:build` kept beside the spec): Ray puts a driver's
+    working folder on its workers' path itself, and nothing else is needed. A runtime_env
+    that does the same (`env_vars` PYTHONPATH) keeps Ray from using its pre-started workers
+    and makes start-up slower (`jobs/benchmarks/bench_ray_start.py`).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if address not in (None, "auto", "local"):
-        _check_reachable(address)
+    local = address is None or address == "local"
+    if address is not None and not local:
+        # "auto" goes to ray.init as it is (Ray then also turns on token authentication when
+        # a token is there), but what it resolves to is checked here first
+        _check_reachable(_auto_address() if address == "auto" else address, given=address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
+    if local:
         kwargs["include_dashboard"] = False
+        _quiet_token_notice()
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address="local" if local else address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise ProbeserveError(f"cannot start a local Ray: {first}") from None
         raise ProbeserveError(f"--address {address}: cannot connect to a Ray cluster: {first}") from None
 
 
@@ -172,11 +255,21 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
 
 def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | None = None) -> RunSummary:
     """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
-    import ray
-
     t0 = time.perf_counter()
     sweep, plan, summary = start(spec)
     pending = plan.pending()
+    if not pending:  # nothing to do: no Ray to start (a local one takes seconds)
+        log.info(
+            "run %s: %d checkpoint(s), %d layer(s), nothing pending, %d already done",
+            spec.run,
+            len(plan.discovery.complete),
+            len(sweep.points),
+            summary.skipped_done,
+        )
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    import ray
+
     connect(address)
     extract_gpus, probe_gpus, n_actors = plan_resources(spec)
     if max_actors is not None:
@@ -197,10 +290,6 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         extract_gpus,
     )
     progress = Progress(len(pending))
-    if not pending:
-        summary.seconds = time.perf_counter() - t0
-        return summary
-
     extract_task = ray.remote(_extract).options(
         num_cpus=1, num_gpus=extract_gpus, max_retries=EXTRACT_RETRIES, retry_exceptions=False
     )
