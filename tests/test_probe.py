@@ -179,17 +179,25 @@ class _CountingSource:
 
 def test_streaming_gives_the_in_memory_answer() -> None:
     x, y, xv, yv = _split(*_blobs(1400, 40, 3, seed=3), 1000)
-    common = dict(patience=None, max_epochs=200, tolerance=1e-9, l2=1e-3, batch_size=256)
+    common = dict(patience=None, max_epochs=200, tolerance=1e-9, l2=1e-3, batch_size=100)
 
     resident = _CountingSource(x, y, 100)
     in_mem = train_probe(resident, in_memory(xv, yv), None, num_classes=3, spec=ProbeSpec(**common))
-    assert resident.passes == 2  # the scan, then the copy into memory
+    assert resident.passes == 1  # kept while it was checked: read once
+    assert in_mem.train_resident
 
+    # room for the parameters, buffers and chunks in flight, not for the 168 KB train split
     streamed_source = _CountingSource(x, y, 100)
     streamed = train_probe(
-        streamed_source, in_memory(xv, yv), None, num_classes=3, spec=ProbeSpec(memory_bytes=1, **common)
+        streamed_source,
+        in_memory(xv, yv),
+        None,
+        num_classes=3,
+        spec=ProbeSpec(memory_bytes=300_000, **common),
     )
+    assert not streamed.train_resident
     assert streamed_source.passes > streamed.epochs  # every function evaluation read the source
+    assert streamed.peak_bytes <= 300_000 < in_mem.peak_bytes
 
     assert streamed.objective == pytest.approx(in_mem.objective, rel=1e-5)
     np.testing.assert_allclose(
