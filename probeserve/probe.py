@@ -105,11 +105,12 @@ _HISTORY = 10  # L-BFGS curvature pairs kept; more helps little on these problem
 _ARMIJO_C1 = 1e-4
 _MAX_BACKTRACKS = 30
 _PREFETCH = 2  # chunks read ahead of the one being computed when a split is streamed
-# Resident data is processed in blocks whose [rows, K*C] temporaries hold about this many
-# floats: large blocks mean few, large matrix products (faster than many small ones). On a
-# GPU the gradient product accumulates into the [K*C, D] gradient once per block, so blocks
-# must be much larger there for that traffic to stay small next to the product itself.
-_BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+# Data is processed in blocks whose temporaries ([rows, K*C] logits and softmax, per-row
+# statistics) take about this many bytes: large blocks mean few, large matrix products
+# (faster than many small ones). On a GPU the gradient product adds into the [K*C, D]
+# gradient once per block, so blocks are larger there, for that traffic to stay small next
+# to the product itself. Never more than a quarter of `memory_bytes`.
+_BLOCK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 # float64 vectors of the parameters' size a probe keeps besides its L-BFGS history:
 # parameters, gradient, direction, candidate, new gradient, best-on-validation, and the
 # transient [C, D] pieces of a gradient's assembly.
@@ -422,7 +423,7 @@ class _Ledger:
         if self.fixed + nbytes > self.budget:
             others = f", besides {_fmt_bytes(self.fixed)} already reserved in this call" if self.fixed else ""
             raise BudgetError(
-                f"probe.memory_bytes: {_fmt_bytes(self.budget)} cannot hold {what} "
+                f"probe.memory_bytes: {self.budget} ({_fmt_bytes(self.budget)}) cannot hold {what} "
                 f"({_fmt_bytes(nbytes)}{others}); raise probe.memory_bytes"
                 + (" or train fewer probes together (resources.probes_per_call)" if self.fixed else "")
             )
@@ -511,7 +512,7 @@ class _Data:
 
     # -- memory
 
-    def needs(self, n_features: int) -> tuple[int, int, int]:
+    def needs(self, n_features: int, chunk_rows: int) -> tuple[int, int, int]:
         """(bytes this data set's probes hold for good, bytes of one pass's buffers, rows per
         block). Passes run one at a time, so a call holds the largest pass's buffers once."""
         c, d, k = self.num_classes, n_features, self.heads
@@ -523,21 +524,24 @@ class _Data:
         # temporaries of one block: [rows, K*C] float32 logits and softmax (+ its bf16 rounding),
         # per-row statistics, and a float32 copy of a bf16 block where the products need one
         per_row = k * c * (8 + (4 if self.bf16 else 0)) + k * 8 * 8 + (d * 4 if self.bf16 else 0)
-        cap = _BLOCK_ELEMENTS["cuda" if self.cuda else "cpu"] // max(1, k * c)
-        rows = max(1, min(max(self.spec.batch_size, cap), (self.ledger.budget // 4) // per_row))
-        # chunks in flight while streaming: the queue, the one being read and the one being
+        cap = min(_BLOCK_BYTES["cuda" if self.cuda else "cpu"], self.ledger.budget // 4)
+        rows = max(1, cap // per_row)
+        # chunks in flight while reading: the queue, the one being read and the one being
         # computed, each as read (float32) and centred in the compute dtype
-        chunk = self.spec.batch_size * (d * (4 + (2 if self.bf16 else 4)) + 16)
+        chunk = chunk_rows * (d * (4 + (2 if self.bf16 else 4)) + 16)
         return fixed, buffers + rows * per_row + (_PREFETCH + 2) * chunk, rows
 
-    def set_features(self, n_features: int) -> None:
+    def set_features(self, n_features: int, chunk_rows: int | None = None) -> None:
+        """Reserve this data set's memory once its feature count is known (from a manifest
+        before reading, or from the first chunk, whose size stands for the source's chunks)."""
         if self.n_features is not None:
             if n_features != self.n_features:
                 raise DataError(
                     f"train split: chunks have {n_features} features, but the shard manifest says {self.n_features}"
                 )
             return
-        fixed, shared, self.block_rows = self.needs(n_features)
+        rows = min(self.spec.batch_size, chunk_rows or self.spec.batch_size)
+        fixed, shared, self.block_rows = self.needs(n_features, rows)
         what = f"{self.heads} probe(s) of {self.num_classes} classes x {n_features} features"
         self.ledger.reserve(
             fixed + max(0, shared - self.ledger.shared),
@@ -639,7 +643,7 @@ class _Data:
         check = (split.name, self.n_features)
         for x, y in self.stream(split.source, centre=False, check=check):
             if self.n_features is None or (is_train and n == 0):
-                self.set_features(x.shape[1])
+                self.set_features(x.shape[1], len(x))
             if is_train and self.shift0 is None:
                 self.shift0 = x.mean(0, dtype=torch.float64).float()
             assert self.shift0 is not None

@@ -389,12 +389,23 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     return errors
 
 
-def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
-    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
-    from probeserve.probe import train_probe
+def probes_per_call(spec: SweepSpec, device: str) -> int:
+    """How many items of one checkpoint a probe call trains together (`resources.probes_per_call`;
+    unset: 1 on CPU, where one probe already uses every core, and more on a GPU, which one
+    probe of a small layer leaves mostly idle)."""
+    if spec.resources.probes_per_call is not None:
+        return spec.resources.probes_per_call
+    return CUDA_PROBES_PER_CALL if device.startswith("cuda") else 1
+
+
+CUDA_PROBES_PER_CALL = 8
+
+
+def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str):  # -> (manifest, probe.ProbeData)
+    """A layer's shards as the probe trainer reads them, with its manifest."""
+    from probeserve.probe import ProbeData
     from probeserve.shards import iter_chunks
 
-    t0 = time.perf_counter()
     manifest = sweep.manifest(ckpt, layer)
     if manifest is None:
         raise ProbeserveError(f"layer {layer}: no activations for {ckpt.key}; extract first")
@@ -405,17 +416,27 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         keys = manifest["splits"][split]["shards"]
         return lambda: iter_chunks(out, keys, batch_rows=batch)
 
-    try:
-        res = train_probe(
-            source("train"),
-            source("val"),
-            source("test"),
-            num_classes=manifest["num_classes"],
-            spec=sweep.spec.probe,
-            device=device,
-        )
-    except ProbeserveError as e:
-        raise type(e)(f"layer {layer}: {e}") from None
+    data = ProbeData(
+        source("train"),
+        source("val"),
+        source("test"),
+        num_classes=manifest["num_classes"],
+        n_features=manifest["n_features"],
+    )
+    return manifest, data
+
+
+def _named(e: Exception, layer: str) -> Exception:
+    """A user error with the layer it concerns in front of its message."""
+    if isinstance(e, ProbeserveError) and not isinstance(e, SpecError):
+        named = type(e)(f"layer {layer}: {e}")
+        return named
+    return e
+
+
+def _probe_row(
+    sweep: Sweep, ckpt: Checkpoint, layer: str, manifest: dict, res, seconds: float
+) -> dict[str, Any]:
     train_counts = manifest["class_counts"]["train"]
     test_counts = manifest["class_counts"]["test"]
     majority = int(np.argmax(train_counts))
@@ -443,9 +464,49 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         best_epoch=res.best_epoch,
         status="ok",
         error=None,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         device=res.device,
     )
+
+
+def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
+    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    manifest, data = _probe_data(sweep, ckpt, layer)
+    try:
+        ((outcome,),) = train_probes([data], spec=sweep.spec.probe, device=device)
+    except ProbeserveError as e:
+        raise _named(e, layer) from None
+    if isinstance(outcome, Exception):
+        raise _named(outcome, layer)
+    return _probe_row(sweep, ckpt, layer, manifest, outcome, time.perf_counter() - t0)
+
+
+def probe_group(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> list[Any]:
+    """Train the probes of several layers of one checkpoint together on one device (one call
+    of `probe.train_probes`, within one `probe.memory_bytes`); return, per layer, its row or
+    the exception that failed it alone. Each row's `seconds` is its share of the wall time."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    outcomes: list[Any] = [None] * len(layers)
+    inputs = []
+    for i, layer in enumerate(layers):
+        try:
+            inputs.append((i, *_probe_data(sweep, ckpt, layer)))
+        except Exception as e:
+            outcomes[i] = _named(e, layer)
+    trained = train_probes([data for _, _, data in inputs], spec=sweep.spec.probe, device=device)
+    share = (time.perf_counter() - t0) / max(1, len(layers))
+    for (i, manifest, _), (outcome,) in zip(inputs, trained, strict=True):
+        layer = layers[i]
+        if isinstance(outcome, Exception):
+            outcomes[i] = _named(outcome, layer)
+        else:
+            outcomes[i] = _probe_row(sweep, ckpt, layer, manifest, outcome, share)
+    return outcomes
 
 
 def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> None:
@@ -514,26 +575,22 @@ def commit_unless_done(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
-    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
-
-    While it runs, a small `running/...` object says so, for `probeserve status` on any machine.
-    """
+def _start_item(sweep: Sweep, item: Item, device: str) -> tuple[dict[str, Any] | None, str]:
+    """The item's committed ok row if another run finished it, else None after publishing its
+    `running/...` marker; and the marker's key."""
     ckpt = item.checkpoint
+    marker = running_key(sweep.spec.run, ckpt, item.layer)
     done = results.read_row(sweep.output, sweep.spec.run, ckpt.key, ckpt.step, item.layer)
     if done is not None and done["status"] == "ok":
-        return done  # committed by another run since this one was planned
-    marker = running_key(sweep.spec.run, ckpt, item.layer)
+        return done, marker  # committed by another run since this one was planned
     info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "device": device}
     sweep.output.publish_bytes(marker, json.dumps(info).encode())
-    t0 = time.perf_counter()
-    try:
-        row = probe(sweep, ckpt, item.layer, device=device)
-    except Exception as e:
-        log_failure(f"probe {ckpt.key} {item.layer}", e)
-        row = sweep.failed_row(
-            ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-        )
+    return None, marker
+
+
+def _finish_item(sweep: Sweep, item: Item, row: dict[str, Any], marker: str) -> dict[str, Any]:
+    """Commit the item's row (the commit is what makes it done), then tidy up after it."""
+    ckpt = item.checkpoint
     row = commit_unless_done(sweep, row)
     try:  # the item is done now; tidying up after it must not undo that
         sweep.output.delete(marker)
@@ -544,3 +601,70 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
             "step %d %s: committed, but cleaning up failed: %s", ckpt.step, item.layer, describe_error(e)
         )
     return row
+
+
+def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
+    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+
+    While it runs, a small `running/...` object says so, for `probeserve status` on any machine.
+    """
+    ckpt = item.checkpoint
+    done, marker = _start_item(sweep, item, device)
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    try:
+        row = probe(sweep, ckpt, item.layer, device=device)
+    except Exception as e:
+        log_failure(f"probe {ckpt.key} {item.layer}", e)
+        row = sweep.failed_row(
+            ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+        )
+    return _finish_item(sweep, item, row, marker)
+
+
+def probe_and_commit_group(sweep: Sweep, items: list[Item], *, device: str) -> list[dict[str, Any]]:
+    """Probe several items of one checkpoint together and commit each one's row as
+    `probe_and_commit` does; return the rows in the order of `items`.
+
+    An item already committed ok is skipped. A failure fails its item alone: an item whose data
+    is bad gets a failed row while the others are trained; an item that does not fit in
+    `probe.memory_bytes` beside the others is trained again on its own; and if the group as a
+    whole fails (an error no single item's data explains), each item is trained on its own.
+    """
+    if len(items) <= 1:
+        return [probe_and_commit(sweep, item, device=device) for item in items]
+    from probeserve.probe import BudgetError
+
+    ckpt = items[0].checkpoint
+    assert all(i.checkpoint == ckpt for i in items), "a probe group holds items of one checkpoint"
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[Item, str]] = []
+    for item in items:
+        done, marker = _start_item(sweep, item, device)
+        if done is not None:
+            rows[item.layer] = done
+        else:
+            todo.append((item, marker))
+    t0 = time.perf_counter()
+    try:
+        outcomes = probe_group(sweep, ckpt, [item.layer for item, _ in todo], device=device) if todo else []
+    except Exception as e:
+        log.warning(
+            "step %d: %d probes trained together failed (%s); training each alone",
+            ckpt.step,
+            len(todo),
+            describe_error(e),
+        )
+        outcomes = [None] * len(todo)
+    for (item, marker), outcome in zip(todo, outcomes, strict=True):
+        if outcome is None or isinstance(outcome, BudgetError):
+            rows[item.layer] = probe_and_commit(sweep, item, device=device)  # on its own
+            continue
+        if isinstance(outcome, Exception):
+            log_failure(f"probe {ckpt.key} {item.layer}", outcome)
+            outcome = sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(outcome), time.perf_counter() - t0
+            )
+        rows[item.layer] = _finish_item(sweep, item, outcome, marker)
+    return [rows[item.layer] for item in items]
