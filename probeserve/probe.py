@@ -728,8 +728,8 @@ class _Eval:
     loss: float  # mean cross-entropy
     errors: int
     n: int
-    grad_w: torch.Tensor | None = None  # of the mean cross-entropy, float64 [C, D]
-    grad_b: torch.Tensor | None = None  # float64 [C]
+    grad_w: torch.Tensor | None = None  # of the mean cross-entropy, float32 [C, D]
+    grad_b: torch.Tensor | None = None  # float32 [C]
 
     @property
     def error(self) -> float:
@@ -753,13 +753,15 @@ def _pass(data: _Data, split: _Split, params: Sequence[torch.Tensor], *, with_gr
     kc = k * c
     # Fold the standardisation into the weights: W z + b = (W s) x_c + (b - (W s) delta),
     # with x_c the held (centred) features and delta = m - shift0.
+    scale32, delta32 = data.scale64.float(), data.delta64.float()
     v32 = torch.empty((kc, data.n_features), dtype=torch.float32, device=dev)
     c32 = torch.empty(kc, dtype=torch.float32, device=dev)
     for i, p in enumerate(params):
         w, b = _unpack(p, c)
-        v = w * data.scale64
-        v32[i * c : (i + 1) * c] = v
-        c32[i * c : (i + 1) * c] = b - v @ data.delta64
+        v32[i * c : (i + 1) * c] = w
+        c32[i * c : (i + 1) * c] = b
+    v32.mul_(scale32)
+    c32.sub_(v32 @ delta32)
     products = data.products
     v = products.weights(v32)
     loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
@@ -794,15 +796,16 @@ def _pass(data: _Data, split: _Split, params: Sequence[torch.Tensor], *, with_gr
     n = split.n
     losses = (loss_sum / n).tolist()
     counts = errors.tolist()
+    if grad_v is not None and grad_c is not None:
+        # back to the standardised space, for every head at once and in place:
+        # dL/dW = (R^T x_c - (R^T 1) delta^T) * s / n
+        grad_v.addr_(grad_c, delta32, alpha=-1.0).mul_(scale32 / n)
+        grad_c /= n
     out = []
     for i in range(k):
         ev = _Eval(losses[i], counts[i], n)
         if grad_v is not None and grad_c is not None:
-            # back to the standardised space: dL/dW = (R^T x_c - (R^T 1) delta^T) * s
-            gb = grad_c[i * c : (i + 1) * c].double()
-            gw = grad_v[i * c : (i + 1) * c].double()
-            gw.sub_(gb[:, None] * data.delta64[None, :]).mul_(data.scale64)
-            ev.grad_w, ev.grad_b = gw.div_(n), gb.div_(n)
+            ev.grad_w, ev.grad_b = grad_v[i * c : (i + 1) * c], grad_c[i * c : (i + 1) * c]
         out.append(ev)
     return out
 
@@ -846,12 +849,12 @@ def _lbfgs(n_params: int, *, device: str, spec: ProbeSpec) -> _Solver:
         alphas = []
         for s, yk, rho in zip(reversed(steps), reversed(diffs), reversed(rhos), strict=True):
             a = rho * float(s @ q)
-            q -= a * yk
+            q.add_(yk, alpha=-a)
             alphas.append(a)
         if steps:
             q *= float(steps[-1] @ diffs[-1]) / float(diffs[-1] @ diffs[-1])
         for s, yk, rho, a in zip(steps, diffs, rhos, reversed(alphas), strict=True):
-            q += (a - rho * float(yk @ q)) * s
+            q.add_(s, alpha=a - rho * float(yk @ q))
         direction = q.neg_()
         slope = float(grad @ direction)
         if slope >= 0:  # numerically lost descent: restart from steepest descent
@@ -861,7 +864,7 @@ def _lbfgs(n_params: int, *, device: str, spec: ProbeSpec) -> _Solver:
         t = 1.0 if steps else 1.0 / max(float(grad.norm()), 1e-12)
 
         for _ in range(_MAX_BACKTRACKS):
-            candidate = params + t * direction
+            candidate = torch.add(params, direction, alpha=t)
             f_new, grad_new = yield _Evaluate(candidate)
             if f_new <= f + _ARMIJO_C1 * t * slope:
                 break
@@ -932,9 +935,14 @@ class _Head:
             self.error = DataError("the loss became non-finite; the activations may be too large for float32")
             return
         assert ev.grad_w is not None and ev.grad_b is not None
-        w, _ = _unpack(self.request.params, self.data.num_classes)
-        f = ev.loss + 0.5 * self.l2 * float(w.pow(2).sum())
-        self.send((f, torch.cat([(ev.grad_w + self.l2 * w).reshape(-1), ev.grad_b])))
+        params = self.request.params
+        w, _ = _unpack(params, self.data.num_classes)
+        f = ev.loss + 0.5 * self.l2 * float(torch.dot(w.reshape(-1), w.reshape(-1)))
+        grad = torch.empty_like(params)
+        grad_w, grad_b = _unpack(grad, self.data.num_classes)
+        grad_w.copy_(ev.grad_w).add_(w, alpha=self.l2)
+        grad_b.copy_(ev.grad_b)
+        self.send((f, grad))
 
     def validated(self, epoch: int, params: torch.Tensor, val_loss: float | None) -> bool:
         """Record epoch `epoch`'s validation loss; return True when training should stop."""
@@ -942,7 +950,7 @@ class _Head:
             return False
         if val_loss < self.best_loss:
             self.best_loss, self.best_epoch = val_loss, epoch
-            self.best_params = params.clone()
+            self.best_params = params  # the solvers never change a parameter vector in place
             return False
         return epoch - self.best_epoch >= self.spec.patience
 
