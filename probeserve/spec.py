@@ -267,6 +267,9 @@ class StorageSpec(_Strict):
         return self.s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
 
 
+_ADDED_AT_DEFAULT = [("probe", "compute_dtype", "float32")]  # (section, field, default) for `hash`
+
+
 class SweepSpec(_Strict):
     """A whole sweep: every (checkpoint, layer) pair it names is one idempotent work item."""
 
@@ -288,6 +291,11 @@ class SweepSpec(_Strict):
         `layers.inputs` is in, because it changes every probe point's `layer_index`.
         """
         keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
+        # Fields added after runs were recorded are left out at their default, so that a spec
+        # written before they existed keeps its hash, and its run name keeps working.
+        for section, name, default in _ADDED_AT_DEFAULT:
+            if keep[section].get(name) == default:
+                del keep[section][name]
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()

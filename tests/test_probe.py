@@ -464,6 +464,22 @@ def test_bfloat16_compute_moves_the_optimum_little() -> None:
     assert f32.peak_bytes - bf16.peak_bytes >= held * 2 * 0.9
 
 
+def test_compute_dtype_changes_the_spec_hash_only_when_set() -> None:
+    from probeserve.spec import spec_from_dict
+
+    base = {
+        "checkpoints": {"uri": "x"},
+        "model": {"factory": "mlp"},
+        "data": {"kind": "gaussian"},
+        "output": {"uri": "o"},
+    }
+    # the hash this spec had before `probe.compute_dtype` existed: runs recorded then keep
+    # their run name (a branch that adds a field without this care changes it, and fails here)
+    assert spec_from_dict(base).hash() == "85939bc4532e37e0"
+    as_bf16 = spec_from_dict({**base, "probe": {"compute_dtype": "bfloat16"}})
+    assert as_bf16.hash() != spec_from_dict(base).hash()
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices
 
