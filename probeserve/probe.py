@@ -84,8 +84,10 @@ import math
 import queue
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -468,17 +470,18 @@ class _Split:
         self.slabs = None
         self.held_bytes = 0
 
-    def blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """One pass in blocks of at most `block_rows` centred rows in the compute dtype."""
         if self.slabs is not None:
             yield from self.slabs
             return
         rows = 0
         d = self.data
-        for x, y in d.stream(self.source, centre=True):
-            rows += len(x)
-            for start in range(0, len(x), d.block_rows):
-                yield x[start : start + d.block_rows], y[start : start + d.block_rows]
+        with closing(d.stream(self.source, centre=True)) as chunks:
+            for x, y in chunks:
+                rows += len(x)
+                for start in range(0, len(x), d.block_rows):
+                    yield x[start : start + d.block_rows], y[start : start + d.block_rows]
         if rows != self.n:
             raise DataError(f"{self.name} split: a later pass yielded {rows} rows, the first {self.n}")
 
@@ -551,6 +554,9 @@ class _Data:
         self.reserved, self.n_features = fixed, n_features
 
     def fail(self, error: Exception) -> None:
+        # the error is kept (and returned) while the other probes train: its frames must not
+        # keep this data set's tensors, or a suspended reader and its thread, alive
+        traceback.clear_frames(error.__traceback__)
         self.error = error
         for split in (self.train, self.val, self.test):
             if split is not None:
@@ -592,7 +598,7 @@ class _Data:
 
     def stream(
         self, source: ChunkSource, *, centre: bool, check: tuple[str, int | None] | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """One pass over `source` with the next chunks read on a background thread."""
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -629,6 +635,13 @@ class _Data:
     def scan(self, split: _Split, *, keep: bool) -> None:
         """Read `split` once: check it, count rows (and classes and moments for train), and
         hold it on the device while it fits."""
+        check = (split.name, self.n_features)
+        with closing(self.stream(split.source, centre=False, check=check)) as chunks:
+            self._keep(split, chunks, keep=keep)
+
+    def _keep(
+        self, split: _Split, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]], *, keep: bool
+    ) -> None:
         is_train = split is self.train
         n = 0
         s1: torch.Tensor | None = None
@@ -640,8 +653,7 @@ class _Data:
         first_rows = 0
         slabs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (x, y, filled)
         keeping = keep
-        check = (split.name, self.n_features)
-        for x, y in self.stream(split.source, centre=False, check=check):
+        for x, y in chunks:
             if self.n_features is None or (is_train and n == 0):
                 self.set_features(x.shape[1], len(x))
             if is_train and self.shift0 is None:
@@ -769,30 +781,31 @@ def _pass(data: _Data, split: _Split, params: Sequence[torch.Tensor], *, with_gr
     grad_v = torch.zeros((kc, data.n_features), dtype=torch.float32, device=dev) if with_grad else None
     grad_c = torch.zeros(kc, dtype=torch.float32, device=dev) if with_grad else None
     minus_one = torch.full((1, 1, 1), -1.0, device=dev)
-    for x, y in split.blocks():
-        rows = len(y)
-        xin = products.features(x)
-        grouped = products.logits(c32, xin, v).view(rows, k, c)
-        truth = y.view(rows, 1, 1).expand(rows, k, 1)
-        picked = grouped.gather(2, truth).squeeze(2)  # [rows, K] logit of the true class
-        if grad_v is None or grad_c is None:
+    with closing(split.blocks()) as blocks:
+        for x, y in blocks:
+            rows = len(y)
+            xin = products.features(x)
+            grouped = products.logits(c32, xin, v).view(rows, k, c)
+            truth = y.view(rows, 1, 1).expand(rows, k, 1)
+            picked = grouped.gather(2, truth).squeeze(2)  # [rows, K] logit of the true class
+            if grad_v is None or grad_c is None:
+                top, predicted = grouped.max(dim=2)
+                errors += (predicted != y[:, None]).sum(dim=0)
+                loss_sum += (torch.logsumexp(grouped, dim=2) - picked).sum(dim=0, dtype=torch.float64)
+                continue
             top, predicted = grouped.max(dim=2)
             errors += (predicted != y[:, None]).sum(dim=0)
-            loss_sum += (torch.logsumexp(grouped, dim=2) - picked).sum(dim=0, dtype=torch.float64)
-            continue
-        top, predicted = grouped.max(dim=2)
-        errors += (predicted != y[:, None]).sum(dim=0)
-        # One fused softmax instead of separate subtract, exp, sum and divide passes over the
-        # [rows, K*C] block; its largest entry is 1 / sum(exp(logits - top)), so
-        # logsumexp = top - log(p_top) without another pass (and p_top >= 1/C never underflows).
-        probs = torch.softmax(grouped, dim=2)
-        del grouped
-        p_top = probs.gather(2, predicted.unsqueeze(2)).squeeze(2)
-        loss_sum += (top - p_top.log() - picked).sum(dim=0, dtype=torch.float64)
-        probs.scatter_add_(2, truth, minus_one.expand(rows, k, 1))  # minus one-hot: the residual
-        residual = probs.view(rows, kc)
-        products.accumulate_gradient(grad_v, residual, xin)
-        grad_c += residual.sum(dim=0)
+            # One fused softmax instead of separate subtract, exp, sum and divide passes over the
+            # [rows, K*C] block; its largest entry is 1 / sum(exp(logits - top)), so
+            # logsumexp = top - log(p_top) without another pass (and p_top >= 1/C never underflows).
+            probs = torch.softmax(grouped, dim=2)
+            del grouped
+            p_top = probs.gather(2, predicted.unsqueeze(2)).squeeze(2)
+            loss_sum += (top - p_top.log() - picked).sum(dim=0, dtype=torch.float64)
+            probs.scatter_add_(2, truth, minus_one.expand(rows, k, 1))  # minus one-hot: the residual
+            residual = probs.view(rows, kc)
+            products.accumulate_gradient(grad_v, residual, xin)
+            grad_c += residual.sum(dim=0)
     n = split.n
     losses = (loss_sum / n).tolist()
     counts = errors.tolist()
@@ -1036,16 +1049,18 @@ def _adam(head: _Head) -> tuple[torch.Tensor, int]:
     batch = spec.batch_size
     train = data.train
 
-    def minibatches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        blocks: Iterable[tuple[torch.Tensor, torch.Tensor]] = train.blocks()
+    def minibatches() -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         if train.slabs is not None and len(train.slabs) > 1:
             order = torch.randperm(len(train.slabs), generator=generator).tolist()
-            blocks = [train.slabs[i] for i in order]
-        for x, y in blocks:
-            perm = torch.randperm(len(y), generator=generator).to(device)
-            for start in range(0, len(y), batch):
-                idx = perm[start : start + batch]
-                yield x[idx], y[idx]
+            blocks = iter([train.slabs[i] for i in order])
+        else:
+            blocks = train.blocks()
+        with closing(blocks) if isinstance(blocks, Generator) else nullcontext(blocks) as it:
+            for x, y in it:
+                perm = torch.randperm(len(y), generator=generator).to(device)
+                for start in range(0, len(y), batch):
+                    idx = perm[start : start + batch]
+                    yield x[idx], y[idx]
 
     previous = math.inf
     step = 0
@@ -1053,17 +1068,18 @@ def _adam(head: _Head) -> tuple[torch.Tensor, int]:
     while epoch < spec.max_epochs:
         epoch += 1
         total, seen = 0.0, 0
-        for x, y in minibatches():
-            w, b = _unpack(params, num_classes)
-            loss, gw, gb = _minibatch_grad(data, x, y, w, b)
-            total += loss + 0.5 * head.l2 * float(w.pow(2).sum()) * len(y)
-            seen += len(y)
-            grad = torch.cat([(gw + head.l2 * w).reshape(-1), gb])
-            step += 1
-            first.mul_(beta1).add_(grad, alpha=1 - beta1)
-            second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (second / (1 - beta2**step)).sqrt_().add_(eps)
-            params.addcdiv_(first, denom, value=-spec.learning_rate / (1 - beta1**step))
+        with closing(minibatches()) as batches:
+            for x, y in batches:
+                w, b = _unpack(params, num_classes)
+                loss, gw, gb = _minibatch_grad(data, x, y, w, b)
+                total += loss + 0.5 * head.l2 * float(w.pow(2).sum()) * len(y)
+                seen += len(y)
+                grad = torch.cat([(gw + head.l2 * w).reshape(-1), gb])
+                step += 1
+                first.mul_(beta1).add_(grad, alpha=1 - beta1)
+                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (second / (1 - beta2**step)).sqrt_().add_(eps)
+                params.addcdiv_(first, denom, value=-spec.learning_rate / (1 - beta1**step))
         head.evaluations += 1
         if not math.isfinite(total):
             raise DataError("the loss became non-finite; try a smaller learning_rate")

@@ -382,13 +382,21 @@ def test_a_budget_too_small_for_the_parameters_is_one_clear_error() -> None:
         train_probe(in_memory(x, y), None, None, num_classes=3, spec=ProbeSpec(memory_bytes=10_000))
     # a budget that holds one probe's fixed memory but not two: the second fails alone, and
     # says so; the first is trained
+    import threading
+
     first = _data(x, y, 200, 50, 3, batch_size=64)
-    second = _data(x, y, 200, 50, 3, batch_size=64)
+    reader = _FailingSource(x[:200], y[:200], fail_on_pass=0, batch_size=20)
+    second = ProbeData(reader, None, None, 3)
     spec = ProbeSpec(memory_bytes=170_000, batch_size=64, max_epochs=30)
+    threads = threading.active_count()
     ok, too_many = train_probes([first, second], spec=spec)
     assert ok[0].peak_bytes <= spec.memory_bytes
     assert isinstance(too_many[0], BudgetError)
     assert "resources.probes_per_call" in str(too_many[0])
+    # refused at its first chunk, while its reader was ahead: the read was closed, the
+    # reading thread is gone, although the error is still held
+    assert reader.passes == reader.closed == 1
+    assert threading.active_count() == threads
 
 
 def test_known_feature_counts_reserve_memory_before_reading() -> None:
