@@ -3,6 +3,8 @@ streaming versus in-memory, early stopping, float16 input and bad input."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -438,6 +440,39 @@ def test_a_read_error_on_the_prefetch_thread_fails_the_probe_and_stops_the_threa
         train_probe(source, None, None, num_classes=3, spec=ProbeSpec(memory_bytes=200_000, batch_size=100))
     assert source.passes == 4 and source.closed == 4  # streamed: read again, each pass closed
     assert threading.active_count() == before
+
+
+def test_a_streamed_pass_stopped_early_releases_its_reader() -> None:
+    # the consumer leaves after one block while the reader waits for a chunk buffer to come
+    # back: closing must not wait for it forever
+    import threading
+
+    from probeserve import probe as engine
+
+    x, y = _blobs(5000, 16, 3, seed=20)
+    spec = ProbeSpec(batch_size=100)
+    data = engine._Data(
+        ProbeData(in_memory(x, y, batch_size=100), None, None, 3),
+        heads=1,
+        spec=spec,
+        device="cpu",
+        ledger=engine._Ledger(spec.memory_bytes),
+    )
+    data.scan(data.train, keep=False)
+    assert not data.train.resident
+    threads = threading.active_count()
+
+    def consume_one_block() -> None:
+        blocks = data.train.blocks()
+        next(blocks)
+        time.sleep(0.3)  # the reader fills its queue and waits for a buffer
+        blocks.close()
+
+    worker = threading.Thread(target=consume_one_block, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "closing a streamed pass hung"
+    assert threading.active_count() == threads
 
 
 def test_torch_tensor_chunks_give_the_numpy_answer() -> None:

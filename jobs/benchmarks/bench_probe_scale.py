@@ -2,7 +2,7 @@
 
     python jobs/benchmarks/bench_probe_scale.py                 # CPU sizes: each part well under a minute
     python jobs/benchmarks/bench_probe_scale.py --full          # a GPU: 1.28M x 9,216 x 1,000 in device memory
-    python jobs/benchmarks/bench_probe_scale.py --only epoch,streamed --device cpu
+    python jobs/benchmarks/bench_probe_scale.py --only streamed --stream-budget-mib 512 --threads 1
 
 Four measurements, each a function that `bench_scale.py` can call (each prints its figures
 and returns them as a dict):
@@ -503,6 +503,12 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda with --full, else cpu")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--stream-budget-mib",
+        type=int,
+        default=None,
+        help="probe.memory_bytes of the streamed check, whose train split is 4x it (default 64; --full 1024)",
+    )
     args = parser.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
@@ -527,7 +533,7 @@ def main() -> None:
         if "throughput" in parts:
             throughput(1_280_000, 9216, 1000, heads=13, layers=3, epochs=4, **full)
         if "streamed" in parts:
-            streamed_vs_in_memory(1 * GiB, 1024, 100, threads=args.threads)
+            streamed_vs_in_memory((args.stream_budget_mib or 1024) * MiB, 1024, 100, threads=args.threads)
         if "bf16" in parts:
             bf16_drift(200_000, 2048, 1000, device=device)
     else:
@@ -536,7 +542,7 @@ def main() -> None:
         if "throughput" in parts:
             throughput(device=device)
         if "streamed" in parts:
-            streamed_vs_in_memory(threads=args.threads)
+            streamed_vs_in_memory((args.stream_budget_mib or 64) * MiB, threads=args.threads)
         if "bf16" in parts:
             bf16_drift(device=device)
     print(f"total {time.perf_counter() - t0:.0f} s")
