@@ -704,8 +704,10 @@ class _Data:
                 if s1 is None or s2 is None:
                     s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=self.device)
                     s2 = torch.zeros_like(s1)
-                s1 += xc.sum(0, dtype=torch.float64)
-                s2 += (xc * xc).sum(0, dtype=torch.float64)
+                # per chunk in float32 (centred data, cascade summation), across chunks in
+                # float64: a float64 copy of every chunk cost more than the rest of the scan
+                s1 += xc.sum(0)
+                s2 += (xc * xc).sum(0)
                 counts += torch.bincount(y, minlength=self.num_classes)
             rows = len(x)
             n += rows
