@@ -507,7 +507,7 @@ def main() -> None:
         "--stream-budget-mib",
         type=int,
         default=None,
-        help="probe.memory_bytes of the streamed check, whose train split is 4x it (default 64; --full 1024)",
+        help="probe.memory_bytes of the streamed check, whose train split is 4x it (default 64; --full 256)",
     )
     args = parser.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -533,7 +533,7 @@ def main() -> None:
         if "throughput" in parts:
             throughput(1_280_000, 9216, 1000, heads=13, layers=3, epochs=4, **full)
         if "streamed" in parts:
-            streamed_vs_in_memory((args.stream_budget_mib or 1024) * MiB, 1024, 100, threads=args.threads)
+            streamed_vs_in_memory((args.stream_budget_mib or 256) * MiB, 1024, 100, threads=args.threads)
         if "bf16" in parts:
             bf16_drift(200_000, 2048, 1000, device=device)
     else:
