@@ -58,6 +58,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_extract.py
 	$(BIN)/python jobs/benchmarks/bench_reducers.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
+	$(BIN)/python jobs/benchmarks/bench_probe_scale.py
 	$(BIN)/python jobs/benchmarks/bench_ray.py
 	$(BIN)/python jobs/benchmarks/bench_images.py
 

@@ -472,8 +472,18 @@ class ProbeSpec(_Strict):
     l2: float = Field(default=1e-4, ge=0, description="weight decay on W (not b), per example")
     standardize: bool = Field(default=True, description="z-score features with train statistics")
     tolerance: float = Field(default=1e-6, gt=0, description="stop when the relative loss change is smaller")
-    memory_bytes: int = Field(default=4 * GiB, gt=0, description="hold a split in memory up to this size")
+    memory_bytes: int = Field(
+        default=4 * GiB,
+        gt=0,
+        description="ceiling on what one probe call holds on its device (all probes trained together): "
+        "parameters, L-BFGS history, buffers and the splits kept in memory; splits that do not fit are streamed",
+    )
     seed: int = 0
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="bfloat16: hold features in half the memory and run the two matrix products of a pass "
+        "in bfloat16 with float32 accumulation (tensor cores on a GPU); moves the optimum slightly",
+    )
 
     @field_validator("seed")
     @classmethod
@@ -497,6 +507,12 @@ class ResourcesSpec(_Strict):
         default=4, gt=0, description="checkpoints extracted but not fully probed; bounds memory and storage"
     )
     torch_threads: int | None = Field(default=None, gt=0)
+    probes_per_call: int | None = Field(
+        default=None,
+        gt=0,
+        description="probes of one checkpoint (layers) trained together in one call of a probe actor or the "
+        "local runner; None: 1 on CPU, 8 on CUDA (so the GPU stays busy)",
+    )
 
     @field_validator("torch_threads")
     @classmethod
@@ -549,6 +565,9 @@ class StorageSpec(_Strict):
         return self.s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
 
 
+_ADDED_AT_DEFAULT = [("probe", "compute_dtype", "float32")]  # (section, field, default) for `hash`
+
+
 class SweepSpec(_Strict):
     """A whole sweep: every (checkpoint, layer) pair it names is one idempotent work item."""
 
@@ -581,6 +600,11 @@ class SweepSpec(_Strict):
         """
         keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
         keep["data"].pop("num_workers", None)  # images: how many processes decode, not what they see
+        # Fields added after runs were recorded are left out at their default, so that a spec
+        # written before they existed keeps its hash, and its run name keeps working.
+        for section, name, default in _ADDED_AT_DEFAULT:
+            if keep[section].get(name) == default:
+                del keep[section][name]
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()

@@ -568,12 +568,23 @@ def delete_unlisted_parts(storage: Storage, prefix: str, listed: set[str]) -> in
     return len(stale)
 
 
-def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
-    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
-    from probeserve.probe import train_probe
+def probes_per_call(spec: SweepSpec, device: str) -> int:
+    """How many items of one checkpoint a probe call trains together (`resources.probes_per_call`;
+    unset: 1 on CPU, where one probe already uses every core, and more on a GPU, which one
+    probe of a small layer leaves mostly idle)."""
+    if spec.resources.probes_per_call is not None:
+        return spec.resources.probes_per_call
+    return CUDA_PROBES_PER_CALL if device.startswith("cuda") else 1
+
+
+CUDA_PROBES_PER_CALL = 8
+
+
+def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str):  # -> (manifest, probe.ProbeData)
+    """A layer's shards as the probe trainer reads them, with its manifest."""
+    from probeserve.probe import ProbeData
     from probeserve.shards import iter_chunks
 
-    t0 = time.perf_counter()
     manifest = sweep.manifest(ckpt, layer)
     if manifest is None:
         from probeserve.shards import ShardMissing
@@ -586,17 +597,27 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         keys = manifest["splits"][split]["shards"]
         return lambda: iter_chunks(out, keys, batch_rows=batch)
 
-    try:
-        res = train_probe(
-            source("train"),
-            source("val"),
-            source("test"),
-            num_classes=manifest["num_classes"],
-            spec=sweep.spec.probe,
-            device=device,
-        )
-    except ProbeserveError as e:
-        raise type(e)(f"layer {layer}: {e}") from None
+    data = ProbeData(
+        source("train"),
+        source("val"),
+        source("test"),
+        num_classes=manifest["num_classes"],
+        n_features=manifest["n_features"],
+    )
+    return manifest, data
+
+
+def _named(e: Exception, layer: str) -> Exception:
+    """A user error with the layer it concerns in front of its message."""
+    if isinstance(e, ProbeserveError) and not isinstance(e, SpecError):
+        named = type(e)(f"layer {layer}: {e}")
+        return named
+    return e
+
+
+def _probe_row(
+    sweep: Sweep, ckpt: Checkpoint, layer: str, manifest: dict, res, seconds: float
+) -> dict[str, Any]:
     train_counts = manifest["class_counts"]["train"]
     test_counts = manifest["class_counts"]["test"]
     majority = int(np.argmax(train_counts))
@@ -624,11 +645,51 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         best_epoch=res.best_epoch,
         status="ok",
         error=None,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         device=res.device,
         n_skipped=manifest.get("n_skipped", 0),
         skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
     )
+
+
+def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
+    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    manifest, data = _probe_data(sweep, ckpt, layer)
+    try:
+        ((outcome,),) = train_probes([data], spec=sweep.spec.probe, device=device)
+    except ProbeserveError as e:
+        raise _named(e, layer) from None
+    if isinstance(outcome, Exception):
+        raise _named(outcome, layer)
+    return _probe_row(sweep, ckpt, layer, manifest, outcome, time.perf_counter() - t0)
+
+
+def probe_group(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> list[Any]:
+    """Train the probes of several layers of one checkpoint together on one device (one call
+    of `probe.train_probes`, within one `probe.memory_bytes`); return, per layer, its row or
+    the exception that failed it alone. Each row's `seconds` is its share of the wall time."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    outcomes: list[Any] = [None] * len(layers)
+    inputs = []
+    for i, layer in enumerate(layers):
+        try:
+            inputs.append((i, *_probe_data(sweep, ckpt, layer)))
+        except Exception as e:
+            outcomes[i] = _named(e, layer)
+    trained = train_probes([data for _, _, data in inputs], spec=sweep.spec.probe, device=device)
+    share = (time.perf_counter() - t0) / max(1, len(layers))
+    for (i, manifest, _), (outcome,) in zip(inputs, trained, strict=True):
+        layer = layers[i]
+        if isinstance(outcome, Exception):
+            outcomes[i] = _named(outcome, layer)
+        else:
+            outcomes[i] = _probe_row(sweep, ckpt, layer, manifest, outcome, share)
+    return outcomes
 
 
 def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> int:
@@ -852,11 +913,13 @@ def commit_unless_done(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
 REEXTRACT_TRIES = 2  # a probe whose shards vanish under it extracts again at most this often
 
 
-def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
-    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+def _probe_retrying(
+    sweep: Sweep, item: Item, *, device: str, t0: float, first: Any = None
+) -> tuple[dict[str, Any], bool]:
+    """Probe one item until there is a row for it; return (row, whether it is committed already).
 
-    While it runs, a `running/...` marker with a heartbeat says so, for `probeserve status`
-    on any machine.
+    `first` is the outcome of a first attempt made elsewhere (a row, or the exception that
+    failed it, from a group trained together); without it the first attempt is made here.
 
     Another run on the same output may delete this layer's shards while this one reads
     them: with `keep_activations: false` once it has committed the item, or after its own
@@ -865,62 +928,144 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
     logged as an error); a manifest that is there is read again, once; otherwise it extracts
     the layer again and retries, and fails only if that keeps happening.
     """
-    ckpt = item.checkpoint
-    run = sweep.spec.run
-    done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
-    if done is not None and done["status"] == "ok":
-        _drop_activations(sweep, item)  # shards this run extracted after another committed
-        return done  # committed by another run since this one was planned
     from probeserve.shards import ShardMissing
 
-    t0 = time.perf_counter()
-    with Heartbeat(sweep.output, running_key(run, ckpt, item.layer), device=device) as beat:
-        row = None
-        extractions = 0
-        reread = False  # whether the manifest was read again since the last extraction
-        while row is None:
+    ckpt, run = item.checkpoint, sweep.spec.run
+    extractions = 0
+    reread = False  # whether the manifest was read again since the last extraction
+    outcome = first
+    while True:
+        if outcome is None:
             try:
-                row = probe(sweep, ckpt, item.layer, device=device)
-            except ShardMissing as e:
-                done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
-                if done is not None and done["status"] == "ok":
-                    log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
-                    row = done  # and nothing to commit
-                elif not reread and sweep.manifest(ckpt, item.layer) is not None:
-                    # a new manifest (another run extracted the layer again) lists other parts
-                    log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
-                    reread = True
-                elif extractions == REEXTRACT_TRIES:
-                    log_failure(f"probe {ckpt.key} {item.layer}", e)
-                    row = sweep.failed_row(
-                        ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-                    )
-                else:
-                    log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
-                    extractions += 1
-                    reread = False
-                    try:
-                        failed = extract(sweep, ckpt, [item.layer], device=device)
-                    except Exception as ex:
-                        failed = {item.layer: describe_error(ex)}
-                    if item.layer in failed:
-                        row = sweep.failed_row(
-                            ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
-                        )
+                outcome = probe(sweep, ckpt, item.layer, device=device)
             except Exception as e:
-                log_failure(f"probe {ckpt.key} {item.layer}", e)
-                row = sweep.failed_row(
-                    ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-                )
-        assert row is not None
-        if row is not done:
-            row = commit_unless_done(sweep, row)
-        beat.stop()  # before the marker goes, or a last beat could publish it again
-    with tidying(f"step {ckpt.step} {item.layer}: committed, but cleaning up"):
+                outcome = e
+        if not isinstance(outcome, Exception):
+            return outcome, False
+        e, outcome = outcome, None
+        if not isinstance(e, ShardMissing):
+            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+            ), False
+        done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
+        if done is not None and done["status"] == "ok":
+            log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
+            return done, True
+        if not reread and sweep.manifest(ckpt, item.layer) is not None:
+            # a new manifest (another run extracted the layer again) lists other parts
+            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+            reread = True
+            continue
+        if extractions == REEXTRACT_TRIES:
+            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+            ), False
+        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+        extractions += 1
+        reread = False
+        try:
+            failed = extract(sweep, ckpt, [item.layer], device=device)
+        except Exception as ex:
+            failed = {item.layer: describe_error(ex)}
+        if item.layer in failed:
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
+            ), False
+
+
+def _committed_ok(sweep: Sweep, item: Item) -> dict[str, Any] | None:
+    """The item's row if another run committed it ok since this one was planned (then the
+    shards this run extracted for it go, with `keep_activations: false`)."""
+    ckpt = item.checkpoint
+    done = results.read_row(sweep.output, sweep.spec.run, ckpt.key, ckpt.step, item.layer)
+    if done is not None and done["status"] == "ok":
+        _drop_activations(sweep, item)
+        return done
+    return None
+
+
+def _finish(
+    sweep: Sweep, item: Item, beat: Heartbeat, row: dict[str, Any], committed: bool
+) -> dict[str, Any]:
+    """Commit the item's row (the commit is what makes it done), then tidy up after it."""
+    if not committed:
+        row = commit_unless_done(sweep, row)
+    beat.stop()  # before the marker goes, or a last beat could publish it again
+    with tidying(f"step {item.checkpoint.step} {item.layer}: committed, but cleaning up"):
         sweep.output.delete(beat.key)
     if row["status"] == "ok":
         _drop_activations(sweep, item)
     return row
+
+
+def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
+    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+
+    While it runs, a `running/...` marker with a heartbeat says so, for `probeserve status`
+    on any machine. Shards that vanish under it are handled by `_probe_retrying`.
+    """
+    done = _committed_ok(sweep, item)
+    if done is not None:
+        return done  # committed by another run since this one was planned
+    t0 = time.perf_counter()
+    with Heartbeat(
+        sweep.output, running_key(sweep.spec.run, item.checkpoint, item.layer), device=device
+    ) as beat:
+        row, committed = _probe_retrying(sweep, item, device=device, t0=t0)
+        return _finish(sweep, item, beat, row, committed)
+
+
+def probe_and_commit_group(sweep: Sweep, items: list[Item], *, device: str) -> list[dict[str, Any]]:
+    """Probe several items of one checkpoint together and commit each one's row as
+    `probe_and_commit` does; return the rows in the order of `items`.
+
+    An item already committed ok is skipped. A failure fails its item alone: an item whose data
+    is bad gets a failed row while the others are trained; an item that does not fit in
+    `probe.memory_bytes` beside the others is trained again on its own, and so is one whose
+    shards vanished (see `_probe_retrying`); and if the group as a whole fails (an error no
+    single item's data explains), each item is trained on its own.
+    """
+    if len(items) <= 1:
+        return [probe_and_commit(sweep, item, device=device) for item in items]
+    from probeserve.probe import BudgetError
+    from probeserve.shards import ShardMissing
+
+    ckpt = items[0].checkpoint
+    assert all(i.checkpoint == ckpt for i in items), "a probe group holds items of one checkpoint"
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[Item] = []
+    for item in items:
+        done = _committed_ok(sweep, item)
+        if done is not None:
+            rows[item.layer] = done
+        else:
+            todo.append(item)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        beats = [
+            stack.enter_context(
+                Heartbeat(sweep.output, running_key(sweep.spec.run, ckpt, i.layer), device=device)
+            )
+            for i in todo
+        ]
+        try:
+            outcomes = probe_group(sweep, ckpt, [i.layer for i in todo], device=device) if todo else []
+        except Exception as e:
+            log.warning(
+                "step %d: %d probes trained together failed (%s); training each alone",
+                ckpt.step,
+                len(todo),
+                describe_error(e),
+            )
+            outcomes = [None] * len(todo)
+        for item, beat, outcome in zip(todo, beats, outcomes, strict=True):
+            if isinstance(outcome, (BudgetError, ShardMissing)):
+                outcome = None  # on its own: alone it may fit; its shards may be found again
+            row, committed = _probe_retrying(sweep, item, device=device, t0=t0, first=outcome)
+            rows[item.layer] = _finish(sweep, item, beat, row, committed)
+    return [rows[item.layer] for item in items]
 
 
 def _drop_activations(sweep: Sweep, item: Item) -> None:

@@ -81,6 +81,27 @@ def test_ray_gives_the_same_answers_as_in_process(cluster, tmp_path):
     wait_cpus_free()
 
 
+def test_ray_trains_several_probes_of_a_checkpoint_per_call(cluster, tmp_path):
+    from probeserve.runners.ray import run_ray
+
+    spec = tiny_spec(tmp_path, resources={"device": "cpu", "probes_per_call": 4})
+    write_checkpoints(spec)
+    summary = run_ray(spec, max_actors=1)
+    assert summary.ok == 8 and not summary.failed
+    together = rows_by_item(spec.output.uri)
+    # one call per checkpoint: its four rows share the call's wall time
+    for ckpt in {key for key, _ in together}:
+        assert len({r["seconds"] for (c, _), r in together.items() if c == ckpt}) == 1
+    local = tiny_spec(tmp_path, output={"uri": str(tmp_path / "local")})
+    run_local(local)
+    alone = rows_by_item(local.output.uri)
+    assert together.keys() == alone.keys()
+    for key in together:
+        for col in results.METRICS:
+            assert together[key][col] == pytest.approx(alone[key][col], abs=1e-6), (key, col)
+    wait_cpus_free()
+
+
 def test_killed_probe_actor_is_restarted_and_each_item_commits_once(cluster, tmp_path):
     from probeserve.runners.ray import run_ray
 

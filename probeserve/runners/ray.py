@@ -1,8 +1,9 @@
 """The Ray runner: the same work functions as the in-process runner, fanned out on Ray.
 
 Per checkpoint, one extraction task (on a GPU when the cluster has one) runs the single
-forward pass and writes the shards; then each pending (checkpoint, layer) goes to a probe
-actor, which streams that layer's shards, trains the probe and commits the row itself. Only
+forward pass and writes the shards; then the pending (checkpoint, layer) items go to probe
+actors, one or several of one checkpoint per call (`resources.probes_per_call`, trained
+together on the actor's device); each item commits its own row. Only
 small things travel through Ray (the spec, checkpoint keys, result rows); activations go
 through object storage.
 
@@ -38,7 +39,8 @@ from probeserve.sweep import (
     configure_torch,
     describe_error,
     extract_missing,
-    probe_and_commit,
+    probe_and_commit_group,
+    probes_per_call,
     release_freed_memory,
 )
 
@@ -79,7 +81,8 @@ def _extract(spec: SweepSpec, items: list[Item], gpus: float) -> dict[str, str]:
 
 
 class _ProbeActor:
-    """Trains probes, one (checkpoint, layer) per call, and commits each row itself."""
+    """Trains probes, one or several (checkpoint, layer) items of one checkpoint per call
+    (`resources.probes_per_call`, trained together), and commits each item's row itself."""
 
     def __init__(self, spec: SweepSpec, gpus: float) -> None:
         self.spec = spec
@@ -89,8 +92,8 @@ class _ProbeActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def probe(self, item: Item) -> dict[str, Any]:
-        return probe_and_commit(_worker_sweep(self.spec), item, device=_device(self.spec, self.gpus))
+    def probe(self, items: list[Item]) -> list[dict[str, Any]]:
+        return probe_and_commit_group(_worker_sweep(self.spec), items, device=_device(self.spec, self.gpus))
 
 
 def _check_reachable(address: str, timeout: float = 5.0, *, given: str | None = None) -> None:
@@ -310,7 +313,20 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
     todo = deque(group_by_checkpoint(pending))
     extracting: dict[Any, list[Item]] = {}  # ref -> items of one checkpoint
     ready: deque[Item] = deque()  # extracted, waiting for an actor
-    probing: dict[Any, tuple[Any, Item]] = {}  # ref -> (actor, item)
+    probing: dict[Any, tuple[Any, list[Item]]] = {}  # ref -> (actor, items of one checkpoint)
+    per_call = probes_per_call(spec, _device(spec, probe_gpus))
+
+    def next_call() -> list[Item]:
+        """The next ready items to train together: of one checkpoint, at most `per_call`, and
+        spread over the actors free to take them rather than piled on the first one."""
+        key = ready[0].checkpoint.key
+        same = 0
+        while same < len(ready) and ready[same].checkpoint.key == key:
+            same += 1
+        free = len(idle) + n_actors - len(actors)
+        size = max(1, min(per_call, -(-same // max(1, free))))
+        return [ready.popleft() for _ in range(min(size, same))]
+
     open_items: dict[str, int] = {}  # checkpoint -> items not yet finished
 
     def finish(row: dict[str, Any]) -> None:
@@ -327,13 +343,13 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                 open_items[items[0].checkpoint.key] = len(items)
                 extracting[extract_task.remote(spec, items, extract_gpus)] = items
             while ready and (idle or len(actors) < n_actors):
+                call = next_call()
                 if idle:
                     actor = idle.popleft()[0]
                 else:
                     actor = actor_cls.remote(spec, probe_gpus)
                     actors.append(actor)
-                item = ready.popleft()
-                probing[actor.probe.remote(item)] = (actor, item)
+                probing[actor.probe.remote(call)] = (actor, call)
             while idle and extracting and time.monotonic() - idle[0][1] > IDLE_RELEASE_S:
                 actor = idle.popleft()[0]
                 actors.remove(actor)
@@ -368,9 +384,9 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                         else:
                             ready.append(item)
                 else:
-                    actor, item = probing.pop(ref)
+                    actor, call = probing.pop(ref)
                     try:
-                        row = ray.get(ref)
+                        rows = ray.get(ref)
                     except ray.exceptions.RayError as e:
                         if isinstance(e, ray.exceptions.RayTaskError):
                             why = f"probe raised: {describe_error(e)}"  # the actor itself is fine
@@ -381,11 +397,16 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                             ray.kill(actor, no_restart=True)
                             actors.remove(actor)
                             actor = None
-                        failed_row = sweep.failed_row(item.checkpoint, item.layer, item.layer_index, why, 0.0)
-                        row = commit_unless_done(sweep, failed_row)
+                        rows = [
+                            commit_unless_done(
+                                sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, why, 0.0)
+                            )
+                            for i in call
+                        ]
                     if actor is not None:
                         idle.append((actor, time.monotonic()))
-                    finish(row)
+                    for row in rows:
+                        finish(row)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
