@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip as gzip_lib
 import os
-import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -32,7 +31,7 @@ import torch
 
 from probeserve.errors import DataError, StorageError
 from probeserve.spec import DataSpec, GaussianData, IdxData, ParquetData
-from probeserve.storage import Storage, open_storage, redact
+from probeserve.storage import Storage, open_storage, redact, temp_name
 
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # the Debian package's location
@@ -246,7 +245,7 @@ def write_idx(path: str, array: np.ndarray, *, gzip: bool = True) -> None:
     data = header + array.astype(_IDX_DTYPES[code], copy=False).tobytes()
     if gzip:
         data = gzip_lib.compress(data, mtime=0)  # mtime=0: same array, same bytes
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(os.path.dirname(path) or ".", temp_name())
     try:
         with open(tmp, "wb") as f:
             f.write(data)
