@@ -31,8 +31,15 @@ import numpy as np
 import torch
 
 from probeserve import results
-from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
+from probeserve.checkpoints import (
+    Checkpoint,
+    Discovery,
+    check_dtypes,
+    describe_casts,
+    discover,
+    load_state_dict,
+)
+from probeserve.errors import CheckpointError, LayerError, ModelError, ProbeserveError, SpecError
 from probeserve.spec import SweepSpec, dump_spec
 from probeserve.storage import Storage, join, open_storage
 
@@ -41,6 +48,9 @@ log = logging.getLogger("probeserve")
 SPLITS = ("train", "val", "test")
 ACTIVATIONS_DIR = "activations"
 RUNS_DIR = results.RUNS_DIR
+# A layer's path-safe name is a file name in the output (`{name}.parquet`), and local file
+# systems hold at most 255 bytes in one.
+MAX_LAYER_STEM_BYTES = 255 - len(".parquet")
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,20 @@ class Sweep:
             )
         return found
 
+    def check_layer_names(self) -> None:
+        """Refuse, before any work, a selected layer whose name cannot be a key: its row
+        could not even be committed as failed, so the run would stop halfway."""
+        for p in self.points:
+            size = len(results.layer_stem(p.name).encode())
+            if size > MAX_LAYER_STEM_BYTES:
+                raise LayerError(
+                    f"layer {p.name[:60]!r}... ({len(p.name)} characters): made path-safe it is {size} bytes, "
+                    f"over the {MAX_LAYER_STEM_BYTES} a file name in the output can hold; leave it out "
+                    "with layers.exclude"
+                )
+
     def plan(self) -> Plan:
+        self.check_layer_names()
         found = self.discover()
         status = results.item_status(self.output, self.spec.run)
         plan = Plan(discovery=found)
@@ -269,18 +292,28 @@ class Sweep:
         )
 
 
-def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> torch.nn.Module:
+_MAX_LOAD_ERROR = 1000  # characters of load_state_dict's message kept (it lists every bad key)
+
+
+def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The model with the checkpoint's weights, and the dtype casts that loading did
+    ({tensor: "float64->float32"}; lossy ones are refused, see `check_dtypes`)."""
     state = load_state_dict(sweep.checkpoints_storage, ckpt, sweep.spec.checkpoints)
     model = sweep.build_model()
+    where = sweep.checkpoints_storage.uri_for(ckpt.key)
+    casts = check_dtypes(state, model.state_dict(), where=where, model=sweep.spec.model.factory)
+    if casts:
+        log.warning("%s: weights cast to the model's dtypes: %s", where, describe_casts(casts))
     try:
         model.load_state_dict(state, strict=sweep.spec.model.strict)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
+        first = " ".join(s.strip() for s in str(e).strip().splitlines()[:4])
+        if len(first) > _MAX_LOAD_ERROR:
+            first = first[:_MAX_LOAD_ERROR] + " ..."
         raise CheckpointError(
-            f"{sweep.checkpoints_storage.uri_for(ckpt.key)}: weights do not fit model.factory "
-            f"{sweep.spec.model.factory}: {' '.join(s.strip() for s in first[:4])}"
+            f"{where}: weights do not fit model.factory {sweep.spec.model.factory}: {first}"
         ) from None
-    return model.eval().to(device)
+    return model.eval().to(device), casts
 
 
 def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> dict[str, str]:
@@ -295,7 +328,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     spec = sweep.spec
     t0 = time.perf_counter()
     keep_freed_memory()
-    model = _load_model(sweep, ckpt, device)
+    model, casts = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
     reducers = {p.name: sweep.reducer(p) for p in points}
     ds = sweep.dataset
@@ -380,6 +413,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             "num_classes": ds.num_classes,
             "class_counts": counts,
             "extract_seconds": seconds,
+            "weights_cast": casts,
             "splits": {
                 s: {"rows": sum(i.rows for i in infos), "shards": [i.key for i in infos]}
                 for s, infos in shards[p.name].items()
@@ -445,6 +479,7 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         error=None,
         seconds=time.perf_counter() - t0,
         device=res.device,
+        weights_cast=describe_casts(manifest.get("weights_cast") or {}),
     )
 
 
