@@ -180,7 +180,7 @@ def _migrate_results(out: Storage, report: Migration) -> None:
             continue  # not a result file probeserve wrote (results/{run}/{dir}/{layer}.parquet)
         data = out.read_bytes(key)
         try:
-            table = pq.read_table(pa.BufferReader(data), use_threads=False)
+            table = results.read_parquet_bytes(data)
             current = results.conform(table)
             if current.num_rows != 1:
                 raise ValueError(f"{current.num_rows} rows, not 1")

@@ -85,6 +85,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("finished_at", pa.timestamp("ms", tz="UTC"), "when the row was committed"),
     ("n_skipped", pa.int64(), "examples that could not be decoded and were left out, over all splits"),
     ("skipped", pa.list_(pa.string()), "their names (at most 100)"),
+    ("weights_cast", pa.string(), "float weights cast on loading: '2 tensors float64->float32: a, b'"),
 ]
 MAX_SKIPPED = 100  # names of undecodable examples kept in a row (the manifest keeps more)
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
@@ -244,13 +245,32 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
+def arrow_owned(data: bytes) -> pa.Buffer:
+    """A copy of `data` in memory that Arrow owns, for pyarrow readers.
+
+    pyarrow can drop its last reference to a reader's source on one of its own threads, after
+    the call that read it has returned. A source that wraps a Python object (bytes, io.BytesIO,
+    `pa.py_buffer`, `pa.BufferReader(bytes)`) must take the GIL to be freed; if that happens
+    while the interpreter shuts down, Python ends the thread inside C++ code and the process
+    aborts (`terminate called without an active exception`, exit 134) after a correct run.
+    Memory Arrow owns is freed without the GIL."""
+    buf = pa.allocate_buffer(len(data))
+    memoryview(buf).cast("B")[:] = data
+    return buf
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """A whole Parquet file held in memory, read on this thread alone from Arrow-owned memory
+    (see `arrow_owned`): no pre-buffering on pyarrow's IO threads, no decoding threads."""
+    return pq.ParquetFile(pa.BufferReader(arrow_owned(data)), pre_buffer=False).read(use_threads=False)
+
+
 def _read_file(storage: Storage, key: str) -> pa.Table:
     data = storage.read_bytes(key)  # a storage error propagates as itself
     try:
-        # An Arrow buffer, not io.BytesIO: a Python file object read by pyarrow's threads can be
-        # destroyed by one of them during interpreter shutdown, which aborts the process
-        # ("terminate called without an active exception", exit 134) after a correct run.
-        table = conform(pq.read_table(pa.BufferReader(data), use_threads=False))
+        # Arrow-owned memory (see `arrow_owned`), read on this thread alone: no pre-buffering
+        # (which reads on pyarrow's IO threads) and no decoding threads.
+        table = conform(read_parquet_bytes(data))
         if table.num_rows != 1:
             raise ValueError(f"{table.num_rows} rows, not 1")
         return table

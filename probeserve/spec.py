@@ -592,6 +592,32 @@ class SweepSpec(_Strict):
             )
         return v
 
+    @model_validator(mode="after")
+    def _output_outside_checkpoints(self) -> SweepSpec:
+        # Discovery lists every key under checkpoints.uri: an output there would be listed on
+        # every scan, and a weights glob that reaches it (`*`) probes probeserve's own files
+        # as checkpoints, adding failed rows on every run.
+        where = _overlap(self.checkpoints.uri, self.output.uri)
+        if where:
+            from pydantic_core import InitErrorDetails, PydanticCustomError
+
+            message = (
+                f"{self.output.uri} is {where} checkpoints.uri {self.checkpoints.uri}: every key there is "
+                "listed as a possible checkpoint, so probeserve's own files would be scanned and, where "
+                "checkpoints.weights matches them, probed as checkpoints; put the output elsewhere"
+            )
+            raise ValidationError.from_exception_data(
+                "SweepSpec",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("output_in_checkpoints", message),
+                        loc=("output", "uri"),
+                        input=self.output.uri,
+                    )
+                ],
+            )
+        return self
+
     def hash(self) -> str:
         """Identity of everything that changes a probe's answer (not where it runs).
 
@@ -641,6 +667,35 @@ def _yaml_type(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
+
+
+def _place(uri: str) -> tuple[str, str] | None:
+    """(where, path) of a storage URI, to compare two of them: ("s3://bucket", prefix) or
+    ("file", the real path, links resolved); None for a scheme storage does not know."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        return f"s3://{parts.netloc}", parts.path.strip("/")
+    if parts.scheme == "file":
+        return "file", os.path.realpath(parts.path)
+    if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive
+        return None
+    return "file", os.path.realpath(uri)
+
+
+def _overlap(checkpoints_uri: str, output_uri: str) -> str | None:
+    """'the same folder as' or 'inside' when the output lies in the checkpoints prefix; else None."""
+    if not checkpoints_uri.strip() or not output_uri.strip():
+        return None  # named by the fields' own checks
+    ckpt, out = _place(checkpoints_uri), _place(output_uri)
+    if ckpt is None or out is None or ckpt[0] != out[0]:
+        return None
+    if ckpt[1] == out[1]:
+        return "the same location as"
+    if ckpt[0] == "file":
+        return "inside" if os.path.commonpath([ckpt[1], out[1]]) == ckpt[1] else None
+    return "inside" if not ckpt[1] or out[1].startswith(ckpt[1] + "/") else None
 
 
 def _format_validation_error(err: ValidationError, overridden: list[str] = (), data: Any = None) -> list[str]:

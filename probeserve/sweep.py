@@ -35,8 +35,22 @@ import numpy as np
 import torch
 
 from probeserve import results
-from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError, StorageError
+from probeserve.checkpoints import (
+    Checkpoint,
+    Discovery,
+    check_dtypes,
+    describe_casts,
+    discover,
+    load_state_dict,
+)
+from probeserve.errors import (
+    CheckpointError,
+    LayerError,
+    ModelError,
+    ProbeserveError,
+    SpecError,
+    StorageError,
+)
 from probeserve.spec import SweepSpec, dump_spec
 from probeserve.storage import ObjectInfo, Storage, join, open_storage
 
@@ -48,6 +62,9 @@ MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below thi
 RUNS_DIR = results.RUNS_DIR
 DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
 MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
+# A layer's path-safe name is a file name in the output (`{name}.parquet`), and local file
+# systems hold at most 255 bytes in one.
+MAX_LAYER_STEM_BYTES = 255 - len(".parquet")
 
 
 @dataclass(frozen=True)
@@ -289,7 +306,20 @@ class Sweep:
                     f"{self.checkpoints_storage.uri}; there are steps {shown}"
                 )
 
+    def check_layer_names(self) -> None:
+        """Refuse, before any work, a selected layer whose name cannot be a key: its row
+        could not even be committed as failed, so the run would stop halfway."""
+        for p in self.points:
+            size = len(results.layer_stem(p.name).encode())
+            if size > MAX_LAYER_STEM_BYTES:
+                raise LayerError(
+                    f"layer {p.name[:60]!r}... ({len(p.name)} characters): made path-safe it is {size} bytes, "
+                    f"over the {MAX_LAYER_STEM_BYTES} a file name in the output can hold; leave it out "
+                    "with layers.exclude"
+                )
+
     def plan(self) -> Plan:
+        self.check_layer_names()
         found = self.discover()
         status = results.item_status(self.output, self.spec.run)
         plan = Plan(discovery=found)
@@ -396,18 +426,28 @@ class Sweep:
         )
 
 
-def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> torch.nn.Module:
+_MAX_LOAD_ERROR = 1000  # characters of load_state_dict's message kept (it lists every bad key)
+
+
+def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The model with the checkpoint's weights, and the dtype casts that loading did
+    ({tensor: "float64->float32"}; lossy ones are refused, see `check_dtypes`)."""
     state = load_state_dict(sweep.checkpoints_storage, ckpt, sweep.spec.checkpoints)
     model = sweep.build_model()
+    where = sweep.checkpoints_storage.uri_for(ckpt.key)
+    casts = check_dtypes(state, model.state_dict(), where=where, model=sweep.spec.model.factory)
+    if casts:
+        log.warning("%s: weights cast to the model's dtypes: %s", where, describe_casts(casts))
     try:
         model.load_state_dict(state, strict=sweep.spec.model.strict)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
+        first = " ".join(s.strip() for s in str(e).strip().splitlines()[:4])
+        if len(first) > _MAX_LOAD_ERROR:
+            first = first[:_MAX_LOAD_ERROR] + " ..."
         raise CheckpointError(
-            f"{sweep.checkpoints_storage.uri_for(ckpt.key)}: weights do not fit model.factory "
-            f"{sweep.spec.model.factory}: {' '.join(s.strip() for s in first[:4])}"
+            f"{where}: weights do not fit model.factory {sweep.spec.model.factory}: {first}"
         ) from None
-    return model.eval().to(device)
+    return model.eval().to(device), casts
 
 
 def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> dict[str, str]:
@@ -422,7 +462,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     spec = sweep.spec
     t0 = time.perf_counter()
     keep_freed_memory()
-    model = _load_model(sweep, ckpt, device)
+    model, casts = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
     reducers = {p.name: sweep.reducer(p) for p in points}
     ds = sweep.dataset
@@ -519,6 +559,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             # with false, the shards go once the item is committed: a manifest of a committed
             # item that says false was left by a run killed before it deleted them
             "keep_activations": spec.output.keep_activations,
+            "weights_cast": casts,
             "splits": {
                 s: {"rows": sum(i.rows for i in infos), "shards": [i.key for i in infos]}
                 for s, infos in shards[p.name].items()
@@ -649,6 +690,7 @@ def _probe_row(
         device=res.device,
         n_skipped=manifest.get("n_skipped", 0),
         skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
+        weights_cast=describe_casts(manifest.get("weights_cast") or {}),
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from probeserve import results
 from probeserve.runners.local import run_local
-from probeserve.storage import open_storage
+from probeserve.storage import is_temp_name, open_storage
 from probeserve.sweep import RUNNING_DIR
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -136,10 +136,8 @@ def test_killed_probe_actor_is_restarted_and_each_item_commits_once(cluster, tmp
     rows = results.load(spec.output.uri).to_pylist()
     assert len(rows) == 4 and len({(r["checkpoint"], r["layer"]) for r in rows}) == 4
     assert all(r["status"] == "ok" for r in rows)
-    leftovers = [
-        p for p in (tmp_path / "out").rglob("*") if p.is_file() and ".tmp-" in p.name and "results" in str(p)
-    ]
-    assert not [p for p in leftovers if not p.name.startswith(".")], "a partial file is visible"
+    names = [p.name for p in (tmp_path / "out" / "results").rglob("*") if p.is_file()]
+    assert all(n.endswith(".parquet") or is_temp_name(n) for n in names), "a partial file is visible"
     assert [o.key for o in out.list(RUNNING_DIR + "/")] == []
     wait_cpus_free()
 
