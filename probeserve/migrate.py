@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,7 +35,7 @@ import pyarrow.parquet as pq
 
 from probeserve import results
 from probeserve.errors import ProbeserveError
-from probeserve.storage import TMP_MARK, LocalStorage, Storage, join
+from probeserve.storage import LocalStorage, Storage, join, temp_name
 
 # A marker or claim from another machine is taken as live while it is younger than this: a
 # run there may still be going. (Markers from this machine are live exactly while their
@@ -272,9 +271,7 @@ def _copy(out: Storage, src: str, dst: str) -> None:
     if isinstance(out, LocalStorage):
         dst_path = out.uri_for(dst)
         os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-        tmp = os.path.join(
-            os.path.dirname(dst_path), f".{os.path.basename(dst_path)}{TMP_MARK}{uuid.uuid4().hex}"
-        )
+        tmp = os.path.join(os.path.dirname(dst_path), temp_name())
         try:
             try:
                 os.link(out.uri_for(src), tmp)
