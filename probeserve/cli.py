@@ -91,9 +91,13 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
         if output.stat(key) is not None:
             stored = results.read_json(output, key)
             if isinstance(stored, dict) and stored.get("spec_hash") != sweep.spec_hash:
+                from probeserve.spec import old_default_hint
+
+                hint = old_default_hint(spec, stored.get("spec_hash"))
                 errors.append(
                     f"run: run {spec.run!r} in {output.uri} was made with a different spec (hash "
-                    f"{stored.get('spec_hash')} vs {sweep.spec_hash}); choose another run name or output.uri"
+                    f"{stored.get('spec_hash')} vs {sweep.spec_hash}"
+                    + (f": {hint})" if hint else "); choose another run name or output.uri")
                 )
     except ProbeserveError as e:
         errors.append(_under("output.uri", str(e)))
@@ -267,8 +271,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # The plain terminal table shows these; exports (csv, json, parquet) carry every column.
 DEFAULT_SQL = (
-    "SELECT run, step, layer, layer_index, n_features, train_error, val_error, test_error, "
+    "SELECT run, step, layer, layer_index, n_features, l2, train_error, val_error, test_error, "
+    "test_error_low, test_error_high, control_error, selectivity, mdl_bits, mdl_compression, "
     "epochs, status, error FROM results ORDER BY run, step, layer_index"
+)
+# Columns of the default terminal table left out when no row has them (older rows; runs
+# without probe.control or probe.mdl), so the table stays readable.
+OPTIONAL_COLUMNS = (
+    "l2",
+    "test_error_low",
+    "test_error_high",
+    "control_error",
+    "selectivity",
+    "mdl_bits",
+    "mdl_compression",
 )
 EXPORT_SQL = "SELECT * FROM results ORDER BY run, step, layer_index"
 
@@ -458,6 +474,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ProbeserveError(f"--sql: {first}") from None
     finally:
         con.close()
+    if args.sql is None and args.format == "table":
+        out = out.drop_columns([c for c in OPTIONAL_COLUMNS if out.column(c).null_count == out.num_rows])
     data = _encode(out, args.format)
     if where is not None:
         _publish(where, data, s3_endpoint=args.s3_endpoint)
