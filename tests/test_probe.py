@@ -437,7 +437,9 @@ def test_a_read_error_on_the_prefetch_thread_fails_the_probe_and_stops_the_threa
     source = _FailingSource(x, y, fail_on_pass=4)
     before = threading.active_count()
     with pytest.raises(OSError, match="connection reset while reading part-00003"):
-        train_probe(source, None, None, num_classes=3, spec=ProbeSpec(memory_bytes=200_000, batch_size=100, l2=1e-4))
+        train_probe(
+            source, None, None, num_classes=3, spec=ProbeSpec(memory_bytes=200_000, batch_size=100, l2=1e-4)
+        )
     assert source.passes == 4 and source.closed == 4  # streamed: read again, each pass closed
     assert threading.active_count() == before
 
