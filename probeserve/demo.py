@@ -4,12 +4,16 @@ It trains the paper's `mnist_convnet` on Fashion-MNIST (from the Debian package
 `dataset-fashion-mnist`; synthetic images in the same IDX format only where those files are
 absent, and it says so), writes checkpoints from initialisation on with `save_checkpoint`
 into a local folder that stands in for the bucket, then probes every checkpoint at every
-layer and prints the error table. Rerunning it reuses the checkpoints and finishes only
-what is missing.
+layer, prints the error table and a few sentences read from it (`story`). Rerunning it
+reuses the checkpoints and finishes only what is missing.
+
+The demo keeps no activation shards (`output.keep_activations: false`): its table is the
+point, and the shards of 4 checkpoints x 10 layers would fill about a gigabyte.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -21,7 +25,7 @@ import yaml
 log = logging.getLogger("probeserve")
 
 STEPS = (0, 20, 60, 200)
-QUICK_STEPS = (0, 40)
+QUICK_STEPS = (0, 20)  # a subset of STEPS: the docs' examples run on either output
 
 
 def synthetic_idx(folder: str, *, seed: int = 0) -> str:
@@ -56,7 +60,7 @@ def demo_spec(out: str, data_path: str | None, *, quick: bool) -> dict:
         },
         "probe": {"l2": 1e-3, "max_epochs": 60 if quick else 150, "patience": 10},
         "resources": {"device": "auto"},
-        "output": {"uri": out},
+        "output": {"uri": out, "keep_activations": False},
     }
 
 
@@ -98,11 +102,121 @@ def train_and_checkpoint(spec, steps: tuple[int, ...], *, quick: bool) -> None:
         step += 1
 
 
+def story(rows: list[dict]) -> list[str]:
+    """A few sentences that say what a run's table shows, each derived from its numbers.
+
+    Nothing here is a claim made in advance: which layers beat chance and the raw input, how
+    training changed each layer's error and where the error is lowest are read from the rows
+    (test errors of `ok` rows), so the demo never tells a story its own table contradicts.
+    """
+    ok = [r for r in rows if r["status"] == "ok" and r["test_error"] is not None]
+    if not ok:
+        return []
+    steps = sorted({r["step"] for r in ok})
+    index = {r["layer"]: r["layer_index"] for r in ok}
+    layers = sorted(index, key=lambda name: (index[name], name))
+    error = {(r["layer"], r["step"]): r["test_error"] for r in ok}
+    first, last = steps[0], steps[-1]
+    out = []
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1] if names else ""
+
+    chances = sorted(r["chance_error"] for r in ok if r["chance_error"] is not None)
+    at_first = {name: error[(name, first)] for name in layers if (name, first) in error}
+    if chances and at_first:
+        chance = chances[len(chances) // 2]
+        beat = [name for name, e in at_first.items() if e < chance]
+        lo = min(at_first, key=lambda name: at_first[name])
+        hi = max(at_first, key=lambda name: at_first[name])
+        which = (
+            "every probe beats it"
+            if len(beat) == len(at_first)
+            else f"{len(beat)} of {len(at_first)} probes beat it"
+        )
+        out.append(
+            f"Chance (always the most frequent class) is {chance:.4f}; at step {first} {which}, "
+            f"from {at_first[lo]:.4f} ({lo}) to {at_first[hi]:.4f} ({hi})."
+        )
+
+    raw = "input" if "input" in index else None
+    rest = [name for name in layers if name != raw]
+    if raw is not None and rest:
+        raw_error = {s: error[(raw, s)] for s in steps if (raw, s) in error}
+        at_last = {name: error[(name, last)] for name in rest if (name, last) in error}
+        if last in raw_error and at_last:
+            better = [name for name in rest if name in at_last and at_last[name] < raw_error[last]]
+            out.append(
+                f"At step {last}, {len(better)} of {len(at_last)} layers beat the raw input "
+                f"({raw_error[last]:.4f})" + (f": {listed(better)}." if better else ".")
+            )
+        worse = [
+            name
+            for name in rest
+            if all((name, s) in error and s in raw_error for s in steps)
+            and all(error[(name, s)] > raw_error[s] for s in steps)
+        ]
+        if worse:
+            verb = "is" if len(worse) == 1 else "are"
+            out.append(f"{listed(worse)} {verb} worse than the raw input at every step.")
+
+    if len(steps) > 1:
+        change = {
+            name: error[(name, last)] - error[(name, first)]
+            for name in rest or layers
+            if (name, first) in error and (name, last) in error
+        }
+        if change:
+            most = min(change, key=lambda name: change[name])
+            fell = [name for name in change if change[name] < -0.01]
+            if change[most] < -0.01:
+                out.append(
+                    f"From step {first} to step {last} the error fell most at {most} "
+                    f"({error[(most, first)]:.4f} to {error[(most, last)]:.4f}); it fell by more than "
+                    f"0.01 at {len(fell)} of {len(change)} layers."
+                )
+            else:
+                out.append(f"From step {first} to step {last} no layer's error fell by more than 0.01.")
+
+    at_last_all = [(name, error[(name, last)]) for name in layers if (name, last) in error]
+    if len(at_last_all) > 1:
+        best = min(at_last_all, key=lambda item: item[1])
+        values = [e for _, e in at_last_all]
+        rises = [(a, b) for (a, ea), (b, eb) in itertools.pairwise(at_last_all) if eb > ea + 0.005]
+        if not rises:
+            out.append(
+                f"At step {last} the error never rises with depth (by more than 0.005): "
+                f"{values[0]:.4f} at {at_last_all[0][0]} to {values[-1]:.4f} at {at_last_all[-1][0]}."
+            )
+        else:
+            a, b = rises[0]
+            times = "" if len(rises) == 1 else f" {len(rises)} times from one layer to the next, first"
+            out.append(
+                f"At step {last} the error is lowest at {best[0]} ({best[1]:.4f}) but does not fall "
+                f"steadily with depth: it rises{times} from {a} ({error[(a, last)]:.4f}) to {b} "
+                f"({error[(b, last)]:.4f})."
+            )
+    return out
+
+
+def activate_hint(prefix: str = sys.prefix, environ: dict[str, str] | None = None) -> str | None:
+    """The command that puts this virtual env's `probeserve` and `python` on PATH, when the
+    demo runs from a virtual env that is not active (`make demo` calls `.venv/bin/probeserve`);
+    None when it is active, or when this is no virtual env."""
+    environ = os.environ if environ is None else environ
+    activate = os.path.join(prefix, "bin", "activate")
+    if not os.path.exists(activate) or environ.get("VIRTUAL_ENV") == prefix:
+        return None
+    rel = os.path.relpath(activate)
+    return f"source {rel if not rel.startswith('..') else activate}"
+
+
 def run_demo(*, out: str = "demo-output", quick: bool = False, runner: str = "ray") -> int:
-    from probeserve.cli import print_results_table, run_spec
+    from probeserve.cli import print_results_table, print_run_summary, run_spec
     from probeserve.data import find_fashion_mnist
     from probeserve.spec import spec_from_dict
 
+    shown = out.rstrip("/") or out  # as the user wrote it, for the commands printed at the end
     out = os.path.abspath(out)
     data_path = find_fashion_mnist()
     if data_path is None:
@@ -122,13 +236,15 @@ def run_demo(*, out: str = "demo-output", quick: bool = False, runner: str = "ra
         yaml.safe_dump(spec_dict, f, sort_keys=False)
     train_and_checkpoint(spec, QUICK_STEPS if quick else STEPS, quick=quick)
     summary = run_spec(spec, runner=runner, address=None)
-    print_results_table(out, spec.run, None)
-    print(
-        f"\n{summary.ok} probe(s) trained now, {summary.skipped_done} already done, "
-        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s."
-    )
-    print(f"results: {out}/results/  (probeserve query {out})")
-    print(
-        f"spec:    {out}/demo-spec.yaml  (probeserve run {out}/demo-spec.yaml reruns it; nothing left to do)"
-    )
+    rows = print_results_table(out, spec.run, None)
+    print("\nWhat the table shows:")
+    for sentence in story(rows):
+        print(f"  {sentence}")
+    print_run_summary(spec, summary, rows)
+    hint = activate_hint()
+    print("\nNext" + (f" (first, once per shell: {hint})" if hint else "") + ":")
+    print(f"  probeserve query {shown}")
+    print(f"  probeserve plot {shown} --kind heatmap --out heatmap.png")
+    print(f"  probeserve report {shown} --out report.html")
+    print(f"  probeserve run {shown}/demo-spec.yaml    # the demo's spec: copy it to write your own")
     return summary.exit_code

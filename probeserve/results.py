@@ -66,6 +66,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("seconds", pa.float64(), "wall time of the probe (and of extraction, for failed extraction)"),
     ("device", pa.string(), "where the probe trained: cpu or cuda:N"),
     ("finished_at", pa.timestamp("ms", tz="UTC"), "when the row was committed"),
+    (
+        "hit_max_epochs",
+        pa.bool_(),
+        "the probe ran probe.max_epochs epochs without early stopping or converging: its "
+        "errors may still fall with more epochs; null when failed",
+    ),
 ]
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
 COLUMN_NAMES = [c[0] for c in COLUMNS]
