@@ -250,10 +250,10 @@ def thin(n: int, max_labels: int) -> list[int]:
 def abbreviate(name: str, width: int = 18) -> str:
     """Shorten a long layer name to `width` characters, keeping what tells layers apart.
 
-    A dotted module path first loses letters, not parts: `encoder.layers.11.attention.dense`
-    becomes `e.l.11.a.out.dense` at 18 (numbers and the last part stay whole), so that the names of a
-    deep model's blocks stay distinct; what is still too long is cut in the middle, keeping
-    its start and its (telling) end.
+    A dotted module path first loses letters, not parts, from the left:
+    `encoder.layers.11.attention.output.dense` becomes `e.l.11.a.out.dense` (numbers and the
+    last part stay whole), so that the names of a deep model's blocks stay distinct; what is
+    still too long is cut in the middle, keeping its start and its (telling) end.
     """
     if len(name) <= width:
         return name
@@ -334,7 +334,7 @@ def _pyplot():
     return plt
 
 
-Entries = list  # [(artist, text)]: a figure's legend, in drawing order
+Entries = list[tuple[Any, str]]  # a figure's legend: (artist, text), in drawing order
 
 
 def _entry(entries: Entries, artist: Any, text: str) -> Any:

@@ -199,7 +199,9 @@ def conform(table: pa.Table) -> pa.Table:
     if missing:
         raise KeyError(f"no column {missing[0]!r}")
     columns = [
-        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
         for f in SCHEMA
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)

@@ -249,9 +249,11 @@ def synthetic_table(
 
 HOSTILE_NAMES = [
     "input",
-    "cost $5",  # an unpaired $: mathtext raised "Unknown symbol" / "missing $"
+    "cost $5",  # one $: plain text to matplotlib, and it must stay so next to the others
     "a$b$c",  # a pair: drawn as math (italic b) instead of the name
     "$\\alpha$_x^2",
+    "x$^$y",  # not valid mathtext: drawing it raised ValueError, and `plot` and `report` crashed
+    "a$\\nocommand{$b",
     "back\\slash\\n{}",
     "under_score_^caret",
     "_leading_underscore",  # matplotlib's legend leaves out labels starting with _
