@@ -7,8 +7,8 @@ data behind each plot is a `Grid` (`grid()`), so tests and notebooks can check i
 reading pixels.
 
 The plots are meant to stay readable on real sweeps (hundreds of checkpoints, a hundred
-layers and more): axes fit the data rather than 0-1, so a chance line far above the errors
-becomes a labelled note instead of squeezing every curve into a sliver; the heatmap's
+layers and more): axes fit the data rather than 0-1, so a chance level far above the errors
+is a legend entry instead of a line that squeezes every curve into a sliver; the heatmap's
 colours span the bulk of the values (`color_limits`); tick labels are thinned to what fits
 (`thin`) instead of shrunk or overlapped.
 
@@ -284,7 +284,7 @@ def front_loaded(steps: Sequence[int]) -> bool:
 
 def value_limits(g: Grid) -> tuple[float, float]:
     """The y range of the line plots: the finite values with a margin, never 0-1 just because
-    the chance line is far above them (that is drawn as a note, see `_draw_chance`)."""
+    the chance level is far above them (see `_draw_chance`)."""
     finite = g.values[np.isfinite(g.values)]
     if not finite.size:
         return (0.0, 1.0) if g.chance is None else (max(0.0, g.chance - 0.1), g.chance + 0.1)
@@ -352,8 +352,9 @@ def _legend(ax: Axes, entries: Entries, **kwargs: Any) -> None:
 
 
 def _draw_chance(ax: Axes, g: Grid, lo: float, hi: float, entries: Entries) -> str | None:
-    """The chance level: a dashed line when it lies inside the y range, else a note in the
-    corner the level lies beyond, with a legend entry. Returns where it went
+    """The chance level: a dashed line when it lies inside the y range, else only a legend
+    entry saying that it lies above (or below) the axes; a note on the axes themselves would
+    sit among the curves, the failed marks or the title. Returns where it went
     ("line", "above", "below") or None when there is no chance level to draw."""
     if not g.shows_chance:
         return None
@@ -366,16 +367,6 @@ def _draw_chance(ax: Axes, g: Grid, lo: float, hi: float, entries: Entries) -> s
     where = "above" if g.chance > hi else "below"
     proxy = ax.plot([], [], color=CHANCE_COLOR, linestyle="--", linewidth=1.2, gid="chance")[0]
     _entry(entries, proxy, f"{text}, {where} the axes")
-    ax.annotate(
-        f"{'↑' if where == 'above' else '↓'} chance {format_chance(g.chance)}",
-        xy=(0.99, 0.98 if where == "above" else 0.02),
-        xycoords="axes fraction",
-        ha="right",
-        va="top" if where == "above" else "bottom",
-        fontsize=TICK_FONT,
-        color=CHANCE_COLOR,
-        gid="chance-note",
-    )
     return where
 
 
@@ -521,13 +512,9 @@ def heatmap_figure(g: Grid) -> Figure:
         fi, fj = np.nonzero(g.failed)
         if len(fi):
             marks = ax.scatter(fi, fj, marker="x", s=80, color=FAILED_COLOR)
-            _legend(
-                ax,
-                [(marks, f"failed ({len(fi)})")],
-                fontsize="small",
-                loc="upper left",
-                bbox_to_anchor=(0, -0.12),
-            )
+            marks.set_label(f"failed ({len(fi)})")
+            # below the figure, whatever its height (constrained layout makes room for it)
+            fig.legend([marks], [marks.get_label()], fontsize="small", loc="outside lower left")
         ax.set_xticks(layout["step_ticks"])
         ax.set_xticklabels(
             [str(g.steps[i]) for i in layout["step_ticks"]],

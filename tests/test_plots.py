@@ -292,7 +292,7 @@ def test_names_are_text_in_the_animation_and_the_long_name_is_shortened(tmp_path
     table = synthetic_table(3, len(HOSTILE_NAMES), layers=HOSTILE_NAMES, failed=frozenset({(1, 3)}))
     with Image.open(plots.animate(table, str(tmp_path / "a.gif"))) as im:
         assert im.n_frames == 3
-    g = plots.grid(table)
+    g = plots.grid(table, layers=["input", "_leading_underscore", HOSTILE_NAMES[-1]])  # a legend, not a bar
     fig = plots.steps_figure(g)
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert plots.plain("_leading_underscore") in legend  # given explicitly, so not dropped
@@ -336,14 +336,13 @@ def test_y_axis_fits_the_data_and_chance_far_above_is_a_note():
     assert 0.05 < lo < 0.08 and 0.17 < hi < 0.2  # the data's range, not 0-1
     (proxy,) = [ln for ln in ax.lines if ln.get_gid() == "chance"]
     assert len(proxy.get_xdata()) == 0 and proxy.get_label() == "chance (0.9025), above the axes"
-    notes = [t.get_text() for t in ax.texts if t.get_gid() == "chance-note"]
-    assert notes == ["↑ chance 0.9025"]
+    assert "chance (0.9025), above the axes" in [t.get_text() for t in ax.get_legend().get_texts()]
     plots._pyplot().close(fig)
     # chance inside the data's range is a line at its level
     near = plots.grid(synthetic_table(4, 10, chance=0.5, error=lambda i, j: 0.3 + 0.05 * j))
     fig = plots.steps_figure(near)
     (line,) = [ln for ln in fig.axes[0].lines if ln.get_gid() == "chance"]
-    assert list(line.get_ydata()) == [0.5, 0.5] and not fig.axes[0].texts
+    assert list(line.get_ydata()) == [0.5, 0.5] and line.get_label() == "chance (0.5000)"
     plots._pyplot().close(fig)
 
 
