@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -232,13 +233,13 @@ def story(rows: list[dict]) -> list[str]:
     return out
 
 
-def activate_hint(prefix: str = sys.prefix, environ: dict[str, str] | None = None) -> str | None:
+def activate_hint(prefix: str = sys.prefix, environ: Mapping[str, str] | None = None) -> str | None:
     """The command that puts this virtual env's `probeserve` and `python` on PATH, when the
     demo runs from a virtual env that is not active (`make demo` calls `.venv/bin/probeserve`);
     None when it is active, or when this is no virtual env."""
-    environ = os.environ if environ is None else environ
+    env = os.environ if environ is None else environ
     activate = os.path.join(prefix, "bin", "activate")
-    if not os.path.exists(activate) or environ.get("VIRTUAL_ENV") == prefix:
+    if not os.path.exists(activate) or env.get("VIRTUAL_ENV") == prefix:
         return None
     rel = os.path.relpath(activate)
     return f"source {rel if not rel.startswith('..') else activate}"

@@ -514,7 +514,7 @@ def heatmap_figure(g: Grid) -> Figure:
             marks = ax.scatter(fi, fj, marker="x", s=80, color=FAILED_COLOR)
             marks.set_label(f"failed ({len(fi)})")
             # below the figure, whatever its height (constrained layout makes room for it)
-            fig.legend([marks], [marks.get_label()], fontsize="small", loc="outside lower left")
+            fig.legend([marks], [f"failed ({len(fi)})"], fontsize="small", loc="outside lower left")
         ax.set_xticks(layout["step_ticks"])
         ax.set_xticklabels(
             [str(g.steps[i]) for i in layout["step_ticks"]],
@@ -705,7 +705,7 @@ def animate(
     metric: str = "test_error",
     steps: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
-    fps: float | None = None,
+    fps: int | None = None,
     s3_endpoint: str | None = None,
 ) -> str:
     """The `layers` plot, one frame per checkpoint, on a fixed y axis: a .gif, or .mp4 with ffmpeg.
@@ -745,10 +745,10 @@ def animate(
             return publish(out, f.read(), s3_endpoint=s3_endpoint)
 
 
-def animation_fps(num_frames: int) -> float:
-    """2 frames a second, or as many as make `num_frames` last `ANIMATION_SECONDS` (at most 25:
-    GIF frame times are whole hundredths of a second, and few viewers show more)."""
-    return float(min(25.0, max(2.0, num_frames / ANIMATION_SECONDS)))
+def animation_fps(num_frames: int) -> int:
+    """2 frames a second, or as many as make `num_frames` last about `ANIMATION_SECONDS` (at
+    most 25: GIF frame times are whole hundredths of a second, and few viewers show more)."""
+    return min(25, max(2, math.ceil(num_frames / ANIMATION_SECONDS)))
 
 
 def frames_figure(g: Grid) -> tuple[Figure, Callable[[int], None]]:

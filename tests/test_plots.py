@@ -440,7 +440,7 @@ def test_animation_legend_shows_failed_only_when_something_failed():
 
 def test_a_long_sweeps_animation_is_sped_up():
     assert plots.animation_fps(4) == 2
-    assert plots.animation_fps(400) == 400 / plots.ANIMATION_SECONDS
+    assert plots.animation_fps(400) == 20  # 400 frames in 20 s
     assert plots.animation_fps(10_000) == 25
 
 
