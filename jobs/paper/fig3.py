@@ -113,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 for spec in specs(out, size):
                     spec_path = out / "fig3" / "specs" / f"{spec.run}.yaml"
                     status = max(
-                        status, run_sweep(spec, runner=args.runner, threads=args.threads, spec_path=spec_path)
+                        status,
+                        run_sweep(
+                            spec,
+                            runner=args.runner,
+                            address=args.address,
+                            threads=args.threads,
+                            spec_path=spec_path,
+                        ),
                     )
         if args.stage in ("all", "plot"):
             with timer.stage("figure"):

@@ -10,7 +10,7 @@ figure is the test error of every probe, at initialisation and after training, s
 Data: Fashion-MNIST from the Debian package by default; `--data DIR` with MNIST's four IDX
 files gives the paper's data set.
 
-    python jobs/paper/fig5.py               # 1 epoch on 10,000 images, conv layers pooled (minutes)
+    python jobs/paper/fig5.py               # 2 epochs on 20,000 images, conv layers pooled (minutes)
     python jobs/paper/fig5.py --full        # 10 epochs on all 50,000, every feature (hours on a CPU)
     python jobs/paper/fig5.py --tiny        # 20 minibatches, 500 probe examples (the test)
 """
@@ -51,8 +51,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "reducer": {"kind": "avgpool", "max_features": 256},
     },
     "default": {
-        "epochs": 1,
-        "train_model_on": 10000,
+        "epochs": 2,
+        "train_model_on": 20000,
         "train": 5000,
         "val": 2000,
         "test": 2000,
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = run_sweep(
                     spec,
                     runner=args.runner,
+                    address=args.address,
                     threads=args.threads,
                     spec_path=out / "fig5" / "specs" / "fig5.yaml",
                 )

@@ -11,7 +11,7 @@ minibatches (the other checkpoints in grey; they make the animation).
 A control the paper describes but does not plot: the same model, seed and data without the
 auxiliary heads (run `fig7-noaux`), in the figure's second panel.
 
-    python jobs/paper/fig7.py               # 1,000 minibatches, every 4th layer (minutes)
+    python jobs/paper/fig7.py               # 1,000 minibatches, every 8th layer (minutes)
     python jobs/paper/fig7.py --full        # 5,000 minibatches, every layer
     python jobs/paper/fig7.py --tiny        # a 32-layer, 32-unit model, 120 minibatches (the test)
 """
@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlp_experiment import Size, Variant, main
+import mlp_experiment
+from mlp_experiment import Size, Variant
 
 VARIANTS = [
     Variant(run="fig7", spec="fig7", title="auxiliary heads every {aux_every} layers"),
@@ -41,6 +42,7 @@ SIZES = {
         val=500,
         test=500,
         train_model_on=5000,
+        lr=1e-3,  # the small model learns its shape in 120 minibatches at this rate, stably
         model={"aux_every": 8},
     ),
     "default": Size(
@@ -49,7 +51,7 @@ SIZES = {
         steps=1000,
         save_at=[0, 50, 100, 200, 300, 500, 750, 1000],
         highlight=[0, 100, 1000],
-        every=4,
+        every=8,
         train=5000,
         val=2000,
         test=2000,
@@ -70,5 +72,9 @@ SIZES = {
 }
 
 
+def main(argv: list[str] | None = None) -> int:
+    return mlp_experiment.main("fig7", VARIANTS, SIZES, __doc__, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main("fig7", VARIANTS, SIZES, __doc__, sys.argv[1:]))
+    sys.exit(main())

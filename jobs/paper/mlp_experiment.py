@@ -56,6 +56,7 @@ class Size:
     test: int
     train_model_on: int | None  # training examples the model learns from (None: all but val)
     model: dict[str, Any] = field(default_factory=dict)  # kwargs that differ from the spec's
+    lr: float = 3e-4  # Adam's learning rate (train_deep_mlp.py says why 3e-4 for the 128-layer model)
 
 
 @dataclass
@@ -80,16 +81,17 @@ def spec_for(variant: Variant, size: Size, out: Path, data_path: str | None):  #
         "data.train_size": size.train,
         "data.val_size": size.val,
         "data.test_size": size.test,
-        # the marked layers and the one before a skip's target are always probed
-        "layers.include": mlp_points(
-            size.depth,
-            size.every,
-            always=[*_marks(variant, kwargs), *[m - 1 for m in _marks(variant, kwargs)]],
-        ),
+        "layers.include": mlp_points(size.depth, size.every, always=_always(variant, kwargs)),
     }
     if data_path is not None:
         overrides["data.path"] = data_path
     return load_paper_spec(variant.spec, overrides)
+
+
+def _always(variant: Variant, kwargs: dict[str, Any]) -> list[int]:
+    """Layers probed whatever `every` says: the marked ones, and both sides of a skip's target."""
+    marks = _marks(variant, kwargs)
+    return [*marks, *(m - 1 for m in marks if variant.marks == "skip")]
 
 
 def _marks(variant: Variant, kwargs: dict[str, Any]) -> list[int]:
@@ -111,6 +113,7 @@ def train(spec, size: Size) -> dict[str, Any]:  # spec: SweepSpec
         val_size=spec.data.val_size,
         train_size=size.train_model_on,
         data_seed=spec.data.seed,
+        lr=size.lr,
     )
 
 
@@ -149,7 +152,11 @@ def main(name: str, variants: list[Variant], sizes: dict[str, Size], doc: str, a
                     status = max(
                         status,
                         run_sweep(
-                            specs[v.run], runner=args.runner, threads=args.threads, spec_path=spec_path
+                            specs[v.run],
+                            runner=args.runner,
+                            address=args.address,
+                            threads=args.threads,
+                            spec_path=spec_path,
                         ),
                     )
         if args.stage in ("all", "plot"):

@@ -61,6 +61,11 @@ def size_args(ap: argparse.ArgumentParser) -> None:
         help="local: sweeps run in this process; ray: through `probeserve run SPEC --runner ray`",
     )
     ap.add_argument(
+        "--address",
+        help="with --runner ray: the cluster to join (auto, host:port, ray://host:port; 'local' starts a "
+        "fresh one); default: what `probeserve run` does without --address",
+    )
+    ap.add_argument(
         "--stage",
         choices=("all", "train", "sweep", "plot"),
         default="all",
@@ -128,7 +133,9 @@ def write_spec(spec, path: Path) -> Path:  # spec: SweepSpec
     return path
 
 
-def run_sweep(spec, *, runner: str, spec_path: Path, threads: int | None = None) -> int:  # spec: SweepSpec
+def run_sweep(
+    spec, *, runner: str, spec_path: Path, threads: int | None = None, address: str | None = None
+) -> int:  # spec: SweepSpec
     """Probe every pending (checkpoint, layer) of `spec`; return the exit status (0 all ok).
 
     The spec is written to `spec_path` first, so the exact sweep can be rerun by hand. The
@@ -141,8 +148,11 @@ def run_sweep(spec, *, runner: str, spec_path: Path, threads: int | None = None)
     write_spec(spec, spec_path)
     if runner == "ray":
         cmd = [sys.executable, "-m", "probeserve", "run", str(spec_path), "--runner", "ray"]
+        cmd += ["--address", address] if address else []
         log.info("%s", " ".join(cmd))
         return subprocess.run(cmd, check=False).returncode
+    if address:
+        raise PaperError("--address goes with --runner ray")
     from probeserve.runners.local import run_local
 
     summary = run_local(spec)
