@@ -8,8 +8,8 @@ auxiliary head every 16 layers whose losses are added to the main loss
 The figure is the probes' train error by layer, as in the paper, at 0, 500 and 5,000
 minibatches (the other checkpoints in grey; they make the animation).
 
-A control the paper describes but does not plot: the same model, seed and data without the
-auxiliary heads (run `fig7-noaux`), in the figure's second panel.
+A control for the claim that the heads are what makes the model trainable: the same model,
+seed and data without them (run `fig7-noaux`), in the figure's second panel.
 
     python jobs/paper/fig7.py               # 1,000 minibatches, every 8th layer (minutes)
     python jobs/paper/fig7.py --full        # 5,000 minibatches, every layer

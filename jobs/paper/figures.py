@@ -233,9 +233,11 @@ def curves(output_uri: str, run: str, metric: str = "train_error") -> dict[str, 
     }
 
 
-def curves_table(c: dict[str, Any], *, max_layers: int = 17) -> str:
-    """Steps (rows) by up to `max_layers` layers spread over the model (columns)."""
-    cols = sorted({round(x) for x in np.linspace(0, len(c["layers"]) - 1, min(max_layers, len(c["layers"])))})
+def curves_table(c: dict[str, Any], *, max_layers: int = 17, always: Sequence[int] = ()) -> str:
+    """Steps (rows) by up to `max_layers` layers spread over the model, and the layers in
+    `always` (columns)."""
+    cols = {round(x) for x in np.linspace(0, len(c["layers"]) - 1, min(max_layers, len(c["layers"])))}
+    cols = sorted(cols | {c["layers"].index(k) for k in always if k in c["layers"]})
     head = "step   " + " ".join(f"{c['layers'][j]:>5}" for j in cols)
     lines = [
         f"{c['run']}: {c['metric']} by layer (columns) and step (rows); failed items: {c['failed']}",

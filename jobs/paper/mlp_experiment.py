@@ -167,7 +167,7 @@ def main(name: str, variants: list[Variant], sizes: dict[str, Size], doc: str, a
                     title = v.title.format(**specs[v.run].model.kwargs)
                     marks = _marks(v, dict(specs[v.run].model.kwargs))
                     panels.append((f"{title}, {dataset_name(data_path)}", c, marks))
-                    print(figures.curves_table(c))
+                    print(figures.curves_table(c, always=_always(v, dict(specs[v.run].model.kwargs))))
                     history = records.get(v.run, {}).get("history") or _record(specs[v.run])
                     if history:
                         print(
