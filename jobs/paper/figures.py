@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         c = curves(args.results, args.figure)
         marks = (64,) if args.figure == "fig8" else tuple(range(16, 128, 16))
         draw_mlp_figure([(args.figure, c, marks)], png, wanted=(0, 500, 5000), mark_label="")
-        print(curves_table(c))
+        print(curves_table(c, always=(63, 64) if args.figure == "fig8" else ()))
         if args.video:
             draw_video(c, Path(args.video), title=args.figure, marks=marks)
     print(f"figure: {png}")

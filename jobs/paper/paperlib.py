@@ -76,7 +76,7 @@ def size_args(ap: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads for training and probing (default 1: see docs/paper.md, 'Threads')",
+        help="torch threads for training and probing (default 1: see docs/paper.md, 'The machine, and threads')",
     )
     ap.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paperlib import check_training_record, resolve_idx_path, use_threads, write_training_record
+from paperlib import check_training_record, resolve_idx_path, use_threads, user_errors, write_training_record
 
 log = logging.getLogger("probeserve.paper")
 
@@ -136,10 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (see docs/paper.md, 'Threads')")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (see docs/paper.md, 'The machine, and threads')"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    use_threads(args.threads)
+    try:
+        use_threads(args.threads)
+        return _run(args)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     record = train(
         args.out,
         epochs=args.epochs,

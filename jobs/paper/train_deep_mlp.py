@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paperlib import check_training_record, resolve_idx_path, use_threads, write_training_record
+from paperlib import (
+    PaperError,
+    check_training_record,
+    resolve_idx_path,
+    use_threads,
+    user_errors,
+    write_training_record,
+)
 
 log = logging.getLogger("probeserve.paper")
 MONITOR_EXAMPLES = 2000  # training examples the main head is scored on at each checkpoint
@@ -112,7 +120,7 @@ def train(
     data_path = resolve_idx_path(data_path)
     save_at = sorted(set(save_at))
     if not save_at or save_at[0] < 0 or save_at[-1] > steps:
-        raise ValueError(f"--save-at must be steps in 0..{steps}, got {save_at}")
+        raise PaperError(f"--save-at must be steps in 0..{steps}, got {save_at}")
     config = {
         "model": {"factory": "mlp", "kwargs": kwargs},
         "data": {"path": data_path, "val_size": val_size, "train_size": train_size, "seed": data_seed},
@@ -138,6 +146,7 @@ def train(
     cursor = 0
     history = []
     write_training_record(ckpt_dir, config, complete=False)
+    t0 = time.perf_counter()
     for step in range(steps + 1):
         if step in save_at:
             probeserve.save_checkpoint(model, str(ckpt_dir), step)
@@ -161,7 +170,22 @@ def train(
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-    write_training_record(ckpt_dir, config, complete=True, history=history)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "%d minibatches in %.1f s (%.3f s each, checkpoints included), %d torch thread(s)",
+        steps,
+        seconds,
+        seconds / max(1, steps),
+        torch.get_num_threads(),
+    )
+    write_training_record(
+        ckpt_dir,
+        config,
+        complete=True,
+        history=history,
+        seconds=seconds,
+        torch_threads=torch.get_num_threads(),
+    )
     return _read_record(ckpt_dir)
 
 
@@ -203,10 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (see docs/paper.md, 'Threads')")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (see docs/paper.md, 'The machine, and threads')"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    use_threads(args.threads)
+    try:
+        use_threads(args.threads)
+        return _run(args)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     save_at = args.save_at or sorted({round(args.steps * i / 9) for i in range(10)})
     record = train(
         args.out,
@@ -230,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for h in record.get("history", []):
         print(f"step {h['step']:>6}: main head train error {h['main_head_train_error']:.3f}")
+    if "seconds" in record:
+        print(
+            f"{args.steps} minibatches in {record['seconds']:.1f} s with {record['torch_threads']} torch thread(s)"
+        )
     return 0
 
 
