@@ -170,7 +170,10 @@ def test_fig3_through_the_ray_runner_gives_the_local_answers(paper, tmp_path):
     pytest.importorskip("ray")
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     assert paper["fig3"].main(["--tiny", "--out", str(local), "-q"]) == 0
-    assert paper["fig3"].main(["--tiny", "--out", str(ray_out), "-q", "--runner", "ray", "--address", "local"]) == 0
+    assert (
+        paper["fig3"].main(["--tiny", "--out", str(ray_out), "-q", "--runner", "ray", "--address", "local"])
+        == 0
+    )
     a = paper["figures"].fig3_data(str(local / "fig3" / "probes"))
     b = paper["figures"].fig3_data(str(ray_out / "fig3" / "probes"))
     np.testing.assert_allclose(a["errors"], b["errors"], atol=1e-9)

@@ -32,7 +32,6 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 SPECS = HERE / "specs"
-SIZES = ("tiny", "default", "full")
 
 log = logging.getLogger("probeserve.paper")
 
@@ -93,9 +92,10 @@ def use_threads(threads: int) -> None:
     """Train with `threads` torch threads (sweeps get them through `resources.torch_threads`).
 
     One is the default: these models are small (128-unit layers), so a second intra-op
-    thread gains little even on an idle machine, and on a busy one every small op waits for
-    a thread the scheduler has not run yet. On the 2 shared cores these jobs were measured
-    on, a training step of the 128-layer MLP took 12 s with 2 threads and 0.46 s with 1."""
+    thread could gain little even on an idle machine, and on a busy one every small op waits
+    for a thread the scheduler has not run yet. On the 2 shared cores these jobs were
+    measured on, 20 minibatches of the 128-layer MLP took 2.0 s with 1 thread and 30.4 s
+    with 2 (docs/paper.md)."""
     import torch
 
     if threads < 1:
