@@ -86,6 +86,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("n_skipped", pa.int64(), "examples that could not be decoded and were left out, over all splits"),
     ("skipped", pa.list_(pa.string()), "their names (at most 100)"),
     ("weights_cast", pa.string(), "float weights cast on loading: '2 tensors float64->float32: a, b'"),
+    (
+        "hit_max_epochs",
+        pa.bool_(),
+        "the probe ran probe.max_epochs epochs without early stopping or converging: its "
+        "errors may still fall with more epochs; null when failed",
+    ),
     # issue 14: l2 chosen on validation, intervals, per-class errors, control tasks, MDL
     ("l2", pa.float64(), "the l2 of this row's probe: of probe.l2's values, the lowest val error"),
     ("l2_grid", pa.list_(pa.float64()), "probe.l2's values, all trained (stacked) on the same data"),

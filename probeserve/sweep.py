@@ -771,6 +771,9 @@ def _probe_row(
         class_names=manifest.get("class_names"),
         **_per_class(res, sweep.spec.probe.confusion_max_classes),
         **extra,
+        hit_max_epochs=hit_max_epochs(
+            epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
+        ),
     )
 
 
@@ -797,6 +800,22 @@ def _per_class(res, max_classes: int) -> dict[str, Any]:
         if len(confusion) <= max_classes:
             out["confusion"] = confusion.tolist()
     return out
+
+
+def hit_max_epochs(*, epochs: int, best_epoch: int, n_val: int, spec: SweepSpec) -> bool:
+    """Whether a probe stopped only because it reached `probe.max_epochs`.
+
+    A probe that stopped earlier converged (the objective stopped changing) or was early-stopped;
+    one that ran all its epochs was early-stopped at the last one when `patience` epochs had
+    passed since its best validation loss (the stopping rule of `probe.train_probe`), and
+    otherwise was cut off: its error may still fall with more epochs, which the summary of a
+    run says.
+    """
+    probe = spec.probe
+    if epochs < probe.max_epochs:
+        return False
+    early_stopped = probe.patience is not None and n_val > 0 and epochs - best_epoch >= probe.patience
+    return not early_stopped
 
 
 def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
