@@ -802,18 +802,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plot",
-        help="plot the results: error by layer, heatmap, by step, or an animation",
-        description="Draw one figure of a run's results: error by layer (a line per step), a "
-        "heatmap of steps by layers, error by step (a line per layer), or an animation of the "
-        "error by layer over the steps. See docs/results.md.",
+        help="plot the results: error by layer, heatmap, by step, an animation, or per class",
+        description="Draw one figure of a run's results: error by layer (a line per step, its 95% "
+        "interval shaded), a heatmap of steps by layers, error by step (a line per layer), an "
+        "animation of the error by layer over the steps, or the test error of each class by layer "
+        "at one step. See docs/results.md.",
     )
     pl.add_argument("results", help="the spec's output.uri (or its results/ folder)")
     pl.add_argument(
         "--kind",
-        choices=["layers", "heatmap", "steps", "animation"],
+        choices=["layers", "heatmap", "steps", "animation", "classes"],
         default="layers",
         help="layers: error by layer, a line per step; heatmap: step x layer; steps: error by step, "
-        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg) "
+        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg); "
+        "classes: class x layer, the test error of each class at one step (default: the last) "
         "(default: %(default)s)",
     )
     pl.add_argument(

@@ -440,6 +440,72 @@ def test_rows_carry_the_grid_intervals_and_per_class_errors(gaussian_rows) -> No
 
 
 # ---------------------------------------------------------------------------------------------
+# Plots and the report draw the intervals and the per-class errors
+
+
+def test_the_layers_plot_shades_each_steps_95_percent_interval(gaussian) -> None:
+    from probeserve import plots
+
+    out, rows = gaussian
+    g = plots.grid(results.load(out))
+    for j, layer in enumerate(g.layers):
+        assert (g.low[0, j], g.high[0, j]) == (rows[layer]["test_error_low"], rows[layer]["test_error_high"])
+    fig = plots.layers_figure(g)
+    ax = fig.axes[0]
+    (band,) = [p for p in ax.patches if p.get_gid() == "interval-0"]  # every layer has one: one polygon
+    ys = band.get_xy()[:, 1]
+    assert ys.max() == pytest.approx(np.nanmax(g.high[0])) and ys.min() == pytest.approx(np.nanmin(g.low[0]))
+    lo, hi = ax.get_ylim()
+    assert lo <= np.nanmin(g.low[0]) and hi >= np.nanmax(g.high[0])  # no band cut off by the axes
+    assert "95% interval (Wilson)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plots._pyplot().close(fig)
+    # losses have no interval: nothing shaded
+    loss = plots.layers_figure(plots.grid(results.load(out), metric="test_loss"))
+    assert len(loss.axes[0].patches) == 0 and plots.grid(results.load(out), metric="test_loss").low is None
+    plots._pyplot().close(loss)
+
+
+def test_the_classes_plot_draws_each_classs_test_error_by_layer(gaussian, tmp_path, capsys) -> None:
+    from probeserve import plots
+    from probeserve.cli import main
+
+    out, rows = gaussian
+    cg = plots.class_grid(results.load(out))
+    assert (
+        cg.step == 0
+        and cg.classes == ["0", "1"]
+        and cg.layers == ["input", *(f"hidden.{i}.act" for i in range(1, 5))]
+    )
+    for j, layer in enumerate(cg.layers):
+        np.testing.assert_array_equal(cg.values[:, j], rows[layer]["test_class_errors"])
+    assert cg.counts == rows["input"]["test_class_counts"] and not cg.failed.any()
+    fig = plots.classes_figure(cg)
+    (image,) = fig.axes[0].images
+    np.testing.assert_array_equal(np.asarray(image.get_array()), cg.values)
+    plots._pyplot().close(fig)
+    png = str(tmp_path / "classes.png")
+    assert main(["plot", out, "--kind", "classes", "--out", png]) == 0
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["plot", out, "--kind", "classes", "--out", png, "--metric", "val_error"]) == 2
+    assert "--metric val_error: the classes plot draws test_error" in capsys.readouterr().err
+    assert main(["plot", out, "--kind", "classes", "--out", png, "--steps", "7"]) == 2
+    assert "--steps: no per-class test errors at step 7" in capsys.readouterr().err
+
+
+def test_the_report_shows_the_classes_plot_and_the_new_columns(gaussian) -> None:
+    from probeserve import report
+
+    out, rows = gaussian
+    page = report.build_report(out)
+    assert 'alt="test error per class by layer, step 0"' in page
+    assert 'alt="test error by layer (95% intervals shaded)"' in page
+    for column in ("test_error_low", "test_error_high", "l2", "selectivity", "mdl_compression"):
+        assert f'<th class="">{column}</th>' in page
+    assert f">{rows['input']['l2']:g}<" in page  # l2 in full, not 0.0001 at 4 decimals
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-class errors above the confusion cap, older rows, and `probeserve query`
 
 
@@ -474,6 +540,12 @@ def test_rows_written_before_these_columns_read_them_as_null_and_still_plot(tmp_
         assert (low, high) == pytest.approx(results.wilson_interval(err, r["n_test"]))
     layers, names, grid = results.class_errors_by_layer(rows, step=0)
     assert layers == ["input", "fc2"] and names == ["0", "1"] and np.isnan(grid).all()
+    from probeserve import plots
+
+    g = plots.grid(results.load(spec.output.uri))  # the layers plot shades Wilson's from n_test
+    assert g.low[0].tolist() == pytest.approx(curve["test_error_low"])
+    with pytest.raises(ProbeserveError, match="no row of run 't' has per-class test errors"):
+        plots.class_grid(results.load(spec.output.uri))
 
 
 def _query(*args: str) -> subprocess.CompletedProcess:
