@@ -13,9 +13,12 @@ import textwrap
 import tracemalloc
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from probeserve.images.decode import preprocess
+from probeserve.images.index import resolve
 from probeserve.spec import ImagesData
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +104,69 @@ def test_16_bit_grey_is_converted_without_a_float64_copy_of_the_image():
     assert peak < 12 * side * side, f"{peak / (side * side):.1f} bytes a pixel"
     expected = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(out[..., 0], expected)  # the same values as before
+
+
+# --- the data folder: what is not an image is left out, links to class folders followed ------
+
+
+def test_a_fifo_named_parquet_does_not_block_resolving(tmp_path):
+    """A FIFO named like a data file blocked `plan` forever (pyarrow opened it and waited for
+    a writer). It is left out, with a warning."""
+    root = tmp_path / "pq"
+    root.mkdir()
+    for name, n in (("train-0.parquet", 8), ("validation-0.parquet", 4)):
+        img = _png(Image.new("RGB", (9, 9)))
+        pq.write_table(pa.table({"image": [img] * n, "label": [0, 1] * (n // 2)}), root / name)
+    os.mkfifo(root / "train-1.parquet")
+    code = textwrap.dedent(
+        f"""
+        from probeserve.images.index import resolve
+        from probeserve.spec import ImagesData
+        index = resolve(ImagesData(kind="images", uri={str(root)!r}, val_size=2), s3_endpoint=None)
+        print(sorted(index.files))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['train-0.parquet', 'validation-0.parquet']"
+    assert "train-1.parquet (not a regular file)" in proc.stderr
+
+
+def test_special_files_and_names_that_are_not_utf8_are_left_out(tmp_path, caplog):
+    """A FIFO or a link to a device named .png failed every checkpoint of the run at
+    extraction (the frozen index kept it), and a name that is not UTF-8 gave a traceback."""
+    root = _folder(tmp_path / "d")
+    os.mkfifo(f"{root}/train/red/fifo.png")
+    os.symlink("/dev/zero", f"{root}/train/red/zero.png")
+    os.symlink(f"{root}/nowhere.png", f"{root}/train/red/dangling.png")
+    with open(os.path.join(os.fsencode(root), b"train/red/\xff\xfe.png"), "wb") as f:
+        f.write(_png(Image.new("RGB", (12, 14))))
+    index = resolve(_spec(root), s3_endpoint=None)
+    keys = {str(k) for s in index.splits.values() for k in s.keys}
+    assert len(keys) == 18 and all(k.endswith(tuple(f"{i:03d}.png" for i in range(6))) for k in keys)
+    warned = caplog.text
+    for name in (
+        "fifo.png (not a regular file)",
+        "zero.png (not a regular file)",
+        "dangling.png",
+        "not UTF-8",
+    ):
+        assert name in warned, warned
+
+
+def test_a_class_folder_that_is_a_link_is_followed(tmp_path, caplog):
+    """`val/red -> /elsewhere/red` was not listed: the test split lost a class without a word."""
+    root = _folder(tmp_path / "d")
+    os.rename(f"{root}/val/red", tmp_path / "red")
+    os.symlink(tmp_path / "red", f"{root}/val/red")
+    os.symlink("..", f"{root}/train/blue/cycle")  # a link cycle is walked once, not forever
+    index = resolve(_spec(root), s3_endpoint=None)
+    assert len(index.splits["test"]) == 6
+    assert sorted(set(index.splits["test"].labels.tolist())) == [0, 1]
+    assert "cycle (a link to a folder that holds it)" in caplog.text
