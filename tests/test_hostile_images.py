@@ -15,8 +15,10 @@ import tracemalloc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
+from probeserve.errors import DataError
 from probeserve.images.decode import preprocess
 from probeserve.images.index import resolve
 from probeserve.spec import ImagesData
@@ -170,3 +172,33 @@ def test_a_class_folder_that_is_a_link_is_followed(tmp_path, caplog):
     assert len(index.splits["test"]) == 6
     assert sorted(set(index.splits["test"].labels.tolist())) == [0, 1]
     assert "cycle (a link to a folder that holds it)" in caplog.text
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", [3_000_000_000, 2**40])
+def test_a_label_no_probe_could_have_is_named(tmp_path, label):
+    """An integer label of 3e9 in a Parquet file made num_classes 3e9: the run was killed for
+    memory (a class-count array of 24 GB). It is refused when the data is resolved."""
+    root = tmp_path / "pq"
+    root.mkdir()
+    img = _png(Image.new("RGB", (9, 9)))
+    pq.write_table(pa.table({"image": [img] * 8, "label": [0, 1] * 3 + [1, label]}), root / "train-0.parquet")
+    pq.write_table(pa.table({"image": [img] * 4, "label": [0, 1] * 2}), root / "validation-0.parquet")
+    with pytest.raises(DataError, match=rf"^data.label_column: label {label} in .*train-0.parquet"):
+        resolve(_spec(root), s3_endpoint=None)
+
+
+def test_a_label_no_probe_could_have_is_named_in_parquet_data(tmp_path):
+    """The same for `data.kind: parquet`: every per-class array of the probe would have had
+    3e9 entries. Refused when the data is loaded, naming the label and the split."""
+    from probeserve.data import load_dataset
+    from probeserve.spec import ParquetData
+
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"x": [[0.0, 1.0]] * 20, "label": [0, 1] * 9 + [1, 3_000_000_000]}), path)
+    with pytest.raises(
+        DataError, match=r"label 3000000000 in the \w+ split; labels must be class indices below"
+    ):
+        load_dataset(ParquetData(kind="parquet", uri=path, val_size=2))

@@ -576,7 +576,14 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
         )
     t = label_col.type
     if pa.types.is_integer(t):
+        from probeserve.data import MAX_CLASSES
+
         labels, string = label_col.to_numpy(zero_copy_only=False).astype(np.int64), False
+        if labels.size and labels.max() >= MAX_CLASSES:
+            raise DataError(
+                f"data.label_column: label {int(labels.max())} in {where}; labels must be class indices "
+                f"below {MAX_CLASSES} (a probe has an output for every index up to the largest)"
+            )
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         labels, string = np.asarray(label_col.to_pylist(), dtype=object), True
     else:
