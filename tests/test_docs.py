@@ -45,7 +45,7 @@ def examples(doc: str) -> list[tuple[str, str, int]]:
 def shell_lines(code: str) -> list[str]:
     """The commands of an `sh` block, without the ones in NOT_RUN."""
     out = []
-    for line in code.splitlines():
+    for line in code.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
         words = shlex.split(line, comments=True)
         if words and " ".join(words[:2]) not in NOT_RUN:
             out.append(line)
