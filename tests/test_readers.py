@@ -277,3 +277,30 @@ def test_migrate_an_old_output_on_s3(made_by_watch, tmp_path, s3_server, monkeyp
             assert all(s in keys for s in split["shards"])  # the manifests name the moved shards
     again = cli("run", "spec.json", "--runner", "local", "--set", f"output.uri={uri}", cwd=local.parent)
     assert again.returncode == 0 and "4 already done" in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ('{"layout": 2, "columns": 5}', '"columns" is not a list of column names'),
+        ('{"layout": 2, "columns": [1, [2]]}', '"columns" is not a list of column names'),
+        ('{"columns": []}', '"layout" is null, not a number'),
+        ('{"layout": true}', '"layout" is true, not a number'),
+    ],
+)
+def test_a_damaged_layout_json_is_named_by_run_and_migrate(tmp_path, body, why):
+    """`"columns": 5` failed `run` and `migrate` with a TypeError traceback (exit 1); `{}` was
+    called the output of a newer probeserve and `{"layout": true}` one of layout 1, which
+    migrate then rewrote. Each is named as damaged, one line (exit 2)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / results.LAYOUT_KEY).write_text(body)
+    storage = open_storage(str(out))
+    expected = f"{out / results.LAYOUT_KEY}: damaged ({why})"
+    with pytest.raises(results.Damaged) as e:
+        results.check_layout(storage)
+    assert str(e.value) == expected
+    with pytest.raises(results.Damaged) as e:
+        migrate_output(storage)
+    assert str(e.value) == expected
+    assert (out / results.LAYOUT_KEY).read_text() == body  # left as it was, for its owner to look at
