@@ -239,6 +239,22 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
     assert not os.path.exists(os.path.join(spec.output.uri, "runs")), os.listdir(spec.output.uri)
 
 
+def test_max_actors_below_one_is_refused_before_the_run_records_its_spec(tmp_path):
+    """--max-actors 0 was refused after a local Ray had started and the run name had been
+    bound to the spec. Now before either: no Ray, nothing written."""
+    import ray
+
+    from probeserve.errors import ProbeserveError
+    from probeserve.runners.ray import run_ray
+
+    spec = tiny_spec(tmp_path)
+    write_checkpoints(spec, steps=(0,))
+    with pytest.raises(ProbeserveError, match="^--max-actors: needs at least 1, got 0$"):
+        run_ray(spec, max_actors=0)
+    assert not os.path.exists(spec.output.uri)
+    assert not ray.is_initialized()
+
+
 GPU_CHECK = """
 import json, sys, ray
 from probeserve.spec import spec_from_dict

@@ -264,9 +264,11 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
 def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | None = None) -> RunSummary:
     """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
     t0 = time.perf_counter()
+    if max_actors is not None and max_actors < 1:
+        raise ProbeserveError(f"--max-actors: needs at least 1, got {max_actors}")
     if address is not None and address != "local":
-        # before the run records its spec: a mistyped address is bad input (exit 2), and a run
-        # name already bound to this spec would refuse the corrected spec that follows it
+        # before the run records its spec (as --max-actors above): a mistyped address is bad
+        # input (exit 2), and a run name bound to this spec would refuse the corrected spec
         check_address(address)
     sweep, plan, summary = start(spec)
     pending = plan.pending()
@@ -285,8 +287,6 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
     connect(address)
     extract_gpus, probe_gpus, n_actors = plan_resources(spec)
     if max_actors is not None:
-        if max_actors < 1:
-            raise ProbeserveError(f"--max-actors: needs at least 1, got {max_actors}")
         n_actors = min(n_actors, max_actors)
     n_actors = min(n_actors, len(pending))
     log.info(
