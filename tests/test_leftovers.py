@@ -223,6 +223,19 @@ def test_a_live_marker_on_this_host_is_running_and_an_unreadable_one_is_judged_b
     assert not sweep_mod.marker_state(out, b, now=late)[0]
 
 
+def test_a_marker_with_a_pid_no_process_can_have_is_judged_by_its_age(tmp_path):
+    """A pid of 2**31 in a marker of this host made `status` (and `migrate`) end in an
+    OverflowError traceback: os.kill takes a C int. It counts as alive, as pid 0 does, until
+    its age says it is stale."""
+    out = LocalStorage(str(tmp_path))
+    for pid in (2**31, 10**22):
+        info = {"host": socket.gethostname(), "pid": pid, "heartbeat_s": 30.0}
+        out.publish_bytes("running/t/a.json", json.dumps(info).encode())
+        a = out.stat("running/t/a.json")
+        assert sweep_mod.marker_state(out, a) == (True, "running")
+        assert not sweep_mod.marker_state(out, a, now=a.mtime + 4 * 30.0 + 1)[0]
+
+
 def test_a_probe_refreshes_its_marker_while_it_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "HEARTBEAT_S", 0.1)
     real_probe = sweep_mod.probe

@@ -304,3 +304,20 @@ def test_a_damaged_layout_json_is_named_by_run_and_migrate(tmp_path, body, why):
         migrate_output(storage)
     assert str(e.value) == expected
     assert (out / results.LAYOUT_KEY).read_text() == body  # left as it was, for its owner to look at
+
+
+def test_migrate_names_a_marker_with_a_pid_no_process_can_have(tmp_path):
+    """`migrate` ended in an OverflowError traceback on a marker of this host with pid 2**31
+    (os.kill takes a C int), and on `"pid": 1e999` (int(inf)). The first looks live, as pid 0
+    does (exit 2, naming the marker); the second is not a marker probeserve wrote."""
+    out = tmp_path / "out"
+    marker = out / "running" / "r" / "step=000000000000-00000000" / "fc.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**31}))
+    with pytest.raises(Busy, match=f"{marker}: process {2**31} on this machine is probing it"):
+        migrate_output(open_storage(str(out)))
+    marker.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": 0}).replace('"pid": 0', '"pid": 1e999')
+    )
+    migrate_output(open_storage(str(out)))
+    assert (out / results.LAYOUT_KEY).exists()
