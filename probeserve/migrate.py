@@ -106,6 +106,13 @@ def migrate_output(out: Storage, *, force: bool = False) -> Migration:
         return report
     if results.written_by_newer(info):
         raise ProbeserveError(f"{out.uri}: {results.layout_problem(info)}; this probeserve cannot migrate it")
+    if info is None and not _written_by_probeserve(out):
+        # a mistyped path, a data folder, a home folder: "migrating" it wrote layout.json
+        # into it and said it was done (exit 0)
+        raise ProbeserveError(
+            f"{out.uri}: not an output of probeserve (nothing under {', '.join(d + '/' for d in _OUTPUT_DIRS)}); "
+            "give the output.uri of a spec"
+        )
     if not force:
         busy = live_work(out)
         if busy:
@@ -157,6 +164,14 @@ def live_work(out: Storage, *, now: float | None = None) -> list[str]:
                     f"{entry.status}, last updated {age:.0f} s ago"
                 )
     return found
+
+
+_OUTPUT_DIRS = (results.RUNS_DIR, *results.PER_CHECKPOINT_DIRS)
+
+
+def _written_by_probeserve(out: Storage) -> bool:
+    """Whether anything is under the folders a run or a watch daemon writes."""
+    return any(next(iter(out.list(top + "/")), None) is not None for top in _OUTPUT_DIRS)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -321,3 +321,18 @@ def test_migrate_names_a_marker_with_a_pid_no_process_can_have(tmp_path):
     )
     migrate_output(open_storage(str(out)))
     assert (out / results.LAYOUT_KEY).exists()
+
+
+def test_migrate_refuses_a_folder_that_is_not_an_output(tmp_path):
+    """`probeserve migrate` on a data folder (or a mistyped path, or $HOME) wrote layout.json
+    into it and said "migrated" (exit 0). It names the folder and writes nothing (exit 2)."""
+    data = tmp_path / "images"
+    (data / "train" / "cat").mkdir(parents=True)
+    (data / "train" / "cat" / "0.png").write_bytes(b"not looked at")
+    proc = cli("migrate", str(data), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {data}: not an output of probeserve (nothing under runs/, results/, activations/, "
+        "ledger/, running/); give the output.uri of a spec"
+    ]
+    assert sorted(p.name for p in data.iterdir()) == ["train"]
