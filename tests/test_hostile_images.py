@@ -174,6 +174,14 @@ def test_a_class_folder_that_is_a_link_is_followed(tmp_path, caplog):
     assert "cycle (a link to a folder that holds it)" in caplog.text
 
 
+def test_a_data_uri_that_is_a_device_is_not_called_missing(tmp_path):
+    """`data.uri: /dev/null` said "/dev/null does not exist"."""
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/null", str(tmp_path / "fifo")):
+        with pytest.raises(DataError, match=f"^data.uri: {path} is not a folder; give the folder"):
+            resolve(_spec(path), s3_endpoint=None)
+
+
 # --- labels ----------------------------------------------------------------------------------
 
 

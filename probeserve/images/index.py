@@ -248,6 +248,8 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
                         spec, parent, [(os.path.basename(root), os.path.getsize(root))], single=True
                     )
                 raise DataError(f"data.uri: {root} is a file; give the folder that holds the images")
+            if os.path.exists(root):  # a device, a FIFO: "does not exist" sent users looking for a typo
+                raise DataError(f"data.uri: {root} is not a folder; give the folder that holds the images")
             raise DataError(f"data.uri: {root} does not exist")
         images: list[str] = []
         parquets: list[tuple[str, int]] = []
