@@ -647,3 +647,25 @@ def test_a_ray_worker_does_not_keep_what_its_extraction_used(tmp_path, monkeypat
         assert now - before < (peak - before) / 3, (before, now, peak)  # and kept little of it
     finally:
         ray.shutdown()
+
+
+def test_status_of_a_run_with_a_relative_checkpoints_uri_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    """A run made with `checkpoints.uri: ckpts/...` records that relative path; status from
+    another folder said only "ckpts/... does not exist". It says why, and from the run's
+    folder it counts the run as before."""
+    spec = tiny_spec(tmp_path, output={"uri": str(tmp_path / "out")})
+    write_checkpoints(spec, steps=(0,))
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(spec.checkpoints.uri, tmp_path)
+    run_local(spec.model_copy(update={"checkpoints": spec.checkpoints.model_copy(update={"uri": relative})}))
+    assert main(["status", spec.output.uri]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[2].split()[:4] == ["t", "1", "4", "4"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["status", spec.output.uri]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"run t: cannot read its records: StorageError: checkpoints.uri: {elsewhere / relative} does not "
+        f"exist (the run recorded checkpoints.uri {relative!r}, a path relative to the folder it ran in: "
+        "run status from that folder)"
+    )
