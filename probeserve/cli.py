@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from probeserve.errors import ProbeserveError, SpecError
+from probeserve.runners.base import run_spec  # here too: demo.py imports it from this module
 
 log = logging.getLogger("probeserve")
 
@@ -218,22 +219,9 @@ def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> N
     print(format_table(grid, columns))
 
 
-def run_spec(spec, *, runner: str, address: str | None, max_actors: int | None = None):
-    """Run a spec with the chosen runner: Ray (local cluster unless an address is given) or in-process."""
-    if runner == "local":
-        if address:
-            raise ProbeserveError("--address goes with the ray runner, not --runner local")
-        from probeserve.runners.local import run_local
-
-        return run_local(spec)
-    from probeserve.runners.ray import run_ray
-
-    return run_ray(spec, address=address, max_actors=max_actors)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    summary = run_spec(spec, runner=args.runner, address=args.address, max_actors=args.max_actors)
+    summary = run_spec(spec, runner=args.runner, address=args.address)
     print_results_table(spec.output.uri, spec.run, spec.storage.resolved_endpoint())
     print(
         f"\n{summary.ok} item(s) done now, {summary.skipped_done} already done, "
@@ -483,13 +471,14 @@ def _publish(where: tuple[str, str], data: bytes, *, s3_endpoint: str | None) ->
 def cmd_watch(args: argparse.Namespace) -> int:
     import signal
 
+    from probeserve.ledger import Ledger
     from probeserve.storage import open_storage
-    from probeserve.watch import LocalSubmitter, RayJobSubmitter, Watcher, ledger_rows
+    from probeserve.watch import LocalSubmitter, RayJobSubmitter, Watcher
 
     spec = _spec(args)
     if args.status:
         storage = open_storage(spec.output.uri, s3_endpoint=spec.storage.resolved_endpoint())
-        rows = ledger_rows(storage, spec.run, page_size=args.page_size)
+        rows = Ledger(storage, spec.run, page_size=args.page_size).rows()
         if not rows:
             print(f"the ledger of run {spec.run} in {spec.output.uri} is empty")
         else:
@@ -504,7 +493,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
         policy=args.policy,
         claim_timeout=args.claim_timeout,
         max_attempts=args.max_attempts,
-        keep_activations=args.keep_activations,
         page_size=args.page_size,
         health_file=args.health_file,
     )
@@ -582,6 +570,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, quick=args.quick, runner=args.runner)
 
 
+class _SetField(argparse.Action):
+    """A flag that is shorthand for `--set FIELD=VALUE`: it overrides that spec field, in its
+    place among the `--set`s, and nothing else. Settings live in the spec; such a flag says in
+    its help which field it overrides."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, field: str, **kwargs: object) -> None:
+        self.field = field
+        super().__init__(option_strings, dest, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        value = self.const if self.nargs == 0 else values
+        overrides = list(getattr(namespace, "set", None) or [])
+        namespace.set = [*overrides, f"{self.field}={value}"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="probeserve",
@@ -610,7 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="Ray cluster: auto, host:port or ray://host:port (default: start a local Ray)"
     )
     r.add_argument("--runner", choices=["ray", "local"], default="ray", help="local: in this process, no Ray")
-    r.add_argument("--max-actors", type=int, help="at most this many probe actors")
+    r.add_argument(
+        "--max-actors",
+        action=_SetField,
+        field="resources.max_actors",
+        type=int,
+        metavar="N",
+        help="shorthand for --set resources.max_actors=N: at most N probe actors (overrides the spec)",
+    )
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="progress of the runs in an output location, read from storage")
@@ -659,7 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=int, default=3, help="claim generations before a dying job ends failed"
     )
     w.add_argument(
-        "--keep-activations", action="store_true", help="keep activation shards (default: delete once probed)"
+        "--keep-activations",
+        action=_SetField,
+        field="output.keep_activations",
+        const="true",
+        nargs=0,
+        help="shorthand for --set output.keep_activations=true: keep activation shards once probed "
+        "(overrides the spec; the daemon does what the spec's output.keep_activations says)",
     )
     w.add_argument("--health-file", help="touched after every successful scan, for a liveness check")
     w.add_argument("--page-size", type=int, default=1000, help="keys per listing request")

@@ -26,8 +26,8 @@ import zipfile
 
 import pytest
 import torch
+from helpers import tiny_spec, write_checkpoints
 from safetensors.torch import save
-from test_sweep import tiny_spec, write_checkpoints
 from torch import nn
 
 from probeserve import results

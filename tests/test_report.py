@@ -8,8 +8,8 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import s3_tiny_spec, tiny_spec, write_checkpoints
 from PIL import Image
-from test_sweep import s3_tiny_spec, tiny_spec, write_checkpoints
 
 from probeserve import report, results
 from probeserve.cli import main
