@@ -372,7 +372,7 @@ def test_checkpoint_keys_with_dotdot_or_backslashes_are_rejected_not_read():
         def root_exists(self):
             return True
 
-        def list(self, prefix=""):
+        def list(self, prefix="", *, page_size=1000):  # the Storage protocol
             from probeserve.storage import ObjectInfo
 
             keys = [
