@@ -49,7 +49,8 @@ def s3_spec(bucket: str, endpoint: str | None = None, **over):
         "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
         "probe": {"max_epochs": 50, "l2": 1e-3},
         "resources": {"device": "cpu", "torch_threads": 1},
-        "output": {"uri": f"s3://{bucket}/out"},
+        # as a daemon over a long training run is usually set up (docs/watch.md)
+        "output": {"uri": f"s3://{bucket}/out", "keep_activations": False},
         "storage": {"s3_endpoint": endpoint},
     }
     for k, v in over.items():
@@ -114,7 +115,7 @@ def test_backfill_then_a_new_checkpoint_is_probed_once(s3_bucket, endpoint, caps
     assert [c[2] for c in sub.calls] == [[0], [10]]  # each sweep restricted to its checkpoint
     rows = result_rows(spec)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
-    # the daemon deletes activation shards once their probes committed
+    # the spec's keep_activations: false: shards go once their probes committed
     assert not list(open_storage(spec.output.uri).list("activations/"))
     assert w.scan().submitted == []  # nothing new: nothing submitted
     write_checkpoints(spec, steps=(20,))
@@ -595,7 +596,7 @@ def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint,
     # the job module ships in the package: nothing is taken from a source checkout
     assert job["entrypoint"].startswith("python -m probeserve.job spec.yaml")
     assert "--set checkpoints.steps=[7]" in job["entrypoint"]
-    assert "--set output.keep_activations=true" in job["entrypoint"]  # the spec's (default) value
+    assert "--set output.keep_activations=false" in job["entrypoint"]  # the spec's value
     assert job["files"] == ["spec.yaml"]
     assert endpoint in job["spec"] and "secret" not in job["spec"].lower()
     assert ledger_states(spec) == {"step=000000007/model.safetensors": ("submitted", 1)}
@@ -672,7 +673,7 @@ print(json.dumps({j.submission_id: j.status.value for j in JobSubmissionClient(s
 @pytest.mark.skipif(not os.path.exists(RAY_CLI), reason="ray CLI not installed beside this python")
 def test_watch_submits_ray_jobs_through_a_real_job_api(s3_bucket, endpoint, tmp_path):
     pytest.importorskip("ray")
-    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]}, output={"keep_activations": False})
+    spec = s3_spec(s3_bucket, layers={"include": ["input", "fc2"]})
     write_checkpoints(spec, steps=(0, 3))
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec.model_dump(mode="json")))
