@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from probeserve.errors import ProbeserveError, SpecError
 from probeserve.runners.base import run_spec  # here too: demo.py imports it from this module
@@ -575,11 +576,17 @@ class _SetField(argparse.Action):
     place among the `--set`s, and nothing else. Settings live in the spec; such a flag says in
     its help which field it overrides."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, *, field: str, **kwargs: object) -> None:
+    def __init__(self, option_strings: Sequence[str], dest: str, *, field: str, **kwargs: Any) -> None:
         self.field = field
-        super().__init__(option_strings, dest, **kwargs)  # type: ignore[arg-type]
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         value = self.const if self.nargs == 0 else values
         overrides = list(getattr(namespace, "set", None) or [])
         namespace.set = [*overrides, f"{self.field}={value}"]
