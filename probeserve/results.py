@@ -98,6 +98,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("n_skipped", pa.int64(), "examples that could not be decoded and were left out, over all splits"),
     ("skipped", pa.list_(pa.string()), "their names (at most 100)"),
     ("weights_cast", pa.string(), "float weights cast on loading: '2 tensors float64->float32: a, b'"),
+    (
+        "hit_max_epochs",
+        pa.bool_(),
+        "the probe ran probe.max_epochs epochs without early stopping or converging: its "
+        "errors may still fall with more epochs; null when failed",
+    ),
 ]
 MAX_SKIPPED = 100  # names of undecodable examples kept in a row (the manifest keeps more)
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])

@@ -679,7 +679,26 @@ def _probe_row(
         n_skipped=manifest.get("n_skipped", 0),
         skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
         weights_cast=describe_casts(manifest.get("weights_cast") or {}),
+        hit_max_epochs=hit_max_epochs(
+            epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
+        ),
     )
+
+
+def hit_max_epochs(*, epochs: int, best_epoch: int, n_val: int, spec: SweepSpec) -> bool:
+    """Whether a probe stopped only because it reached `probe.max_epochs`.
+
+    A probe that stopped earlier converged (the objective stopped changing) or was early-stopped;
+    one that ran all its epochs was early-stopped at the last one when `patience` epochs had
+    passed since its best validation loss (the stopping rule of `probe.train_probe`), and
+    otherwise was cut off: its error may still fall with more epochs, which the summary of a
+    run says.
+    """
+    probe = spec.probe
+    if epochs < probe.max_epochs:
+        return False
+    early_stopped = probe.patience is not None and n_val > 0 and epochs - best_epoch >= probe.patience
+    return not early_stopped
 
 
 def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:

@@ -627,7 +627,14 @@ def test_an_output_inside_the_checkpoints_is_refused_at_validation(
     if refused:
         assert code == 2
         [line] = [x.strip() for x in err.splitlines() if "output.uri" in x]
-        assert line.startswith(f"output.uri: {spec['output']['uri']} is ")
+        # one spec error is one line: `error: SPEC: output.uri: ...`
+        assert line.startswith(f"output.uri: {spec['output']['uri']} is ") or (
+            f": output.uri: {spec['output']['uri']} is " in line
+        )
         assert "checkpoints.uri" in line
     else:
-        assert code == 0, err
+        # validate also opens the output (no S3 server here: an s3:// output fails on that),
+        # but never for overlapping the checkpoints
+        assert "checkpoints.uri" not in err, err
+        if not spec["output"]["uri"].startswith("s3://"):
+            assert code == 0, err
