@@ -247,7 +247,7 @@ def print_run_summary(spec, summary, rows: list[dict]) -> None:
     uri = redact(spec.output.uri.rstrip("/"))
     print(
         f"\nrun {spec.run}: {summary.ok} item(s) done now, {summary.skipped_done} already done, "
-        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {uri}/results/"
+        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {uri}/{layout.results_prefix()}"
     )
     kept = activation_bytes(spec)
     where = f"{uri}/{layout.activations_prefix(spec.run)}"
@@ -433,7 +433,7 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
     import re
     from urllib.parse import urlsplit
 
-    from probeserve import results
+    from probeserve import layout
     from probeserve.spec import check_uri
 
     try:
@@ -456,7 +456,7 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
         folder, name = os.path.split(os.path.abspath(path))
         if name in ("", ".", ".."):
             raise ProbeserveError(f"--out {out!r}: names no file; give {_GOOD_OUT}")
-    results_dir = results.output_root(results_uri).rstrip("/") + "/" + results.RESULTS_DIR
+    results_dir = layout.output_root(results_uri).rstrip("/") + "/" + layout.RESULTS_DIR
     if results_dir.startswith("file://"):
         results_dir = urlsplit(results_dir).path
     if "://" not in results_dir:
