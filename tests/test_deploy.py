@@ -979,3 +979,66 @@ def test_the_watch_daemon_has_its_own_service_account_with_no_kubernetes_rights(
             f"ServiceAccount {account}: automountServiceAccountToken should be false for every pod that uses it"
         )
     assert daemons >= 2, "expected the watch Deployment and CronJob under deploy/"
+
+
+@pytest.mark.integration
+def test_s3_policy_lets_probeserves_own_s3_calls_through_and_nothing_else(monkeypatch):
+    """s3-data.json as the only policy of an IAM user on a real S3 server process (moto, with
+    its IAM enforcement on): probeserve's storage reads inputs and reads, writes, creates and
+    deletes outputs through it, and is refused writes to inputs and reads of other buckets."""
+    import boto3
+    from conftest import S3Server
+
+    from probeserve.errors import StorageError
+    from probeserve.storage import open_storage
+
+    policy = _policy("s3-data.json")
+    bucket = _as_list(policy["Statement"][0]["Resource"])[0].split(":::")[1]
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "setup",
+        "AWS_SECRET_ACCESS_KEY": "setup",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    setup_requests = 6  # moto answers this many requests unchecked, then enforces IAM
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", str(setup_requests))
+    server = S3Server()
+    server.start()
+    try:
+        s3 = server.client()
+        iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="run-1/checkpoints/step=000000000100/COMPLETE", Body=b"done")
+        s3.create_bucket(Bucket="another-bucket")
+        iam.create_user(UserName="probeserve-node")
+        iam.put_user_policy(
+            UserName="probeserve-node", PolicyName="s3-data", PolicyDocument=json.dumps(policy)
+        )
+        key = iam.create_access_key(UserName="probeserve-node")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+
+        inputs = open_storage(f"s3://{bucket}/run-1/checkpoints", s3_endpoint=server.endpoint)
+        assert [o.key for o in inputs.list()] == ["step=000000000100/COMPLETE"]
+        assert inputs.read_bytes("step=000000000100/COMPLETE") == b"done"
+        assert inputs.stat("step=000000000100/COMPLETE") is not None
+        with pytest.raises(StorageError, match="access denied"):
+            inputs.publish_bytes("step=000000000200/COMPLETE", b"forged")
+
+        outputs = open_storage(f"s3://{bucket}/probes/run-1", s3_endpoint=server.endpoint)
+        outputs.publish_bytes("results/run-1/layer.parquet", b"row")
+        assert outputs.create_only("ledger/run-1/claim-0000.json", b"{}")
+        assert not outputs.create_only("ledger/run-1/claim-0000.json", b"{}")
+        assert {o.key for o in outputs.list()} == {
+            "results/run-1/layer.parquet",
+            "ledger/run-1/claim-0000.json",
+        }
+        assert outputs.read_bytes("results/run-1/layer.parquet") == b"row"
+        outputs.delete("results/run-1/layer.parquet")
+        assert outputs.stat("results/run-1/layer.parquet") is None
+
+        elsewhere = open_storage("s3://another-bucket/x", s3_endpoint=server.endpoint)
+        with pytest.raises(StorageError, match="access denied"):
+            list(elsewhere.list())
+    finally:
+        server.stop()
