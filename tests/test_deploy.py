@@ -927,13 +927,12 @@ def test_launcher_ami_is_pinned_to_a_current_driver_and_the_same_on_every_node()
 # Kubernetes identities
 
 
-def _service_accounts_of(kinds: set[str] | None = None) -> Iterator[tuple[Path, dict, dict]]:
+def _pod_specs() -> Iterator[tuple[Path, dict, dict]]:
     """(file, resource, pod spec) of every pod template under deploy/."""
     for path in YAML_FILES:
         for doc in _documents(path):
-            if kinds is None or doc.get("kind") in kinds:
-                for pod in _pod_templates(doc):
-                    yield path, doc, pod["spec"]
+            for pod in _pod_templates(doc):
+                yield path, doc, pod["spec"]
 
 
 def test_the_watch_daemon_has_its_own_service_account_with_no_kubernetes_rights():
@@ -959,7 +958,7 @@ def test_the_watch_daemon_has_its_own_service_account_with_no_kubernetes_rights(
         for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
     }
     daemons = 0
-    for path, doc, spec in _service_accounts_of():
+    for path, doc, spec in _pod_specs():
         commands = [[str(c) for c in c_.get("command", []) + c_.get("args", [])] for c_ in spec["containers"]]
         if not any(cmd[:2] == ["probeserve", "watch"] for cmd in commands):
             continue
