@@ -71,6 +71,45 @@ def dev_pins(dev_python: str) -> list[str]:
     return pins
 
 
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirements_in_image(
+    installed: list[dict], requirements: list[str], python: str
+) -> dict[str, tuple[str, list[str]]]:
+    """{name: (version, [requirements that apply in the image])} of pip's report: markers
+    evaluated for CPython `python` on Linux x86_64, with the extras that something asks for."""
+    from packaging.requirements import Requirement
+
+    environment = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux"}
+    environment |= {"platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"}
+    environment |= {"implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    metadata = {canonical(i["metadata"]["name"]): i["metadata"] for i in installed}
+    extras: dict[str, set[str]] = {name: {""} for name in metadata}
+    for text in requirements:
+        req = Requirement(text)
+        extras[canonical(req.name)] |= req.extras
+    needs: dict[str, tuple[str, list[str]]] = {}
+    changed = True
+    while changed:  # extras asked for by one package's requirements switch on more requirements
+        changed = False
+        for name, meta in metadata.items():
+            applying = []
+            for text in meta.get("requires_dist") or []:
+                req = Requirement(text)
+                if req.marker is None or any(
+                    req.marker.evaluate(environment | {"extra": extra}) for extra in extras[name]
+                ):
+                    applying.append(text.split(";")[0].strip())
+                    wanted = extras.setdefault(canonical(req.name), {""})
+                    if not req.extras <= wanted:
+                        wanted |= req.extras
+                        changed = True
+            needs[name] = (meta["version"], sorted(set(applying)))
+    return needs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dev-python", default=str(ROOT / ".venv" / "bin" / "python"))
@@ -97,18 +136,23 @@ def main() -> None:
         subprocess.run([*cmd, "--constraint", str(held), *requirements], check=True)
         installed = json.loads(report.read_text())["install"]
 
-    pins = sorted(
-        (item["metadata"]["name"].lower().replace("_", "-"), item["metadata"]["version"])
-        for item in installed
-    )
+    needs = requirements_in_image(installed, requirements, python)
     header = [
         "# The image's Python packages, pinned: deploy/Dockerfile installs probeserve with",
         "# `pip install --constraint deploy/constraints.txt .`. Made by deploy/make_constraints.py",
         f"# (pip's resolver for {image}: Python {python}, Linux x86_64, {cuda}) from the",
-        "# development env's versions; regenerate rather than edit. tests/test_deploy.py checks it.",
+        "# development env's versions; regenerate rather than edit. Under each pin, what that",
+        "# version requires in the image (from its metadata on the index); tests/test_deploy.py",
+        "# checks that every one of those is pinned, inside its range.",
     ]
-    args.out.write_text("\n".join(header + [f"{name}=={version}" for name, version in pins]) + "\n")
-    print(f"{args.out}: {len(pins)} packages pinned for {image}")
+    lines = []
+    for name in sorted(needs):
+        version, required = needs[name]
+        lines.append(f"{name}=={version}")
+        if required:
+            lines.append(f"    # requires: {', '.join(required)}")
+    args.out.write_text("\n".join(header + lines) + "\n")
+    print(f"{args.out}: {len(needs)} packages pinned for {image}")
 
 
 if __name__ == "__main__":
