@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gzip as gzip_lib
 import os
-import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -36,8 +35,9 @@ import numpy as np
 import torch
 
 from probeserve.errors import DataError, StorageError
+from probeserve.results import read_parquet_bytes
 from probeserve.spec import DataSpec, GaussianData, IdxData, ImagesData, ParquetData, SyntheticImagesData
-from probeserve.storage import Storage, open_storage, redact
+from probeserve.storage import Storage, open_storage, redact, temp_name
 
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # the Debian package's location
@@ -317,7 +317,7 @@ def write_idx(path: str, array: np.ndarray, *, gzip: bool = True) -> None:
     data = header + array.astype(_IDX_DTYPES[code], copy=False).tobytes()
     if gzip:
         data = gzip_lib.compress(data, mtime=0)  # mtime=0: same array, same bytes
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(os.path.dirname(path) or ".", temp_name())
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -406,7 +406,6 @@ def _load_idx(spec: IdxData, *, s3_endpoint: str | None) -> ProbeDataset:
 def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Table
     """One Parquet file, or every .parquet file under a folder or key prefix, in key order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     storage = open_storage(uri, s3_endpoint=s3_endpoint)
     try:
@@ -431,7 +430,7 @@ def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Tab
     for src, key in sources:
         where = redact(src.uri_for(key))
         try:
-            tables.append(pq.read_table(pa.BufferReader(src.read_bytes(key))))
+            tables.append(read_parquet_bytes(src.read_bytes(key)))
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{where}: not a readable Parquet file ({e})") from None
     try:

@@ -472,8 +472,18 @@ class ProbeSpec(_Strict):
     l2: float = Field(default=1e-4, ge=0, description="weight decay on W (not b), per example")
     standardize: bool = Field(default=True, description="z-score features with train statistics")
     tolerance: float = Field(default=1e-6, gt=0, description="stop when the relative loss change is smaller")
-    memory_bytes: int = Field(default=4 * GiB, gt=0, description="hold a split in memory up to this size")
+    memory_bytes: int = Field(
+        default=4 * GiB,
+        gt=0,
+        description="ceiling on what one probe call holds on its device (all probes trained together): "
+        "parameters, L-BFGS history, buffers and the splits kept in memory; splits that do not fit are streamed",
+    )
     seed: int = 0
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="bfloat16: hold features in half the memory and run the two matrix products of a pass "
+        "in bfloat16 with float32 accumulation (tensor cores on a GPU); moves the optimum slightly",
+    )
 
     @field_validator("seed")
     @classmethod
@@ -497,6 +507,12 @@ class ResourcesSpec(_Strict):
         default=4, gt=0, description="checkpoints extracted but not fully probed; bounds memory and storage"
     )
     torch_threads: int | None = Field(default=None, gt=0)
+    probes_per_call: int | None = Field(
+        default=None,
+        gt=0,
+        description="probes of one checkpoint (layers) trained together in one call of a probe actor or the "
+        "local runner; None: 1 on CPU, 8 on CUDA (so the GPU stays busy)",
+    )
 
     @field_validator("torch_threads")
     @classmethod
@@ -549,6 +565,9 @@ class StorageSpec(_Strict):
         return self.s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
 
 
+_ADDED_AT_DEFAULT = [("probe", "compute_dtype", "float32")]  # (section, field, default) for `hash`
+
+
 class SweepSpec(_Strict):
     """A whole sweep: every (checkpoint, layer) pair it names is one idempotent work item."""
 
@@ -573,6 +592,32 @@ class SweepSpec(_Strict):
             )
         return v
 
+    @model_validator(mode="after")
+    def _output_outside_checkpoints(self) -> SweepSpec:
+        # Discovery lists every key under checkpoints.uri: an output there would be listed on
+        # every scan, and a weights glob that reaches it (`*`) probes probeserve's own files
+        # as checkpoints, adding failed rows on every run.
+        where = _overlap(self.checkpoints.uri, self.output.uri)
+        if where:
+            from pydantic_core import InitErrorDetails, PydanticCustomError
+
+            message = (
+                f"{self.output.uri} is {where} checkpoints.uri {self.checkpoints.uri}: every key there is "
+                "listed as a possible checkpoint, so probeserve's own files would be scanned and, where "
+                "checkpoints.weights matches them, probed as checkpoints; put the output elsewhere"
+            )
+            raise ValidationError.from_exception_data(
+                "SweepSpec",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("output_in_checkpoints", message),
+                        loc=("output", "uri"),
+                        input=self.output.uri,
+                    )
+                ],
+            )
+        return self
+
     def hash(self) -> str:
         """Identity of everything that changes a probe's answer (not where it runs).
 
@@ -581,6 +626,11 @@ class SweepSpec(_Strict):
         """
         keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
         keep["data"].pop("num_workers", None)  # images: how many processes decode, not what they see
+        # Fields added after runs were recorded are left out at their default, so that a spec
+        # written before they existed keeps its hash, and its run name keeps working.
+        for section, name, default in _ADDED_AT_DEFAULT:
+            if keep[section].get(name) == default:
+                del keep[section][name]
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
@@ -617,6 +667,35 @@ def _yaml_type(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
+
+
+def _place(uri: str) -> tuple[str, str] | None:
+    """(where, path) of a storage URI, to compare two of them: ("s3://bucket", prefix) or
+    ("file", the real path, links resolved); None for a scheme storage does not know."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        return f"s3://{parts.netloc}", parts.path.strip("/")
+    if parts.scheme == "file":
+        return "file", os.path.realpath(parts.path)
+    if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive
+        return None
+    return "file", os.path.realpath(uri)
+
+
+def _overlap(checkpoints_uri: str, output_uri: str) -> str | None:
+    """'the same folder as' or 'inside' when the output lies in the checkpoints prefix; else None."""
+    if not checkpoints_uri.strip() or not output_uri.strip():
+        return None  # named by the fields' own checks
+    ckpt, out = _place(checkpoints_uri), _place(output_uri)
+    if ckpt is None or out is None or ckpt[0] != out[0]:
+        return None
+    if ckpt[1] == out[1]:
+        return "the same location as"
+    if ckpt[0] == "file":
+        return "inside" if os.path.commonpath([ckpt[1], out[1]]) == ckpt[1] else None
+    return "inside" if not ckpt[1] or out[1].startswith(ckpt[1] + "/") else None
 
 
 def _format_validation_error(err: ValidationError, overridden: list[str] = (), data: Any = None) -> list[str]:

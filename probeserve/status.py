@@ -59,8 +59,16 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
         )
     layers = [entry["layer"] for entry in results.read_json(out, layers_key)]
     ckpt_storage = open_storage(checkpoints.uri, s3_endpoint=s3_endpoint or storage.resolved_endpoint())
-    ckpts = discover(ckpt_storage, checkpoints).complete
     status = results.item_status(out, name)
+    # The run covers the checkpoints its recorded spec names, and every checkpoint it has rows
+    # for: a run recorded with a narrower `checkpoints.steps` than later runs of it used (a
+    # first run of a few steps, or a record made by an older watch daemon's first sweep,
+    # `steps: [N]`) still counts all of them.
+    with_rows = {key for key, _ in status}
+    every = discover(ckpt_storage, checkpoints.model_copy(update={"steps": None})).complete
+    ckpts = [
+        c for c in every if checkpoints.steps is None or c.step in checkpoints.steps or c.key in with_rows
+    ]
     markers = {o.key: o for o in out.list(f"{RUNNING_DIR}/{name}/")}
     counts = {"done": 0, "failed": 0, "running": 0, "pending": 0, "stale": 0}
     for c in ckpts:

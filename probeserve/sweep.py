@@ -35,19 +35,36 @@ import numpy as np
 import torch
 
 from probeserve import results
-from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError, StorageError
+from probeserve.checkpoints import (
+    Checkpoint,
+    Discovery,
+    check_dtypes,
+    describe_casts,
+    discover,
+    load_state_dict,
+)
+from probeserve.errors import (
+    CheckpointError,
+    LayerError,
+    ModelError,
+    ProbeserveError,
+    SpecError,
+    StorageError,
+)
 from probeserve.spec import SweepSpec, dump_spec
 from probeserve.storage import ObjectInfo, Storage, join, open_storage
 
 log = logging.getLogger("probeserve")
 
 SPLITS = ("train", "val", "test")
-ACTIVATIONS_DIR = "activations"
+ACTIVATIONS_DIR = results.ACTIVATIONS_DIR
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below this
 RUNS_DIR = results.RUNS_DIR
 DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
 MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
+# A layer's path-safe name is a file name in the output (`{name}.parquet`), and local file
+# systems hold at most 255 bytes in one.
+MAX_LAYER_STEM_BYTES = 255 - len(".parquet")
 
 
 @dataclass(frozen=True)
@@ -289,7 +306,20 @@ class Sweep:
                     f"{self.checkpoints_storage.uri}; there are steps {shown}"
                 )
 
+    def check_layer_names(self) -> None:
+        """Refuse, before any work, a selected layer whose name cannot be a key: its row
+        could not even be committed as failed, so the run would stop halfway."""
+        for p in self.points:
+            size = len(results.layer_stem(p.name).encode())
+            if size > MAX_LAYER_STEM_BYTES:
+                raise LayerError(
+                    f"layer {p.name[:60]!r}... ({len(p.name)} characters): made path-safe it is {size} bytes, "
+                    f"over the {MAX_LAYER_STEM_BYTES} a file name in the output can hold; leave it out "
+                    "with layers.exclude"
+                )
+
     def plan(self) -> Plan:
+        self.check_layer_names()
         found = self.discover()
         status = results.item_status(self.output, self.spec.run)
         plan = Plan(discovery=found)
@@ -302,16 +332,23 @@ class Sweep:
                 plan.items.append((Item(ckpt, p.name, p.index), status.get((ckpt.key, p.name), "pending")))
         return plan
 
-    def record_spec(self) -> None:
+    def record_spec(self, *, run_level: bool = False) -> None:
         """Save the resolved spec beside the results; refuse a run name used by another spec.
 
         Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
-        which reads progress without building the model.
+        which reads progress without building the model. First, refuse an output in another
+        layout or schema (`results.check_layout`): nothing is written to one.
+
+        The first spec recorded under a run name stays its record, unless `run_level`: the watch
+        daemon records its own spec before it submits anything, and replaces a record of the
+        same hash, because the sweeps it submits are restricted to one checkpoint each and their
+        restriction (`checkpoints.steps: [N]`) must not become what the run covers.
 
         Each object is read first and written only when it is missing or differs, so a rerun
         over a finished output writes nothing (on S3, every write is a billed request, and the
         watch daemon reruns on every scan).
         """
+        results.check_layout(self.output)
         key = results.run_key(self.spec.run, "spec.json")
         yaml_key = results.run_key(self.spec.run, "spec.yaml")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
@@ -319,6 +356,15 @@ class Sweep:
             self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         else:
             stored = results.read_json(self.output, key)
+            if (
+                run_level
+                and stored.get("spec_hash") == self.spec_hash
+                and stored.get("spec") != json.loads(body)["spec"]
+            ):
+                self.output.publish_bytes(key, body.encode())
+                self.output.publish_bytes(
+                    results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
+                )
             if stored.get("spec_hash") != self.spec_hash:
                 raise SpecError(
                     [
@@ -380,18 +426,28 @@ class Sweep:
         )
 
 
-def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> torch.nn.Module:
+_MAX_LOAD_ERROR = 1000  # characters of load_state_dict's message kept (it lists every bad key)
+
+
+def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The model with the checkpoint's weights, and the dtype casts that loading did
+    ({tensor: "float64->float32"}; lossy ones are refused, see `check_dtypes`)."""
     state = load_state_dict(sweep.checkpoints_storage, ckpt, sweep.spec.checkpoints)
     model = sweep.build_model()
+    where = sweep.checkpoints_storage.uri_for(ckpt.key)
+    casts = check_dtypes(state, model.state_dict(), where=where, model=sweep.spec.model.factory)
+    if casts:
+        log.warning("%s: weights cast to the model's dtypes: %s", where, describe_casts(casts))
     try:
         model.load_state_dict(state, strict=sweep.spec.model.strict)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
+        first = " ".join(s.strip() for s in str(e).strip().splitlines()[:4])
+        if len(first) > _MAX_LOAD_ERROR:
+            first = first[:_MAX_LOAD_ERROR] + " ..."
         raise CheckpointError(
-            f"{sweep.checkpoints_storage.uri_for(ckpt.key)}: weights do not fit model.factory "
-            f"{sweep.spec.model.factory}: {' '.join(s.strip() for s in first[:4])}"
+            f"{where}: weights do not fit model.factory {sweep.spec.model.factory}: {first}"
         ) from None
-    return model.eval().to(device)
+    return model.eval().to(device), casts
 
 
 def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> dict[str, str]:
@@ -406,7 +462,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
     spec = sweep.spec
     t0 = time.perf_counter()
     keep_freed_memory()
-    model = _load_model(sweep, ckpt, device)
+    model, casts = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
     reducers = {p.name: sweep.reducer(p) for p in points}
     ds = sweep.dataset
@@ -503,6 +559,7 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             # with false, the shards go once the item is committed: a manifest of a committed
             # item that says false was left by a run killed before it deleted them
             "keep_activations": spec.output.keep_activations,
+            "weights_cast": casts,
             "splits": {
                 s: {"rows": sum(i.rows for i in infos), "shards": [i.key for i in infos]}
                 for s, infos in shards[p.name].items()
@@ -552,12 +609,23 @@ def delete_unlisted_parts(storage: Storage, prefix: str, listed: set[str]) -> in
     return len(stale)
 
 
-def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
-    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
-    from probeserve.probe import train_probe
+def probes_per_call(spec: SweepSpec, device: str) -> int:
+    """How many items of one checkpoint a probe call trains together (`resources.probes_per_call`;
+    unset: 1 on CPU, where one probe already uses every core, and more on a GPU, which one
+    probe of a small layer leaves mostly idle)."""
+    if spec.resources.probes_per_call is not None:
+        return spec.resources.probes_per_call
+    return CUDA_PROBES_PER_CALL if device.startswith("cuda") else 1
+
+
+CUDA_PROBES_PER_CALL = 8
+
+
+def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str):  # -> (manifest, probe.ProbeData)
+    """A layer's shards as the probe trainer reads them, with its manifest."""
+    from probeserve.probe import ProbeData
     from probeserve.shards import iter_chunks
 
-    t0 = time.perf_counter()
     manifest = sweep.manifest(ckpt, layer)
     if manifest is None:
         from probeserve.shards import ShardMissing
@@ -570,17 +638,27 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         keys = manifest["splits"][split]["shards"]
         return lambda: iter_chunks(out, keys, batch_rows=batch)
 
-    try:
-        res = train_probe(
-            source("train"),
-            source("val"),
-            source("test"),
-            num_classes=manifest["num_classes"],
-            spec=sweep.spec.probe,
-            device=device,
-        )
-    except ProbeserveError as e:
-        raise type(e)(f"layer {layer}: {e}") from None
+    data = ProbeData(
+        source("train"),
+        source("val"),
+        source("test"),
+        num_classes=manifest["num_classes"],
+        n_features=manifest["n_features"],
+    )
+    return manifest, data
+
+
+def _named(e: Exception, layer: str) -> Exception:
+    """A user error with the layer it concerns in front of its message."""
+    if isinstance(e, ProbeserveError) and not isinstance(e, SpecError):
+        named = type(e)(f"layer {layer}: {e}")
+        return named
+    return e
+
+
+def _probe_row(
+    sweep: Sweep, ckpt: Checkpoint, layer: str, manifest: dict, res, seconds: float
+) -> dict[str, Any]:
     train_counts = manifest["class_counts"]["train"]
     test_counts = manifest["class_counts"]["test"]
     majority = int(np.argmax(train_counts))
@@ -608,11 +686,71 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         best_epoch=res.best_epoch,
         status="ok",
         error=None,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         device=res.device,
         n_skipped=manifest.get("n_skipped", 0),
         skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
+        weights_cast=describe_casts(manifest.get("weights_cast") or {}),
+        hit_max_epochs=hit_max_epochs(
+            epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
+        ),
     )
+
+
+def hit_max_epochs(*, epochs: int, best_epoch: int, n_val: int, spec: SweepSpec) -> bool:
+    """Whether a probe stopped only because it reached `probe.max_epochs`.
+
+    A probe that stopped earlier converged (the objective stopped changing) or was early-stopped;
+    one that ran all its epochs was early-stopped at the last one when `patience` epochs had
+    passed since its best validation loss (the stopping rule of `probe.train_probe`), and
+    otherwise was cut off: its error may still fall with more epochs, which the summary of a
+    run says.
+    """
+    probe = spec.probe
+    if epochs < probe.max_epochs:
+        return False
+    early_stopped = probe.patience is not None and n_val > 0 and epochs - best_epoch >= probe.patience
+    return not early_stopped
+
+
+def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
+    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    manifest, data = _probe_data(sweep, ckpt, layer)
+    try:
+        ((outcome,),) = train_probes([data], spec=sweep.spec.probe, device=device)
+    except ProbeserveError as e:
+        raise _named(e, layer) from None
+    if isinstance(outcome, Exception):
+        raise _named(outcome, layer)
+    return _probe_row(sweep, ckpt, layer, manifest, outcome, time.perf_counter() - t0)
+
+
+def probe_group(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> list[Any]:
+    """Train the probes of several layers of one checkpoint together on one device (one call
+    of `probe.train_probes`, within one `probe.memory_bytes`); return, per layer, its row or
+    the exception that failed it alone. Each row's `seconds` is its share of the wall time."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    outcomes: list[Any] = [None] * len(layers)
+    inputs = []
+    for i, layer in enumerate(layers):
+        try:
+            inputs.append((i, *_probe_data(sweep, ckpt, layer)))
+        except Exception as e:
+            outcomes[i] = _named(e, layer)
+    trained = train_probes([data for _, _, data in inputs], spec=sweep.spec.probe, device=device)
+    share = (time.perf_counter() - t0) / max(1, len(layers))
+    for (i, manifest, _), (outcome,) in zip(inputs, trained, strict=True):
+        layer = layers[i]
+        if isinstance(outcome, Exception):
+            outcomes[i] = _named(outcome, layer)
+        else:
+            outcomes[i] = _probe_row(sweep, ckpt, layer, manifest, outcome, share)
+    return outcomes
 
 
 def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> int:
@@ -671,7 +809,7 @@ def log_failure(item: str, e: BaseException) -> None:
         log.error("%s failed:\n%s", item, "".join(traceback.format_exception(e)))
 
 
-RUNNING_DIR = "running"
+RUNNING_DIR = results.RUNNING_DIR
 # A running marker is published again every HEARTBEAT_S seconds while its probe runs; one not
 # refreshed for STALE_BEATS of its own heartbeats is dead, wherever its process ran.
 HEARTBEAT_S = 30.0
@@ -836,11 +974,13 @@ def commit_unless_done(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
 REEXTRACT_TRIES = 2  # a probe whose shards vanish under it extracts again at most this often
 
 
-def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
-    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+def _probe_retrying(
+    sweep: Sweep, item: Item, *, device: str, t0: float, first: Any = None
+) -> tuple[dict[str, Any], bool]:
+    """Probe one item until there is a row for it; return (row, whether it is committed already).
 
-    While it runs, a `running/...` marker with a heartbeat says so, for `probeserve status`
-    on any machine.
+    `first` is the outcome of a first attempt made elsewhere (a row, or the exception that
+    failed it, from a group trained together); without it the first attempt is made here.
 
     Another run on the same output may delete this layer's shards while this one reads
     them: with `keep_activations: false` once it has committed the item, or after its own
@@ -849,62 +989,144 @@ def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]
     logged as an error); a manifest that is there is read again, once; otherwise it extracts
     the layer again and retries, and fails only if that keeps happening.
     """
-    ckpt = item.checkpoint
-    run = sweep.spec.run
-    done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
-    if done is not None and done["status"] == "ok":
-        _drop_activations(sweep, item)  # shards this run extracted after another committed
-        return done  # committed by another run since this one was planned
     from probeserve.shards import ShardMissing
 
-    t0 = time.perf_counter()
-    with Heartbeat(sweep.output, running_key(run, ckpt, item.layer), device=device) as beat:
-        row = None
-        extractions = 0
-        reread = False  # whether the manifest was read again since the last extraction
-        while row is None:
+    ckpt, run = item.checkpoint, sweep.spec.run
+    extractions = 0
+    reread = False  # whether the manifest was read again since the last extraction
+    outcome = first
+    while True:
+        if outcome is None:
             try:
-                row = probe(sweep, ckpt, item.layer, device=device)
-            except ShardMissing as e:
-                done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
-                if done is not None and done["status"] == "ok":
-                    log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
-                    row = done  # and nothing to commit
-                elif not reread and sweep.manifest(ckpt, item.layer) is not None:
-                    # a new manifest (another run extracted the layer again) lists other parts
-                    log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
-                    reread = True
-                elif extractions == REEXTRACT_TRIES:
-                    log_failure(f"probe {ckpt.key} {item.layer}", e)
-                    row = sweep.failed_row(
-                        ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-                    )
-                else:
-                    log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
-                    extractions += 1
-                    reread = False
-                    try:
-                        failed = extract(sweep, ckpt, [item.layer], device=device)
-                    except Exception as ex:
-                        failed = {item.layer: describe_error(ex)}
-                    if item.layer in failed:
-                        row = sweep.failed_row(
-                            ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
-                        )
+                outcome = probe(sweep, ckpt, item.layer, device=device)
             except Exception as e:
-                log_failure(f"probe {ckpt.key} {item.layer}", e)
-                row = sweep.failed_row(
-                    ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-                )
-        assert row is not None
-        if row is not done:
-            row = commit_unless_done(sweep, row)
-        beat.stop()  # before the marker goes, or a last beat could publish it again
-    with tidying(f"step {ckpt.step} {item.layer}: committed, but cleaning up"):
+                outcome = e
+        if not isinstance(outcome, Exception):
+            return outcome, False
+        e, outcome = outcome, None
+        if not isinstance(e, ShardMissing):
+            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+            ), False
+        done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
+        if done is not None and done["status"] == "ok":
+            log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
+            return done, True
+        if not reread and sweep.manifest(ckpt, item.layer) is not None:
+            # a new manifest (another run extracted the layer again) lists other parts
+            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+            reread = True
+            continue
+        if extractions == REEXTRACT_TRIES:
+            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+            ), False
+        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+        extractions += 1
+        reread = False
+        try:
+            failed = extract(sweep, ckpt, [item.layer], device=device)
+        except Exception as ex:
+            failed = {item.layer: describe_error(ex)}
+        if item.layer in failed:
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
+            ), False
+
+
+def _committed_ok(sweep: Sweep, item: Item) -> dict[str, Any] | None:
+    """The item's row if another run committed it ok since this one was planned (then the
+    shards this run extracted for it go, with `keep_activations: false`)."""
+    ckpt = item.checkpoint
+    done = results.read_row(sweep.output, sweep.spec.run, ckpt.key, ckpt.step, item.layer)
+    if done is not None and done["status"] == "ok":
+        _drop_activations(sweep, item)
+        return done
+    return None
+
+
+def _finish(
+    sweep: Sweep, item: Item, beat: Heartbeat, row: dict[str, Any], committed: bool
+) -> dict[str, Any]:
+    """Commit the item's row (the commit is what makes it done), then tidy up after it."""
+    if not committed:
+        row = commit_unless_done(sweep, row)
+    beat.stop()  # before the marker goes, or a last beat could publish it again
+    with tidying(f"step {item.checkpoint.step} {item.layer}: committed, but cleaning up"):
         sweep.output.delete(beat.key)
     if row["status"] == "ok":
         _drop_activations(sweep, item)
     return row
+
+
+def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
+    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+
+    While it runs, a `running/...` marker with a heartbeat says so, for `probeserve status`
+    on any machine. Shards that vanish under it are handled by `_probe_retrying`.
+    """
+    done = _committed_ok(sweep, item)
+    if done is not None:
+        return done  # committed by another run since this one was planned
+    t0 = time.perf_counter()
+    with Heartbeat(
+        sweep.output, running_key(sweep.spec.run, item.checkpoint, item.layer), device=device
+    ) as beat:
+        row, committed = _probe_retrying(sweep, item, device=device, t0=t0)
+        return _finish(sweep, item, beat, row, committed)
+
+
+def probe_and_commit_group(sweep: Sweep, items: list[Item], *, device: str) -> list[dict[str, Any]]:
+    """Probe several items of one checkpoint together and commit each one's row as
+    `probe_and_commit` does; return the rows in the order of `items`.
+
+    An item already committed ok is skipped. A failure fails its item alone: an item whose data
+    is bad gets a failed row while the others are trained; an item that does not fit in
+    `probe.memory_bytes` beside the others is trained again on its own, and so is one whose
+    shards vanished (see `_probe_retrying`); and if the group as a whole fails (an error no
+    single item's data explains), each item is trained on its own.
+    """
+    if len(items) <= 1:
+        return [probe_and_commit(sweep, item, device=device) for item in items]
+    from probeserve.probe import BudgetError
+    from probeserve.shards import ShardMissing
+
+    ckpt = items[0].checkpoint
+    assert all(i.checkpoint == ckpt for i in items), "a probe group holds items of one checkpoint"
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[Item] = []
+    for item in items:
+        done = _committed_ok(sweep, item)
+        if done is not None:
+            rows[item.layer] = done
+        else:
+            todo.append(item)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        beats = [
+            stack.enter_context(
+                Heartbeat(sweep.output, running_key(sweep.spec.run, ckpt, i.layer), device=device)
+            )
+            for i in todo
+        ]
+        try:
+            outcomes = probe_group(sweep, ckpt, [i.layer for i in todo], device=device) if todo else []
+        except Exception as e:
+            log.warning(
+                "step %d: %d probes trained together failed (%s); training each alone",
+                ckpt.step,
+                len(todo),
+                describe_error(e),
+            )
+            outcomes = [None] * len(todo)
+        for item, beat, outcome in zip(todo, beats, outcomes, strict=True):
+            if isinstance(outcome, (BudgetError, ShardMissing)):
+                outcome = None  # on its own: alone it may fit; its shards may be found again
+            row, committed = _probe_retrying(sweep, item, device=device, t0=t0, first=outcome)
+            rows[item.layer] = _finish(sweep, item, beat, row, committed)
+    return [rows[item.layer] for item in items]
 
 
 def _drop_activations(sweep: Sweep, item: Item) -> None:

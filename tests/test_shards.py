@@ -27,7 +27,7 @@ from probeserve.shards import (
     table_x,
 )
 from probeserve.staging import LOCK_NAME
-from probeserve.storage import LocalStorage
+from probeserve.storage import LocalStorage, is_temp_name
 
 D = 24
 META = {
@@ -221,7 +221,7 @@ def test_abort_keeps_only_complete_parts(storage, staging):
     got_x, _, rows = read_all(storage, [ShardInfo(k, 0, 0) for k in keys])
     assert np.array_equal(rows, np.arange(200)) and got_x.tobytes() == x[:200].tobytes()
     assert os.listdir(staging) == []
-    assert not any(".tmp-" in name for _, _, files in os.walk(storage.root) for name in files)
+    assert not any(is_temp_name(name) for _, _, files in os.walk(storage.root) for name in files)
 
 
 class FailingStorage(LocalStorage):

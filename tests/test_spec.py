@@ -313,10 +313,14 @@ def test_the_data_kind_is_not_part_of_a_field_path():
     assert info.value.errors == ["data.dim: Input should be greater than 0"]
     with pytest.raises(SpecError) as info:
         spec_from_dict({**BASE, "data": {"dim": 3}})
-    assert info.value.errors == ["data.kind: required, one of 'gaussian', 'idx', 'parquet'"]
+    assert info.value.errors == [
+        "data.kind: required, one of 'gaussian', 'idx', 'parquet', 'images', 'synthetic_images'"
+    ]
     with pytest.raises(SpecError) as info:
         spec_from_dict({**BASE, "data": {"kind": "imagenet"}})
-    assert info.value.errors == ["data.kind: 'imagenet' is not one of 'gaussian', 'idx', 'parquet'"]
+    assert info.value.errors == [
+        "data.kind: 'imagenet' is not one of 'gaussian', 'idx', 'parquet', 'images', 'synthetic_images'"
+    ]
 
 
 def test_list_items_are_named_by_index():

@@ -69,7 +69,7 @@ def main() -> None:
 
         def plain() -> None:
             # what running the checkpoint over the data costs anyway: load it, one forward pass
-            model = probeserve.sweep._load_model(sweep, ckpt, "cpu")
+            model, _ = probeserve.sweep._load_model(sweep, ckpt, "cpu")
             with torch.inference_mode():
                 for split in SPLITS:
                     for x, _ in ds.batches(split, spec.resources.extract_batch_size):

@@ -275,7 +275,7 @@ class Decoder:
         else:
             self._readers[key] = _RangeReader(self.storage, key, size)
             source = pa.PythonFile(self._readers[key], mode="r")
-        pf = pq.ParquetFile(source, buffer_size=_PARQUET_BUFFER)
+        pf = pq.ParquetFile(source, buffer_size=_PARQUET_BUFFER, pre_buffer=False)  # this thread only
         self._parquet[key] = pf
         while len(self._parquet) > 4:
             old, old_file = self._parquet.popitem(last=False)

@@ -38,6 +38,7 @@ import numpy as np
 
 from probeserve.errors import DataError, StorageError
 from probeserve.images.decode import IMAGE_EXTENSIONS
+from probeserve.results import read_parquet_bytes
 from probeserve.spec import ImagesData
 from probeserve.storage import Storage, open_storage, redact
 
@@ -163,13 +164,12 @@ def freeze(index: ImageIndex, storage: Storage, key: str) -> ImageIndex:
 def load_frozen(storage: Storage, key: str, expected_identity: str) -> ImageIndex | None:
     """The index frozen at `key`, or None if there is none."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if storage.stat(key) is None:
         return None
     where = storage.uri_for(key)
     try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(key)), use_threads=False)
+        table = read_parquet_bytes(storage.read_bytes(key))
         meta = json.loads(table.schema.metadata[_META_KEY])
     except (pa.ArrowException, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{where}: damaged image index ({e}); delete it to list the data again") from None
@@ -471,7 +471,8 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
         if getattr(storage, "root", None) is not None:
             pf = pq.ParquetFile(storage.uri_for(key))
         else:
-            pf = pq.ParquetFile(pa.PythonFile(_RangeReader(storage, key, size), mode="r"))
+            # a Python file object: read on this thread only (see results.arrow_owned)
+            pf = pq.ParquetFile(pa.PythonFile(_RangeReader(storage, key, size), mode="r"), pre_buffer=False)
         schema = pf.schema_arrow
         names = schema.names
         for fld, column in (

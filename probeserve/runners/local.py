@@ -2,7 +2,8 @@
 
 It is the reference the Ray runner is checked against, and what runs where there is no
 cluster. Each item is committed as soon as it finishes, so killing the process loses at most
-the item in progress; the next run does only what is missing.
+the items in progress (one, or the `resources.probes_per_call` items of a checkpoint trained
+together); the next run does only what is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from probeserve.sweep import (
     Sweep,
     configure_torch,
     extract_missing,
-    probe_and_commit,
+    probe_and_commit_group,
+    probes_per_call,
     start_cleanup,
 )
 
@@ -98,8 +100,10 @@ def run_local(spec: SweepSpec) -> RunSummary:
         device,
     )
     progress = Progress(len(pending))
+    per_call = probes_per_call(spec, device)
     for items in group_by_checkpoint(pending):
         failed = extract_missing(sweep, items, device=device)
+        ready: list[Item] = []
         for item in items:
             if item.layer in failed:
                 summary.record(
@@ -107,6 +111,12 @@ def run_local(spec: SweepSpec) -> RunSummary:
                     progress,
                 )
                 continue
-            summary.record(probe_and_commit(sweep, item, device=device), progress)
+            ready.append(item)
+            if len(ready) == per_call:
+                for row in probe_and_commit_group(sweep, ready, device=device):
+                    summary.record(row, progress)
+                ready = []
+        for row in probe_and_commit_group(sweep, ready, device=device):  # what is left
+            summary.record(row, progress)
     summary.seconds = time.perf_counter() - t0
     return summary
