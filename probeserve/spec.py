@@ -513,6 +513,11 @@ class ResourcesSpec(_Strict):
         description="probes of one checkpoint (layers) trained together in one call of a probe actor or the "
         "local runner; None: 1 on CPU, 8 on CUDA (so the GPU stays busy)",
     )
+    max_actors: int | None = Field(
+        default=None,
+        gt=0,
+        description="Ray runner: at most this many probe actors; None: as many as the cluster's resources hold",
+    )
 
     @field_validator("torch_threads")
     @classmethod

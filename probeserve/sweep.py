@@ -19,11 +19,7 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
-import re
-import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -34,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probeserve import results
+from probeserve import layout, results
 from probeserve.checkpoints import (
     Checkpoint,
     Discovery,
@@ -50,9 +46,11 @@ from probeserve.errors import (
     ProbeserveError,
     SpecError,
     StorageError,
+    describe_error,
 )
+from probeserve.markers import HEARTBEAT_S, STALE_BEATS, Heartbeat, marker_state  # noqa: F401
 from probeserve.spec import SweepSpec, dump_spec
-from probeserve.storage import ObjectInfo, Storage, join, open_storage
+from probeserve.storage import Storage, join, open_storage
 
 log = logging.getLogger("probeserve")
 
@@ -60,7 +58,7 @@ SPLITS = ("train", "val", "test")
 ACTIVATIONS_DIR = results.ACTIVATIONS_DIR
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below this
 RUNS_DIR = results.RUNS_DIR
-DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
+DATA_INDEX = layout.DATA_INDEX  # runs/{run}/data/index.parquet: the frozen image index
 MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
 # A layer's path-safe name is a file name in the output (`{name}.parquet`), and local file
 # systems hold at most 255 bytes in one.
@@ -163,29 +161,19 @@ def release_freed_memory() -> bool:
     return libc.malloc_trim(0) == 1
 
 
-def describe_error(e: BaseException) -> str:
-    """One line for a result row: the message of a user error, type and message otherwise."""
-    if isinstance(e, ProbeserveError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
-
-
 def layer_prefix(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(ACTIVATIONS_DIR, run, results.checkpoint_dir(ckpt.key, ckpt.step), results.layer_stem(layer))
+    return layout.layer_prefix(run, ckpt.key, ckpt.step, layer)
 
 
 def manifest_key(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(layer_prefix(run, ckpt, layer), "manifest.json")
-
-
-_PART = re.compile(r"^(?:train|val|test)/part-[0-9]{5}\.parquet$")
+    return layout.manifest_key(run, ckpt.key, ckpt.step, layer)
 
 
 def shard_keys(storage: Storage, prefix: str) -> list[str]:
     """The shard parts under one layer's prefix, as listed now: `{split}/part-NNNNN.parquet`
     keys only, so that nothing else a user may have put there is ever deleted."""
     start = len(prefix) + 1
-    return [o.key for o in storage.list(prefix + "/") if _PART.match(o.key[start:])]
+    return [o.key for o in storage.list(prefix + "/") if layout.is_shard_part(o.key[start:])]
 
 
 def publish_if_changed(storage: Storage, key: str, data: bytes) -> bool:
@@ -596,7 +584,7 @@ def delete_unlisted_parts(storage: Storage, prefix: str, listed: set[str]) -> in
     check and the deletion are not atomic; a reader that then misses a part extracts again
     (`probe_and_commit`)."""
     if not listed:
-        key = join(prefix, "manifest.json")
+        key = join(prefix, layout.MANIFEST)
         if storage.stat(key) is not None:
             try:
                 other = json.loads(storage.read_bytes(key, max_bytes=MANIFEST_MAX_BYTES))
@@ -787,8 +775,7 @@ def clean_committed_activations(sweep: Sweep, plan: Plan) -> int:
     done = {layer_prefix(run, i.checkpoint, i.layer): i for i, s in plan.items if s == "ok"}
     if not done:
         return 0
-    base = join(ACTIVATIONS_DIR, run) + "/"
-    found = {"/".join(o.key.split("/")[:4]) for o in out.list(base)}  # activations/run/ckpt/layer
+    found = {p for o in out.list(layout.activations_prefix(run)) if (p := layout.layer_prefix_of(o.key))}
     n = 0
     for prefix in sorted(found):
         item = done.get(prefix)
@@ -810,94 +797,10 @@ def log_failure(item: str, e: BaseException) -> None:
 
 
 RUNNING_DIR = results.RUNNING_DIR
-# A running marker is published again every HEARTBEAT_S seconds while its probe runs; one not
-# refreshed for STALE_BEATS of its own heartbeats is dead, wherever its process ran.
-HEARTBEAT_S = 30.0
-STALE_BEATS = 4
-MARKER_MAX_BYTES = 64 << 10
 
 
 def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(
-        RUNNING_DIR,
-        run,
-        results.checkpoint_dir(ckpt.key, ckpt.step),
-        results.layer_stem(layer) + ".json",
-    )
-
-
-class Heartbeat:
-    """The `running/...` marker of one item while it is probed: published at once, then again
-    every `HEARTBEAT_S` seconds from a thread (so any machine can see that it is alive by its
-    age), and deleted at the end. It says who runs it: host, pid, start time, device."""
-
-    def __init__(self, storage: Storage, key: str, *, device: str) -> None:
-        self.storage, self.key = storage, key
-        self.interval = HEARTBEAT_S
-        self.info = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.time(),
-            "device": device,
-            "heartbeat_s": self.interval,
-        }
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _publish(self) -> None:
-        self.storage.publish_bytes(self.key, json.dumps({**self.info, "beat": time.time()}).encode())
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._publish()
-            except Exception as e:  # a missed beat only makes status call it stale sooner
-                log.warning("%s: cannot refresh the running marker: %s", self.key, describe_error(e))
-
-    def __enter__(self) -> Heartbeat:
-        self._publish()
-        self._thread = threading.Thread(target=self._beat, name="probeserve-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop beating; once this returns, the marker is not published again."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def marker_state(storage: Storage, obj: ObjectInfo, *, now: float | None = None) -> tuple[bool, str]:
-    """(alive, why) for a running marker, from storage alone.
-
-    Dead: its pid is gone and it was written on this host, or it has not been refreshed for
-    `STALE_BEATS` heartbeats (its own `heartbeat_s`, or `HEARTBEAT_S` for a marker that does
-    not say). Its age is the storage's modification time, so clocks of the writer's machine
-    do not matter. A marker that cannot be read is judged by its age alone."""
-    now = time.time() if now is None else now
-    info: dict[str, Any] = {}
-    with contextlib.suppress(ProbeserveError, ValueError):
-        loaded = json.loads(storage.read_bytes(obj.key, max_bytes=MARKER_MAX_BYTES))
-        if isinstance(loaded, dict):
-            info = loaded
-    host, pid = info.get("host"), info.get("pid")
-    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
-        from probeserve.staging import pid_alive
-
-        if not pid_alive(pid):
-            return False, f"pid {pid} on {host} is gone"
-    interval = info.get("heartbeat_s")
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 < interval < 1e6:
-        interval = HEARTBEAT_S
-    age = now - obj.mtime
-    if age > STALE_BEATS * interval:
-        who = f" (host {host}, pid {pid})" if host else ""
-        return False, f"not refreshed for {age:.0f} s{who}"
-    return True, "running"
+    return layout.running_key(run, ckpt.key, ckpt.step, layer)
 
 
 def remove_dead_markers(sweep: Sweep) -> int:
@@ -906,7 +809,7 @@ def remove_dead_markers(sweep: Sweep) -> int:
     next heartbeat."""
     out = sweep.output
     n = 0
-    for obj in out.list(join(RUNNING_DIR, sweep.spec.run) + "/"):
+    for obj in out.list(layout.running_prefix(sweep.spec.run)):
         alive, why = marker_state(out, obj)
         if not alive:
             log.info("removing the running marker %s: %s", obj.key, why)

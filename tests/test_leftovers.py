@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+import probeserve.markers as markers_mod
 import probeserve.shards as shards_mod
 import probeserve.sweep as sweep_mod
 from probeserve import results, staging
@@ -39,8 +40,7 @@ from probeserve.sweep import (
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import S3Server
-from test_sweep import tiny_spec, write_checkpoints, write_spec
+from helpers import S3Server, tiny_spec, write_checkpoints, write_spec
 
 WRITES = ("publish_bytes", "publish_file", "create_only", "delete")
 
@@ -217,10 +217,10 @@ def test_a_live_marker_on_this_host_is_running_and_an_unreadable_one_is_judged_b
     out.publish_bytes("running/t/a.json", json.dumps(info).encode())
     out.publish_bytes("running/t/b.json", b"\x00 not json")
     a, b = out.stat("running/t/a.json"), out.stat("running/t/b.json")
-    assert sweep_mod.marker_state(out, a)[0] and sweep_mod.marker_state(out, b)[0]
+    assert markers_mod.marker_state(out, a)[0] and markers_mod.marker_state(out, b)[0]
     late = a.mtime + 4 * 30.0 + 1
-    assert not sweep_mod.marker_state(out, a, now=late)[0]
-    assert not sweep_mod.marker_state(out, b, now=late)[0]
+    assert not markers_mod.marker_state(out, a, now=late)[0]
+    assert not markers_mod.marker_state(out, b, now=late)[0]
 
 
 def test_a_marker_with_a_pid_no_process_can_have_is_judged_by_its_age(tmp_path):
@@ -237,7 +237,7 @@ def test_a_marker_with_a_pid_no_process_can_have_is_judged_by_its_age(tmp_path):
 
 
 def test_a_probe_refreshes_its_marker_while_it_trains(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_mod, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(markers_mod, "HEARTBEAT_S", 0.1)
     real_probe = sweep_mod.probe
 
     def slow_probe(*args, **kwargs):

@@ -28,7 +28,7 @@ from probeserve.migrate import Busy, migrate_output
 from probeserve.storage import open_storage
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_sweep import tiny_spec, write_checkpoints
+from helpers import tiny_spec, write_checkpoints
 
 PROBESERVE = os.path.join(os.path.dirname(sys.executable), "probeserve")
 # rows written before the newest columns existed lack them; these stand for them here
