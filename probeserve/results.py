@@ -66,6 +66,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("seconds", pa.float64(), "wall time of the probe (and of extraction, for failed extraction)"),
     ("device", pa.string(), "where the probe trained: cpu or cuda:N"),
     ("finished_at", pa.timestamp("ms", tz="UTC"), "when the row was committed"),
+    ("precision", pa.string(), "precision of the extraction's forward pass: fp32, bf16 or fp16"),
 ]
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
 COLUMN_NAMES = [c[0] for c in COLUMNS]

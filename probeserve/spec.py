@@ -214,6 +214,18 @@ class ResourcesSpec(_Strict):
         default=4, gt=0, description="checkpoints extracted but not fully probed; bounds memory and storage"
     )
     torch_threads: int | None = Field(default=None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="extraction's forward pass: fp32, or autocast to bf16 / fp16 (reducers still run in "
+        "float32); recorded in every row, and part of the spec hash when not fp32",
+    )
+    channels_last: bool = Field(
+        default=False, description="run conv models on NHWC (channels-last) tensors during extraction"
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model's blocks between probe points during extraction (hooks stay eager)",
+    )
 
 
 class OutputSpec(_Strict):
@@ -274,6 +286,8 @@ class SweepSpec(_Strict):
         keep = self.model_dump(mode="json", include={"model", "reducer", "data", "probe"})
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
+        if self.resources.precision != "fp32":  # so is a bf16/fp16 forward; fp32 specs keep their hash
+            keep["resources.precision"] = self.resources.precision
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

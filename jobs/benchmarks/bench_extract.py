@@ -6,6 +6,11 @@ layer, reduction, shard writing and publishing) and what running the checkpoint 
 interleaved pairs, and prints the median ratio. Target: <= 1.25x.
 
     python jobs/benchmarks/bench_extract.py [--n 4000] [--reducer subset|avgpool|none]
+        [--precision fp32|bf16|fp16] [--channels-last] [--inline-writes]
+
+`--precision` and `--channels-last` apply to both sides (the plain forward pass runs the same
+way); `--inline-writes` writes shards on the forward pass's thread instead of the writer
+thread, to measure what the thread gains.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from probeserve.layers import ActivationCapture
 from probeserve.models import build_model
 from probeserve.shards import ShardWriter
 from probeserve.spec import spec_from_dict
-from probeserve.sweep import SPLITS, Sweep, extract
+from probeserve.sweep import SPLITS, FastPath, Sweep, extract
 
 
 def main() -> None:
@@ -42,6 +47,9 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc as it is (extract sets mallopt otherwise): shows the page faults it avoids",
     )
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--inline-writes", action="store_true", help="no writer thread")
     args = ap.parse_args()
     if args.glibc_default_malloc:
         probeserve.sweep.keep_freed_memory = lambda: False
@@ -56,7 +64,11 @@ def main() -> None:
                 "reducer": reducer,
                 "data": {"kind": "idx", "train_size": args.n, "val_size": 500, "test_size": 500},
                 "output": {"uri": f"{tmp}/out", "dtype": args.dtype},
-                "resources": {"extract_batch_size": args.batch_size},
+                "resources": {
+                    "extract_batch_size": args.batch_size,
+                    "precision": args.precision,
+                    "channels_last": args.channels_last,
+                },
             }
         )
         torch.manual_seed(0)
@@ -67,16 +79,19 @@ def main() -> None:
         ds = sweep.dataset
         n = sum(ds.size(s) for s in SPLITS)
 
+        fast = FastPath.for_device(spec.resources, "cpu")
+        fast.write_thread = not args.inline_writes
+
         def plain() -> None:
             # what running the checkpoint over the data costs anyway: load it, one forward pass
-            model = probeserve.sweep._load_model(sweep, ckpt, "cpu")
-            with torch.inference_mode():
+            model = fast.prepare(probeserve.sweep._load_model(sweep, ckpt, "cpu"), [])
+            with torch.inference_mode(), fast.autocast():
                 for split in SPLITS:
                     for x, _ in ds.batches(split, spec.resources.extract_batch_size):
-                        model(x)
+                        model(fast.input(x, spec.resources.extract_batch_size))
 
         def extraction() -> None:
-            errors = extract(sweep, ckpt, layers, device="cpu")
+            errors = extract(sweep, ckpt, layers, device="cpu", fast=fast)
             assert not errors, errors
 
         plain()  # warm up both paths (allocator, data decoding)
@@ -101,6 +116,7 @@ def main() -> None:
         print(
             f"mnist_convnet, {n} examples, {len(layers)} probe points, {feats} features/example after reducer '{args.reducer}', {args.dtype} shards, {torch.get_num_threads()} threads"
         )
+        print(f"extraction options:   {fast.describe()}")
         print(f"load + plain forward: {t_plain:7.2f} s  ({n / t_plain:8.0f} examples/s, median)")
         print(
             f"extract all layers:   {t_extract:7.2f} s  ({n / t_extract:8.0f} examples/s, {n * feats * (2 if args.dtype == 'float16' else 4) / t_extract / 1e9:.2f} GB/s of activations, median)"

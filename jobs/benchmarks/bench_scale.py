@@ -1,0 +1,551 @@
+"""The paper's sweep at scale, in one command: forward, extraction, shards, probes, a checkpoint.
+
+    python jobs/benchmarks/bench_scale.py              # CPU: mini_inception at 75x75 (< 2 minutes)
+    python jobs/benchmarks/bench_scale.py --full       # GPU: torchvision inception_v3 at 299x299, bf16
+
+One run prints, for one model with its 17 probe points (`models.MINI_INCEPTION_POINTS`, the
+names torchvision's Inception v3 has too) and 1000 classes, on synthetic images:
+
+1. plain forward img/s (eager, and compiled where torch.compile works) and extraction img/s
+   with every probe point captured (`sweep.extract`: hooks, reducers, casts, staging, shard
+   writes), and their ratio (the H200 target: >= 0.85x of the best plain forward);
+2. shard write and read GB/s next to raw file I/O of the same bytes;
+3. probe epoch seconds and achieved TFLOP/s, for one probe and for several together, with
+   the time of the two matrix products an epoch needs;
+4. seconds per checkpoint end to end through the service's own path (spec -> run_local ->
+   committed rows);
+5. peak host memory (and GPU memory on a GPU).
+
+`--full` is the issue's GPU size: Inception v3 at 299x299, 1.28M synthetic training samples,
+bf16, channels-last. It needs torchvision and CUDA, and runs unattended; on a machine without
+pydantic (the GPU machine of this project), install the bundle first
+(docs/performance.md has the command). Every figure is printed with what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import probeserve.sweep
+from probeserve.checkpoints import save_checkpoint
+from probeserve.models import MINI_INCEPTION_POINTS, build_model
+from probeserve.probe import in_memory, train_probe
+from probeserve.shards import ShardWriter, iter_chunks
+from probeserve.spec import ProbeSpec, spec_from_dict
+from probeserve.storage import LocalStorage
+from probeserve.sweep import SPLITS, FastPath, Sweep, _batches, extract
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shards import checksum  # the sibling benchmark's byte-reading checksum
+
+GiB = 1024**3
+
+
+# --- synthetic images --------------------------------------------------------------------
+
+
+class SyntheticImages:
+    """Seeded synthetic images generated on the device, shaped like the spec's data.
+
+    Each class has a smooth random template (8x8, upsampled to the image size); an example is
+    its class's template plus noise, so probes learn something. The same (split, batch) gives
+    the same images every call, with no I/O and no decoding: it measures the compute ceiling.
+
+    This is the benchmark's stand-in for `data.kind: synthetic_images` (probeserve/images.py,
+    built beside this benchmark): `_data_spec` uses that kind where the spec knows it.
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...], num_classes: int, sizes: dict[str, int], seed: int = 0
+    ) -> None:
+        self.input_shape = tuple(shape)
+        self.num_classes = num_classes
+        self.class_names = None
+        self.source = f"synthetic images {list(shape)}, {num_classes} classes"
+        self._sizes = sizes
+        self._seed = seed
+        g = torch.Generator().manual_seed(seed)
+        self._templates = torch.randn(num_classes, shape[0], 8, 8, generator=g)
+        self._on: dict[str, torch.Tensor] = {}
+
+    def size(self, split: str) -> int:
+        return self._sizes[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        offset = SPLITS.index(split) * 7919
+        return (np.arange(self._sizes[split], dtype=np.int64) * 7919 + offset) % self.num_classes
+
+    def batches(
+        self, split: str, batch_size: int, *, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        device = torch.device(device)
+        templates = self._on.setdefault(str(device), self._templates.to(device))
+        labels = self.labels(split)
+        for start in range(0, len(labels), batch_size):
+            y = labels[start : start + batch_size]
+            g = torch.Generator(device=device).manual_seed(
+                self._seed * 1_000_003 + SPLITS.index(split) * 7 + start
+            )
+            x = F.interpolate(
+                templates[torch.from_numpy(y).to(device)], size=self.input_shape[1:], mode="bilinear"
+            )
+            x.add_(torch.randn(x.shape, generator=g, device=device), alpha=0.5)
+            yield x, y
+
+
+def _data_spec(
+    shape: list[int], num_classes: int, sizes: dict[str, int]
+) -> tuple[dict, SyntheticImages | None]:
+    """`data.kind: synthetic_images` where the spec has it; else a placeholder and our own."""
+    from probeserve import spec as spec_module
+
+    if hasattr(spec_module, "SyntheticImagesData"):
+        data = {"kind": "synthetic_images", "shape": shape, "num_classes": num_classes}
+        data |= {f"{s}_size": n for s, n in sizes.items()}
+        return data, None
+    # HOOK(images): until probeserve/images.py is merged, the sweep is given this benchmark's
+    # own generator in place of the dataset the spec names (the spec's data is a placeholder).
+    return {"kind": "gaussian", "dim": 2}, SyntheticImages(tuple(shape), num_classes, sizes)
+
+
+@contextlib.contextmanager
+def _dataset(ds: SyntheticImages | None):
+    if ds is None:
+        yield
+        return
+    saved = Sweep.__dict__["dataset"]
+    Sweep.dataset = property(lambda self: ds)  # every Sweep made inside run_local too
+    try:
+        yield
+    finally:
+        Sweep.dataset = saved
+
+
+# --- measurements ----------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(fn: Callable[[], int], device: torch.device, repeats: int) -> tuple[float, list[float]]:
+    """Images per second of `fn` (which returns how many it ran): median and all repeats."""
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        n = fn()
+        _sync(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), rates
+
+
+def forward_figures(args: argparse.Namespace, tmp: str, device: torch.device) -> dict[str, Any]:
+    """Plain forward (eager, compiled) and extraction img/s over the same synthetic images."""
+    shape = [3, args.image_size, args.image_size]
+    n_val = max(args.batch_size, args.images // 8)
+    sizes = {"train": args.images, "val": n_val, "test": n_val}
+    data, ds = _data_spec(shape, args.classes, sizes)
+    spec = spec_from_dict(
+        {
+            "run": "bench-forward",
+            "checkpoints": {"uri": f"{tmp}/ckpts"},
+            "model": _model_spec(args),
+            "layers": {"include": list(MINI_INCEPTION_POINTS)},
+            "reducer": {"kind": "subset", "max_features": args.features},
+            "data": data,
+            "resources": {
+                "device": device.type,
+                "extract_batch_size": args.batch_size,
+                "precision": args.precision,
+                "channels_last": args.channels_last,
+            },
+            "output": {"uri": f"{tmp}/forward-out", "dtype": "float16"},
+        }
+    )
+    torch.manual_seed(0)
+    save_checkpoint(build_model(spec.model), spec.checkpoints.uri, 0)
+    out: dict[str, Any] = {}
+    with _dataset(ds):
+        sweep = Sweep(spec)
+        ckpt = sweep.discover().complete[0]
+        points = sweep.points
+        total = sum(sweep.dataset.size(s) for s in SPLITS)
+        out["points"] = len(points)
+        out["features"] = sum(sweep.reducer(p).n_features for p in points)
+        fast = FastPath.for_device(spec.resources, device)
+        padded = dataclasses.replace(fast, compile=True)  # one batch shape: one compilation
+        model = fast.prepare(probeserve.sweep._load_model(sweep, ckpt, str(device)), [])
+
+        def plain(m: torch.nn.Module, fp: FastPath) -> Callable[[], int]:
+            # the same images, generated the same way, as extraction reads them
+            def run() -> int:
+                with torch.inference_mode(), fp.autocast():
+                    for split in SPLITS:
+                        for x, _ in _batches(sweep.dataset, split, args.batch_size, device):
+                            m(fp.input(x, args.batch_size))
+                return total
+
+            return run
+
+        plain(model, fast)()  # warm-up (allocator, kernels)
+        out["eager"] = _rate(plain(model, fast), device, args.repeats)
+        out["compiled"] = None
+        if args.compile:
+            try:
+                t0 = time.perf_counter()
+                compiled = torch.compile(model)
+                plain(compiled, padded)()  # compiles, then runs once
+                out["compile_seconds"] = time.perf_counter() - t0
+                out["compiled"] = _rate(plain(compiled, padded), device, args.repeats)
+            except Exception as e:  # no C++ compiler, no Triton, ...
+                out["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+        def extraction(fp: FastPath) -> Callable[[], int]:
+            def run() -> int:
+                shutil.rmtree(f"{tmp}/forward-out/activations", ignore_errors=True)
+                errors = extract(sweep, ckpt, [p.name for p in points], device=str(device), fast=fp)
+                assert not errors, errors
+                return total
+
+            return run
+
+        extraction(fast)()  # warm-up
+        out["extract"] = _rate(extraction(fast), device, args.repeats)
+        if args.compile and out["compiled"] is not None:
+            t0 = time.perf_counter()
+            extraction(padded)()  # warm-up: compiles the regions between the points
+            out["extract_compile_seconds"] = time.perf_counter() - t0
+            out["extract_compiled"] = _rate(extraction(padded), device, args.repeats)
+        shutil.rmtree(f"{tmp}/forward-out", ignore_errors=True)
+        out["images"] = total
+        out["fast_path"] = fast.describe()
+    return out
+
+
+def shard_figures(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """Shard write and read GB/s against plain file I/O of the same bytes (page cache)."""
+    rows = max(1, args.shard_mb * 2**20 // (args.features * 2))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, args.features), dtype=np.float32).astype(np.float16)
+    y = rng.integers(0, args.classes, rows)
+    nbytes = x.nbytes
+    storage = LocalStorage(f"{tmp}/shards")
+    batch = 256
+    results: dict[str, list[float]] = {"raw write": [], "shard write": [], "raw read": [], "shard read": []}
+    expected = checksum([x], batch)
+    for _ in range(args.repeats):
+        shutil.rmtree(f"{tmp}/shards", ignore_errors=True)
+        os.makedirs(f"{tmp}/shards")
+        t0 = time.perf_counter()
+        with open(f"{tmp}/shards/raw.bin", "wb") as f:
+            for s in range(0, rows, batch):
+                f.write(x[s : s + batch].data)
+        results["raw write"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with ShardWriter(
+            storage, "l/train", n_features=args.features, dtype="float16", metadata={}, max_bytes=256 * 2**20
+        ) as writer:
+            for s in range(0, rows, batch):
+                writer.write(x[s : s + batch], y[s : s + batch])
+        keys = [i.key for i in writer.close()]
+        results["shard write"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with open(f"{tmp}/shards/raw.bin", "rb") as f:
+            import mmap
+
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                raw = np.frombuffer(m, np.float16).reshape(rows, -1)
+                assert checksum([raw], batch) == expected
+                del raw
+        results["raw read"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert checksum((c for c, _ in iter_chunks(storage, keys, batch_rows=batch)), batch) == expected
+        results["shard read"].append(time.perf_counter() - t0)
+    shutil.rmtree(f"{tmp}/shards", ignore_errors=True)
+    return {k: nbytes / statistics.median(v) / 1e9 for k, v in results.items()} | {"bytes": nbytes}
+
+
+def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Probe epoch seconds and achieved TFLOP/s, one probe and several, and the two products."""
+    # HOOK(probe engine): jobs/benchmarks/bench_probe_scale.py (built beside this benchmark)
+    # trains several probes together on one device; where it is present and offers
+    # `scale_figures`, its figures are used. Otherwise each probe is timed alone with
+    # `train_probe`, and "several" are trained one after another.
+    try:
+        import bench_probe_scale  # type: ignore[import-not-found]
+    except ImportError:
+        bench_probe_scale = None
+    if bench_probe_scale is not None and hasattr(bench_probe_scale, "scale_figures"):
+        return {
+            "engine": "bench_probe_scale.scale_figures",
+            **bench_probe_scale.scale_figures(
+                rows=args.probe_rows,
+                features=args.features,
+                classes=args.classes,
+                probes=args.probes,
+                device=str(device),
+            ),
+        }
+    n, d, c = args.probe_rows, args.features, args.classes
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(d, c, generator=g)
+    sets = []
+    for _ in range(args.probes):
+        x = torch.randn(n + n // 4, d, generator=g)
+        y = (x @ w_true + 2 * torch.randn(n + n // 4, c, generator=g)).argmax(1)
+        sets.append((x[:n].numpy(), y[:n].numpy(), x[n:].numpy(), y[n:].numpy()))
+    spec = ProbeSpec(max_epochs=args.probe_epochs, patience=None, tolerance=1e-12, l2=1e-4)
+    # the two products of an epoch (logits X W, gradient X^T R), timed alone on the same data
+    xt = torch.from_numpy(sets[0][0]).to(device)
+    wt = torch.randn(d, c, device=device)
+    rt = torch.randn(n, c, device=device)
+    products = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        xt @ wt
+        xt.T @ rt
+        _sync(device)
+        products.append(time.perf_counter() - t0)
+    del xt, rt
+
+    def train(i: int) -> tuple[float, int]:
+        xs, ys, xv, yv = sets[i]
+        res = train_probe(
+            in_memory(xs, ys), in_memory(xv, yv), None, num_classes=c, spec=spec, device=str(device)
+        )
+        return res.seconds, res.epochs
+
+    train(0)  # warm-up
+    one_s, one_epochs = train(0)
+    t0 = time.perf_counter()
+    epochs = sum(train(i)[1] for i in range(args.probes))
+    several_s = time.perf_counter() - t0
+    flop_epoch = 4 * n * d * c + 2 * (n // 4) * d * c  # the two train products, the val logits
+    return {
+        "engine": "train_probe, one after another (no probe engine on this branch)",
+        "rows": n,
+        "epoch_seconds": one_s / one_epochs,
+        "one_tflops": flop_epoch * one_epochs / one_s / 1e12,
+        "several": args.probes,
+        "several_epoch_seconds": several_s / epochs,
+        "several_tflops": flop_epoch * epochs / several_s / 1e12,
+        "two_products_seconds": min(products),
+    }
+
+
+def end_to_end(args: argparse.Namespace, tmp: str, device: torch.device) -> dict[str, Any]:
+    """One checkpoint, 17 layers, through spec -> run_local -> committed rows."""
+    from probeserve import results
+    from probeserve.runners.local import run_local
+
+    shape = [3, args.image_size, args.image_size]
+    sizes = {"train": args.e2e_train, "val": args.e2e_val, "test": args.e2e_val}
+    data, ds = _data_spec(shape, args.classes, sizes)
+    spec = spec_from_dict(
+        {
+            "run": "bench-scale",
+            "checkpoints": {"uri": f"{tmp}/e2e-ckpts"},
+            "model": _model_spec(args),
+            "layers": {"include": list(MINI_INCEPTION_POINTS)},
+            "reducer": {"kind": "subset", "max_features": args.features},
+            "data": data,
+            "probe": {"max_epochs": args.probe_epochs, "patience": 5},
+            "resources": {
+                "device": device.type,
+                "extract_batch_size": args.batch_size,
+                "precision": args.precision,
+                "channels_last": args.channels_last,
+                "compile": args.compile_extraction,
+            },
+            "output": {"uri": f"{tmp}/e2e-out", "dtype": "float16"},
+        }
+    )
+    torch.manual_seed(0)
+    save_checkpoint(build_model(spec.model), spec.checkpoints.uri, 0)
+    with _dataset(ds):
+        t0 = time.perf_counter()
+        summary = run_local(spec)
+        seconds = time.perf_counter() - t0
+    rows = results.load(spec.output.uri).to_pylist()
+    sweep = Sweep(spec)
+    ckpt = sweep.discover().complete[0]
+    manifest = sweep.manifest(ckpt, rows[0]["layer"]) if rows else None
+    shutil.rmtree(f"{tmp}/e2e-out", ignore_errors=True)
+    return {
+        "seconds": seconds,
+        "ok": summary.ok,
+        "failed": len(summary.failed),
+        "extract_seconds": manifest["extract_seconds"] if manifest else float("nan"),
+        "probe_seconds": sum(r["seconds"] or 0 for r in rows if r["status"] == "ok"),
+        "samples": sum(sizes.values()),
+        "mean_test_error": statistics.mean(r["test_error"] for r in rows if r["status"] == "ok")
+        if rows
+        else None,
+    }
+
+
+def _model_spec(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model == "inception_v3":
+        kwargs = {"weights": None, "aux_logits": True, "init_weights": False, "num_classes": args.classes}
+        return {"factory": "torchvision.models:inception_v3", "kwargs": kwargs}
+    return {
+        "factory": "mini_inception",
+        "kwargs": {"image_size": args.image_size, "width": args.width, "num_classes": args.classes},
+    }
+
+
+def _peak_host_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--full", action="store_true", help="the GPU size: inception_v3, 299x299, 1.28M samples, bf16"
+    )
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--model", choices=["mini_inception", "inception_v3"], default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--width", type=float, default=0.25, help="mini_inception's width")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--features", type=int, default=1000, help="subset reducer: features per layer")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile"
+    )
+    ap.add_argument(
+        "--compile-extraction", action="store_true", help="resources.compile in the end-to-end run"
+    )
+    ap.add_argument(
+        "--images", type=int, default=None, help="train images for the forward/extraction figures"
+    )
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--shard-mb", type=int, default=None)
+    ap.add_argument("--probe-rows", type=int, default=None)
+    ap.add_argument("--probes", type=int, default=None, help="probes for 'several together'")
+    ap.add_argument("--probe-epochs", type=int, default=None)
+    ap.add_argument("--e2e-train", type=int, default=None, help="end to end: training samples")
+    ap.add_argument("--e2e-val", type=int, default=None, help="end to end: val and test samples each")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
+    args = ap.parse_args()
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full = args.full
+    defaults = {
+        "model": "inception_v3" if full else "mini_inception",
+        "image_size": 299 if full else 75,
+        "batch_size": 256 if full else 64,
+        "precision": "bf16" if full else "fp32",
+        "channels_last": full,
+        "images": 50_000 if full else 512,
+        "repeats": 3 if full else 2,
+        "shard_mb": 2048 if full else 128,
+        "probe_rows": 1_281_167 if full else 4096,
+        "probes": 13 if full else 3,
+        "probe_epochs": 20 if full else 3,
+        "e2e_train": 1_281_167 if full else 768,
+        "e2e_val": 50_000 if full else 128,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if full and device.type != "cuda":
+        sys.exit("--full needs a CUDA device (it is sized for one H200); run without --full on a CPU")
+    tmp = tempfile.mkdtemp(prefix="probeserve-bench-scale-", dir=args.tmp)
+    started = time.perf_counter()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} CPUs, {gpu or 'no GPU'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}"
+    )
+    print(
+        f"model: {args.model} at {args.image_size}x{args.image_size}"
+        + (f", width {args.width}" if args.model == "mini_inception" else "")
+        + f", {args.classes} classes, 17 probe points, subset {args.features} features each; "
+        f"batch {args.batch_size}, {args.precision}, channels_last={args.channels_last}, device {device}"
+    )
+    try:
+        f = forward_figures(args, tmp, device)
+        eager, eager_all = f["eager"]
+        best = eager
+        line = f"1. forward ({f['images']} images, median of {args.repeats}): eager {eager:,.0f} img/s ({_span(eager_all)})"
+        if f.get("compiled"):
+            comp, comp_all = f["compiled"]
+            best = max(best, comp)
+            line += f", compiled {comp:,.0f} img/s ({_span(comp_all)}; compiling took {f['compile_seconds']:.0f} s)"
+        elif "compiled_error" in f:
+            line += f"; torch.compile unavailable: {f['compiled_error']}"
+        print(line)
+        ext, ext_all = f["extract"]
+        print(
+            f"   extraction, all {f['points']} points ({f['features']:,} features/image, float16 shards): "
+            f"{ext:,.0f} img/s ({_span(ext_all)}) = {ext / eager:.2f}x eager, {ext / best:.2f}x best plain forward"
+        )
+        if "extract_compiled" in f:
+            extc, extc_all = f["extract_compiled"]
+            print(
+                f"   extraction with resources.compile: {extc:,.0f} img/s ({_span(extc_all)}) = "
+                f"{extc / best:.2f}x best plain forward (first run, compiling included: "
+                f"{f['extract_compile_seconds']:.0f} s)"
+            )
+        print(f"   extraction options: {json.dumps(f['fast_path'])}")
+        s = shard_figures(args, tmp)
+        print(
+            f"2. shards ({s['bytes'] / 1e6:,.0f} MB float16, page cache): write {s['shard write']:.2f} GB/s vs raw "
+            f"{s['raw write']:.2f} GB/s ({s['shard write'] / s['raw write']:.2f}x); read {s['shard read']:.2f} GB/s "
+            f"vs raw mmap {s['raw read']:.2f} GB/s ({s['shard read'] / s['raw read']:.2f}x)"
+        )
+        p = probe_figures(args, device)
+        print(
+            f"3. probes ({p['engine']}), {args.probe_rows:,} rows x {args.features} features x {args.classes} classes:"
+        )
+        print(
+            f"   one probe: {p['epoch_seconds']:.3f} s/epoch, {p['one_tflops']:.3f} TFLOP/s; the two products of an "
+            f"epoch alone: {p['two_products_seconds']:.3f} s (epoch = {p['epoch_seconds'] / p['two_products_seconds']:.2f}x)"
+        )
+        print(
+            f"   {p['several']} probes: {p['several_epoch_seconds']:.3f} s/epoch, {p['several_tflops']:.3f} TFLOP/s"
+        )
+        e = end_to_end(args, tmp, device)
+        print(
+            f"4. one checkpoint end to end (run_local, {e['samples']:,} samples, 17 layers): {e['seconds']:.1f} s "
+            f"(extract {e['extract_seconds']:.1f} s, probes {e['probe_seconds']:.1f} s); "
+            f"{e['ok']} ok, {e['failed']} failed; mean test error {e['mean_test_error']:.3f}"
+        )
+        mem = f"5. peak memory: host {_peak_host_gib():.2f} GiB (max RSS)"
+        if device.type == "cuda":
+            mem += f", GPU {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB (max allocated)"
+        print(mem)
+        print(f"total {time.perf_counter() - started:.0f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else f"{values[0]:,.0f}"
+
+
+if __name__ == "__main__":
+    main()
