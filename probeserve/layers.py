@@ -34,7 +34,7 @@ import fnmatch
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,18 +160,29 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-def select_probe_points(points: list[ProbePoint], include: list[str], exclude: list[str]) -> list[ProbePoint]:
+def select_probe_points(
+    points: list[ProbePoint], include: list[str], exclude: list[str], *, modules: Collection[str] = ()
+) -> list[ProbePoint]:
     """The points matching any `include` pattern and no `exclude` pattern, in forward order.
 
     Patterns are exact names or `fnmatch` globs (`*` also matches `.`, so `hidden.*` takes
     every hidden sub-module). An include pattern that matches nothing is an error, since it
-    is almost always a typo; an exclude pattern that matches nothing is not.
+    is almost always a typo; an exclude pattern that matches nothing is not. `modules`, the
+    model's module names, lets that error say when the pattern names a module that exists
+    but did not run in the eval-mode pass (an auxiliary head).
     """
     names = [p.name for p in points]
     for pattern in include:
         if not any(_matches(n, pattern) for n in names):
+            idle = [m for m in modules if m and _matches(m, pattern)]
             close = difflib.get_close_matches(pattern, names, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
+            if idle:
+                hint = (
+                    f" Module {idle[0]!r} exists but did not run in the eval-mode forward pass that "
+                    "extraction uses (a head that runs only in training, such as Inception's AuxLogits, "
+                    "is not a probe point)." + hint
+                )
             raise LayerError(
                 f"layers.include: {pattern!r} matches no probe point.{hint} "
                 f"Available ({len(names)}): {_name_list(names)}"
@@ -643,4 +654,13 @@ def compile_regions(
             visit(f"{name}.{child}" if name else child, sub)
 
     visit("", model)
+    if compiled and compile_fn is torch.compile:
+        # Dynamo keeps up to `recompile_limit` (8) compiled versions per code object, and
+        # blocks of one class share their `forward` code with different weights' shapes
+        # (Inception v3's four Mixed_6 blocks): let every region keep its own.
+        from torch import _dynamo
+
+        config = _dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 2 * len(compiled) + 8))
     return compiled

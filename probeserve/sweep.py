@@ -36,7 +36,7 @@ from probeserve import results
 from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
 from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
 from probeserve.spec import SweepSpec, dump_spec
-from probeserve.storage import Storage, join, open_storage
+from probeserve.storage import LocalStorage, Storage, join, open_storage
 
 log = logging.getLogger("probeserve")
 
@@ -167,6 +167,7 @@ class Sweep:
         from probeserve.layers import discover_probe_points
 
         model = self.build_model().eval()
+        self._module_names = [name for name, _ in model.named_modules()]  # for select's errors
         try:
             return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
         except ProbeserveError:
@@ -181,7 +182,12 @@ class Sweep:
     def points(self):  # -> list[ProbePoint], the selected ones in forward order
         from probeserve.layers import select_probe_points
 
-        return select_probe_points(self.all_points, self.spec.layers.include, self.spec.layers.exclude)
+        return select_probe_points(
+            self.all_points,
+            self.spec.layers.include,
+            self.spec.layers.exclude,
+            modules=getattr(self, "_module_names", ()),
+        )
 
     def point(self, layer: str):
         for p in self.points:
@@ -298,10 +304,10 @@ class FastPath:
     On a GPU, the reduced rows of every layer are copied into pinned host memory without
     blocking (`stage`), and the float16 overflow check of all layers is read once per batch
     with them, so the next batch's forward pass is queued while they travel; the writer
-    thread waits for the copies. On a CPU the rows are already in host memory, and the
-    overflow check runs inside each hook on data still in cache (`shards.cast_rows`).
-    Shard writes and uploads run on a writer thread behind a bounded queue on both
-    (`shards.WriteQueue`).
+    thread (`shards.WriteQueue`) waits for the copies and writes. On a CPU the rows are
+    already in host memory, the overflow check runs inside each hook on data still in cache
+    (`shards.cast_rows`), and shards are written on the forward pass's thread unless they
+    go to remote storage.
     """
 
     device: torch.device
@@ -313,7 +319,13 @@ class FastPath:
     write_thread: bool = True
 
     @classmethod
-    def for_device(cls, resources: Any, device: str | torch.device) -> FastPath:
+    def for_device(
+        cls, resources: Any, device: str | torch.device, *, remote_output: bool = False
+    ) -> FastPath:
+        """The spec's choices on `device`. The writer thread is used where it pays: on a GPU
+        (the forward pass is queued on the device while the host writes) and for remote
+        output (uploads wait on the network); on a CPU writing local files it gained nothing
+        measurable, since the two compete for the same cores (docs/performance.md)."""
         dev = torch.device(device)
         gpu = dev.type == "cuda"
         return cls(
@@ -323,6 +335,7 @@ class FastPath:
             compile=resources.compile,
             pinned=gpu,
             deferred_check=gpu,
+            write_thread=gpu or remote_output,
         )
 
     def prepare(self, model: torch.nn.Module, points: list) -> torch.nn.Module:
@@ -454,7 +467,8 @@ def extract(
     spec = sweep.spec
     t0 = time.perf_counter()
     keep_freed_memory()
-    fast = fast or FastPath.for_device(spec.resources, device)
+    remote = not isinstance(sweep.output, LocalStorage)
+    fast = fast or FastPath.for_device(spec.resources, device, remote_output=remote)
     model = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
     model = fast.prepare(model, points)

@@ -24,7 +24,7 @@ from torch import nn
 
 from probeserve import results
 from probeserve.checkpoints import save_checkpoint
-from probeserve.errors import StorageError
+from probeserve.errors import LayerError, StorageError
 from probeserve.layers import (
     ActivationCapture,
     compile_regions,
@@ -183,6 +183,9 @@ def test_mini_inception_has_the_papers_17_points_and_an_aux_head_for_training():
     assert shapes["Mixed_5b"][0] == sum(shapes[f"Mixed_5b.{b}"][0] for b in branches)
     assert shapes["fc"] == (7,)
 
+    with pytest.raises(LayerError, match=r"'AuxLogits' exists but did not run in the eval-mode forward pass"):
+        select_probe_points(points, ["AuxLogits"], [], modules=[n for n, _ in model.named_modules()])
+
     model.train()
     out = model(torch.randn(2, 3, 75, 75))
     assert type(out).__name__ == "InceptionOutputs"
@@ -251,6 +254,25 @@ def test_mini_inception_sweep_from_a_state_dict_checkpoint(tmp_path):
     assert summary.exit_code == 0, summary.failed
     assert [r["layer"] for r in rows] == list(MINI_INCEPTION_POINTS)
     assert [r["n_features"] for r in rows][-1] == 4 and all(r["n_features"] <= 64 for r in rows)
+
+
+def test_asking_for_the_aux_head_says_why_it_is_not_a_probe_point(tmp_path):
+    _image_table(tmp_path / "images.parquet", 30, size=75, num_classes=3)
+    spec = _spec(
+        tmp_path,
+        model={"factory": "mini_inception", "kwargs": {"width": 0.125, "num_classes": 3}},
+        layers={"include": ["Mixed_6e", "AuxLogits"]},
+        data={
+            "kind": "parquet",
+            "uri": str(tmp_path / "images.parquet"),
+            "shape": [3, 75, 75],
+            "val_size": 5,
+        },
+    )
+    with pytest.raises(
+        LayerError, match=r"layers.include: 'AuxLogits' matches no probe point. Module 'AuxLogits'"
+    ):
+        _ = Sweep(spec).points
 
 
 # --- the fast path on CPU: precision, channels-last, deferred checks, writer thread -----
@@ -369,18 +391,28 @@ def test_deferred_float16_check_fails_the_overflowing_layer_alone(tmp_path, writ
         assert sweep.manifest(ckpt, layer)["extraction"]["deferred_overflow_check"] is True
 
 
+def test_fast_path_choices_follow_the_device_and_the_output(tmp_path):
+    resources = _spec(tmp_path, resources={"precision": "bf16", "channels_last": True}).resources
+    cpu = FastPath.for_device(resources, "cpu")
+    assert (cpu.pinned, cpu.deferred_check, cpu.write_thread) == (False, False, False)
+    assert (cpu.precision, cpu.channels_last, cpu.compile) == ("bf16", True, False)
+    assert FastPath.for_device(resources, "cpu", remote_output=True).write_thread
+    gpu = FastPath.for_device(resources, "cuda:0")
+    assert (gpu.pinned, gpu.deferred_check, gpu.write_thread) == (True, True, True)
+
+
 @pytest.mark.parametrize(
     "fast",
     [
-        FastPath(torch.device("cpu"), write_thread=False),
+        FastPath(torch.device("cpu"), write_thread=True),
         FastPath(torch.device("cpu"), write_thread=True, deferred_check=True),
     ],
-    ids=["inline", "threaded-deferred"],
+    ids=["threaded", "threaded-deferred"],
 )
 def test_shards_are_the_same_whichever_way_they_are_written(tmp_path, fast):
     spec = _spec(tmp_path, output={"dtype": "float16", "max_shard_bytes": 1000})
     _checkpoint(spec)
-    reference, ckpt, _ = _extract(spec)  # the spec's own choices: a writer thread on CPU
+    reference, ckpt, _ = _extract(spec)  # the spec's own choices: written inline on a CPU
     other = _spec(
         tmp_path, output={"uri": str(tmp_path / "other"), "dtype": "float16", "max_shard_bytes": 1000}
     )
@@ -414,7 +446,7 @@ def test_a_shard_upload_that_fails_on_the_writer_thread_fails_its_layer_alone(tm
     _checkpoint(spec)
     storage = _FailsOneLayer(str(tmp_path / "out"), "act")
     monkeypatch.setattr(Sweep, "output", property(lambda self: storage))
-    sweep, ckpt, errors = _extract(spec)
+    sweep, ckpt, errors = _extract(spec, fast=FastPath(torch.device("cpu"), write_thread=True))
     assert list(errors) == ["act"] and "upload failed" in errors["act"]
     assert storage.threads == {"probeserve-shard-writes"}  # not the forward pass's thread
     assert sweep.manifest(ckpt, "act") is None and sweep.manifest(ckpt, "fc2") is not None

@@ -6,11 +6,11 @@ layer, reduction, shard writing and publishing) and what running the checkpoint 
 interleaved pairs, and prints the median ratio. Target: <= 1.25x.
 
     python jobs/benchmarks/bench_extract.py [--n 4000] [--reducer subset|avgpool|none]
-        [--precision fp32|bf16|fp16] [--channels-last] [--inline-writes]
+        [--precision fp32|bf16|fp16] [--channels-last] [--writes auto|inline|thread] [--s3]
 
 `--precision` and `--channels-last` apply to both sides (the plain forward pass runs the same
-way); `--inline-writes` writes shards on the forward pass's thread instead of the writer
-thread, to measure what the thread gains.
+way); `--writes` chooses where shards are written, to measure what the writer thread gains,
+and `--s3` sends them to an S3 server (moto, on loopback) instead of a local folder.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -49,12 +51,23 @@ def main() -> None:
     )
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--inline-writes", action="store_true", help="no writer thread")
+    ap.add_argument(
+        "--writes",
+        choices=["auto", "inline", "thread"],
+        default="auto",
+        help="shard writes on the forward pass's thread or the writer thread (auto: extract's choice)",
+    )
+    ap.add_argument(
+        "--s3",
+        action="store_true",
+        help="write the shards to S3: a moto server on loopback, started here (needs moto[server])",
+    )
     args = ap.parse_args()
     if args.glibc_default_malloc:
         probeserve.sweep.keep_freed_memory = lambda: False
 
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
+    server = _start_s3() if args.s3 else None
     try:
         reducer = {"kind": args.reducer, "max_features": 1024} if args.reducer != "none" else {"kind": "none"}
         spec = spec_from_dict(
@@ -63,7 +76,8 @@ def main() -> None:
                 "model": {"factory": "mnist_convnet"},
                 "reducer": reducer,
                 "data": {"kind": "idx", "train_size": args.n, "val_size": 500, "test_size": 500},
-                "output": {"uri": f"{tmp}/out", "dtype": args.dtype},
+                "output": {"uri": server[1] if server else f"{tmp}/out", "dtype": args.dtype},
+                "storage": {"s3_endpoint": server[2] if server else None},
                 "resources": {
                     "extract_batch_size": args.batch_size,
                     "precision": args.precision,
@@ -79,8 +93,9 @@ def main() -> None:
         ds = sweep.dataset
         n = sum(ds.size(s) for s in SPLITS)
 
-        fast = FastPath.for_device(spec.resources, "cpu")
-        fast.write_thread = not args.inline_writes
+        fast = FastPath.for_device(spec.resources, "cpu", remote_output=args.s3)
+        if args.writes != "auto":
+            fast.write_thread = args.writes == "thread"
 
         def plain() -> None:
             # what running the checkpoint over the data costs anyway: load it, one forward pass
@@ -103,7 +118,9 @@ def main() -> None:
         pairs, parts = [], []
         for _ in range(args.repeat):
             t_p = _time(plain)
-            shutil.rmtree(f"{tmp}/out", ignore_errors=True)  # the last run's shards, untimed
+            shutil.rmtree(
+                f"{tmp}/out", ignore_errors=True
+            )  # the last run's shards, untimed (S3: overwritten)
             with _timed_parts() as spent:
                 t_e = _time(extraction)
             pairs.append((t_p, t_e))
@@ -150,6 +167,39 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if server:
+            server[0].terminate()
+            server[0].wait(10)
+
+
+def _start_s3() -> tuple[subprocess.Popen, str, str]:
+    """A moto S3 server on a free loopback port with a fresh bucket: (process, output URI, endpoint)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return proc, "s3://bench/out", endpoint
 
 
 @contextlib.contextmanager

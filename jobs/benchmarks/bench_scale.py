@@ -146,16 +146,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(fn: Callable[[], int], device: torch.device, repeats: int) -> tuple[float, list[float]]:
-    """Images per second of `fn` (which returns how many it ran): median and all repeats."""
-    rates = []
+def _rate(fn: Callable[[], int], device: torch.device, repeats: int) -> tuple[float, list[float], float]:
+    """Images per second of `fn` (which returns how many it ran): the median and every
+    repeat in wall time, and the median per second of this process's CPU time (steadier on
+    a shared machine, where waiting for a core inflates wall time)."""
+    rates, cpu_rates = [], []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = fn()
         _sync(device)
         rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), rates
+        cpu_rates.append(n / (time.process_time() - c0))
+    return statistics.median(rates), rates, statistics.median(cpu_rates)
 
 
 def forward_figures(args: argparse.Namespace, tmp: str, device: torch.device) -> dict[str, Any]:
@@ -306,16 +309,15 @@ def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, A
             ),
         }
     n, d, c = args.probe_rows, args.features, args.classes
-    g = torch.Generator().manual_seed(0)
-    w_true = torch.randn(d, c, generator=g)
-    sets = []
-    for _ in range(args.probes):
-        x = torch.randn(n + n // 4, d, generator=g)
-        y = (x @ w_true + 2 * torch.randn(n + n // 4, c, generator=g)).argmax(1)
-        sets.append((x[:n].numpy(), y[:n].numpy(), x[n:].numpy(), y[n:].numpy()))
-    spec = ProbeSpec(max_epochs=args.probe_epochs, patience=None, tolerance=1e-12, l2=1e-4)
+    # one data set, made on the device (1.28M x 1000 at full size), used by every probe
+    g = torch.Generator(device=device).manual_seed(0)
+    w_true = torch.randn(d, c, generator=g, device=device)
+    x = torch.randn(n + n // 4, d, generator=g, device=device)
+    y = (x @ w_true + 2 * torch.randn(n + n // 4, c, generator=g, device=device)).argmax(1)
+    sets = [(x[:n].cpu().numpy(), y[:n].cpu().numpy(), x[n:].cpu().numpy(), y[n:].cpu().numpy())]
+    del w_true, y
     # the two products of an epoch (logits X W, gradient X^T R), timed alone on the same data
-    xt = torch.from_numpy(sets[0][0]).to(device)
+    xt = x[:n]
     wt = torch.randn(d, c, device=device)
     rt = torch.randn(n, c, device=device)
     products = []
@@ -326,28 +328,34 @@ def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, A
         xt.T @ rt
         _sync(device)
         products.append(time.perf_counter() - t0)
-    del xt, rt
+    del xt, rt, x
 
-    def train(i: int) -> tuple[float, int]:
+    def train(i: int, epochs: int) -> tuple[float, int]:
         xs, ys, xv, yv = sets[i]
+        spec = ProbeSpec(max_epochs=epochs, patience=None, tolerance=1e-12, l2=1e-4)
         res = train_probe(
             in_memory(xs, ys), in_memory(xv, yv), None, num_classes=c, spec=spec, device=str(device)
         )
         return res.seconds, res.epochs
 
-    train(0)  # warm-up
-    one_s, one_epochs = train(0)
+    e = args.probe_epochs
+    train(0, 1)  # warm-up
+    short_s, short_epochs = train(0, e)
+    long_s, long_epochs = train(0, 2 * e)
+    # an epoch's cost without the set-up (moments, copies, final scoring) both runs share
+    epoch_s = (long_s - short_s) / max(1, long_epochs - short_epochs)
     t0 = time.perf_counter()
-    epochs = sum(train(i)[1] for i in range(args.probes))
+    epochs = sum(train(0, e)[1] for _ in range(args.probes))
     several_s = time.perf_counter() - t0
     flop_epoch = 4 * n * d * c + 2 * (n // 4) * d * c  # the two train products, the val logits
     return {
-        "engine": "train_probe, one after another (no probe engine on this branch)",
+        "engine": "train_probe, one after another (the probe engine is not on this branch)",
         "rows": n,
-        "epoch_seconds": one_s / one_epochs,
-        "one_tflops": flop_epoch * one_epochs / one_s / 1e12,
+        "epoch_seconds": epoch_s,
+        "one_tflops": flop_epoch / epoch_s / 1e12,
         "several": args.probes,
-        "several_epoch_seconds": several_s / epochs,
+        "several_seconds": several_s,
+        "several_epochs": epochs,
         "several_tflops": flop_epoch * epochs / several_s / 1e12,
         "two_products_seconds": min(products),
     }
@@ -369,7 +377,11 @@ def end_to_end(args: argparse.Namespace, tmp: str, device: torch.device) -> dict
             "layers": {"include": list(MINI_INCEPTION_POINTS)},
             "reducer": {"kind": "subset", "max_features": args.features},
             "data": data,
-            "probe": {"max_epochs": args.probe_epochs, "patience": 5},
+            "probe": {
+                "max_epochs": args.probe_epochs,
+                "patience": 5,
+                "memory_bytes": args.probe_memory_gib * GiB,
+            },
             "resources": {
                 "device": device.type,
                 "extract_batch_size": args.batch_size,
@@ -433,7 +445,10 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile (default: on a GPU)",
     )
     ap.add_argument(
         "--compile-extraction", action="store_true", help="resources.compile in the end-to-end run"
@@ -446,33 +461,51 @@ def main() -> None:
     ap.add_argument("--probe-rows", type=int, default=None)
     ap.add_argument("--probes", type=int, default=None, help="probes for 'several together'")
     ap.add_argument("--probe-epochs", type=int, default=None)
+    ap.add_argument(
+        "--probe-memory-gib",
+        type=int,
+        default=None,
+        help="end to end: probe.memory_bytes (1.28M x 1000 needs 5 GiB)",
+    )
     ap.add_argument("--e2e-train", type=int, default=None, help="end to end: training samples")
     ap.add_argument("--e2e-val", type=int, default=None, help="end to end: val and test samples each")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
+    ap.add_argument(
+        "--only",
+        default="forward,shards,probes,e2e",
+        help="comma-separated sections to run (forward, shards, probes, e2e); --full needs two runs for all",
+    )
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = args.full
+    if args.compile is None:
+        args.compile = device.type == "cuda"
     defaults = {
         "model": "inception_v3" if full else "mini_inception",
         "image_size": 299 if full else 75,
         "batch_size": 256 if full else 64,
         "precision": "bf16" if full else "fp32",
         "channels_last": full,
-        "images": 50_000 if full else 512,
+        "images": 50_000 if full else 256,
         "repeats": 3 if full else 2,
-        "shard_mb": 2048 if full else 128,
-        "probe_rows": 1_281_167 if full else 4096,
-        "probes": 13 if full else 3,
-        "probe_epochs": 20 if full else 3,
-        "e2e_train": 1_281_167 if full else 768,
-        "e2e_val": 50_000 if full else 128,
+        "shard_mb": 2048 if full else 64,
+        "probe_rows": 1_281_167 if full else 2048,
+        "probes": 13 if full else 2,
+        "probe_epochs": 20 if full else 2,
+        "e2e_train": 1_281_167 if full else 512,
+        "e2e_val": 10_000 if full else 64,
+        "probe_memory_gib": 32 if full else 4,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if full and device.type != "cuda":
         sys.exit("--full needs a CUDA device (it is sized for one H200); run without --full on a CPU")
+    sections = set(args.only.split(","))
+    unknown = sections - {"forward", "shards", "probes", "e2e"}
+    if unknown:
+        sys.exit(f"--only: unknown section(s) {sorted(unknown)}")
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-scale-", dir=args.tmp)
     started = time.perf_counter()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -487,53 +520,61 @@ def main() -> None:
         f"batch {args.batch_size}, {args.precision}, channels_last={args.channels_last}, device {device}"
     )
     try:
-        f = forward_figures(args, tmp, device)
-        eager, eager_all = f["eager"]
-        best = eager
-        line = f"1. forward ({f['images']} images, median of {args.repeats}): eager {eager:,.0f} img/s ({_span(eager_all)})"
-        if f.get("compiled"):
-            comp, comp_all = f["compiled"]
-            best = max(best, comp)
-            line += f", compiled {comp:,.0f} img/s ({_span(comp_all)}; compiling took {f['compile_seconds']:.0f} s)"
-        elif "compiled_error" in f:
-            line += f"; torch.compile unavailable: {f['compiled_error']}"
-        print(line)
-        ext, ext_all = f["extract"]
-        print(
-            f"   extraction, all {f['points']} points ({f['features']:,} features/image, float16 shards): "
-            f"{ext:,.0f} img/s ({_span(ext_all)}) = {ext / eager:.2f}x eager, {ext / best:.2f}x best plain forward"
-        )
-        if "extract_compiled" in f:
-            extc, extc_all = f["extract_compiled"]
+        if "forward" in sections:
+            f = forward_figures(args, tmp, device)
+            eager, eager_all, eager_cpu = f["eager"]
+            best = eager
+            line = f"1. forward ({f['images']} images, median of {args.repeats}): eager {eager:,.0f} img/s ({_span(eager_all)})"
+            if f.get("compiled"):
+                comp, comp_all, _ = f["compiled"]
+                best = max(best, comp)
+                line += f", compiled {comp:,.0f} img/s ({_span(comp_all)}; compiling took {f['compile_seconds']:.0f} s)"
+            elif "compiled_error" in f:
+                line += f"; torch.compile unavailable: {f['compiled_error']}"
+            elif not args.compile:
+                line += "; compiled: not timed (--compile; on a CPU compiling takes minutes)"
+            print(line)
+            ext, ext_all, ext_cpu = f["extract"]
             print(
-                f"   extraction with resources.compile: {extc:,.0f} img/s ({_span(extc_all)}) = "
-                f"{extc / best:.2f}x best plain forward (first run, compiling included: "
-                f"{f['extract_compile_seconds']:.0f} s)"
+                f"   extraction, all {f['points']} points ({f['features']:,} features/image, float16 shards): "
+                f"{ext:,.0f} img/s ({_span(ext_all)}) = {ext / eager:.2f}x eager, {ext / best:.2f}x best plain forward "
+                f"(in CPU time: {ext_cpu / eager_cpu:.2f}x eager)"
             )
-        print(f"   extraction options: {json.dumps(f['fast_path'])}")
-        s = shard_figures(args, tmp)
-        print(
-            f"2. shards ({s['bytes'] / 1e6:,.0f} MB float16, page cache): write {s['shard write']:.2f} GB/s vs raw "
-            f"{s['raw write']:.2f} GB/s ({s['shard write'] / s['raw write']:.2f}x); read {s['shard read']:.2f} GB/s "
-            f"vs raw mmap {s['raw read']:.2f} GB/s ({s['shard read'] / s['raw read']:.2f}x)"
-        )
-        p = probe_figures(args, device)
-        print(
-            f"3. probes ({p['engine']}), {args.probe_rows:,} rows x {args.features} features x {args.classes} classes:"
-        )
-        print(
-            f"   one probe: {p['epoch_seconds']:.3f} s/epoch, {p['one_tflops']:.3f} TFLOP/s; the two products of an "
-            f"epoch alone: {p['two_products_seconds']:.3f} s (epoch = {p['epoch_seconds'] / p['two_products_seconds']:.2f}x)"
-        )
-        print(
-            f"   {p['several']} probes: {p['several_epoch_seconds']:.3f} s/epoch, {p['several_tflops']:.3f} TFLOP/s"
-        )
-        e = end_to_end(args, tmp, device)
-        print(
-            f"4. one checkpoint end to end (run_local, {e['samples']:,} samples, 17 layers): {e['seconds']:.1f} s "
-            f"(extract {e['extract_seconds']:.1f} s, probes {e['probe_seconds']:.1f} s); "
-            f"{e['ok']} ok, {e['failed']} failed; mean test error {e['mean_test_error']:.3f}"
-        )
+            if "extract_compiled" in f:
+                extc, extc_all, _ = f["extract_compiled"]
+                print(
+                    f"   extraction with resources.compile: {extc:,.0f} img/s ({_span(extc_all)}) = "
+                    f"{extc / best:.2f}x best plain forward (first run, compiling included: "
+                    f"{f['extract_compile_seconds']:.0f} s)"
+                )
+            print(f"   extraction options: {json.dumps(f['fast_path'])}")
+        if "shards" in sections:
+            s = shard_figures(args, tmp)
+            print(
+                f"2. shards ({s['bytes'] / 1e6:,.0f} MB float16, page cache): write {s['shard write']:.2f} GB/s vs raw "
+                f"{s['raw write']:.2f} GB/s ({s['shard write'] / s['raw write']:.2f}x); read {s['shard read']:.2f} GB/s "
+                f"vs raw mmap {s['raw read']:.2f} GB/s ({s['shard read'] / s['raw read']:.2f}x)"
+            )
+        if "probes" in sections:
+            p = probe_figures(args, device)
+            print(
+                f"3. probes ({p['engine']}), {args.probe_rows:,} rows x {args.features} features x {args.classes} classes:"
+            )
+            print(
+                f"   one probe: {p['epoch_seconds']:.3f} s/epoch (set-up excluded), {p['one_tflops']:.3f} TFLOP/s; the two products of an "
+                f"epoch alone: {p['two_products_seconds']:.3f} s (epoch = {p['epoch_seconds'] / p['two_products_seconds']:.2f}x)"
+            )
+            print(
+                f"   {p['several']} probes: {p['several_epochs']} epochs in {p['several_seconds']:.2f} s, set-up included: "
+                f"{p['several_tflops']:.3f} TFLOP/s"
+            )
+        if "e2e" in sections:
+            e = end_to_end(args, tmp, device)
+            print(
+                f"4. one checkpoint end to end (run_local, {e['samples']:,} samples, 17 layers): {e['seconds']:.1f} s "
+                f"(extract {e['extract_seconds']:.1f} s, probes {e['probe_seconds']:.1f} s); "
+                f"{e['ok']} ok, {e['failed']} failed; mean test error {e['mean_test_error']:.3f}"
+            )
         mem = f"5. peak memory: host {_peak_host_gib():.2f} GiB (max RSS)"
         if device.type == "cuda":
             mem += f", GPU {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB (max allocated)"
