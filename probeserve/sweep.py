@@ -479,7 +479,14 @@ def extract(
     shards: dict[str, dict[str, list]] = {p.name: {} for p in points}
     counts: dict[str, list[int]] = {}
     check_later = fast.deferred_check and spec.output.dtype == "float16"
-    with WriteQueue(max_batches=_WRITE_AHEAD, threaded=fast.write_thread) as queue:
+    created: list[Any] = []  # every writer, so that none is left open whatever happens
+    with (
+        contextlib.ExitStack() as cleanup,
+        WriteQueue(max_batches=_WRITE_AHEAD, threaded=fast.write_thread) as queue,
+    ):
+        # runs after the queue has stopped: a writer whose layer failed, or that an error
+        # left behind, drops its unfinished part (closed writers are not touched)
+        cleanup.callback(lambda: [w.abort() for w in created])
         for split in SPLITS:
             writers = {}
             for p in points:
@@ -505,6 +512,7 @@ def extract(
                         metadata=meta,
                         max_bytes=spec.output.max_shard_bytes,
                     )
+                    created.append(writers[p.name])
                 except Exception as e:  # this layer alone fails
                     errors[p.name] = f"layer {p.name}: {describe_error(e)}"
             labels = []

@@ -9,6 +9,7 @@ models are tested where it imports (the GPU machine) and skipped with the reason
 from __future__ import annotations
 
 import os
+import tempfile
 import textwrap
 import threading
 import time
@@ -377,12 +378,16 @@ def test_float16_overflow_value_without_synchronising():
 
 
 @pytest.mark.parametrize("write_thread", [True, False], ids=["writer-thread", "inline"])
-def test_deferred_float16_check_fails_the_overflowing_layer_alone(tmp_path, write_thread):
+def test_deferred_float16_check_fails_the_overflowing_layer_alone(tmp_path, write_thread, monkeypatch):
     # the GPU's once-per-batch check, run on the CPU: fc2's logits pass float16's range
     spec = _spec(tmp_path, output={"dtype": "float16"})
     _checkpoint(spec, scale={"fc2": 1e6})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
     fast = FastPath(torch.device("cpu"), deferred_check=True, write_thread=write_thread)
     sweep, ckpt, errors = _extract(spec, fast=fast)
+    assert os.listdir(staging) == []  # the failed layer's writers of every split are cleaned up
     assert list(errors) == ["fc2"]
     assert "layer 'fc2': activation values overflow float16" in errors["fc2"]
     assert "output.dtype: float32" in errors["fc2"]

@@ -192,6 +192,7 @@ def forward_figures(args: argparse.Namespace, tmp: str, device: torch.device) ->
         ckpt = sweep.discover().complete[0]
         points = sweep.points
         total = sum(sweep.dataset.size(s) for s in SPLITS)
+        out["gmacs"] = _gmacs(sweep.build_model().eval(), sweep.dataset.input_shape)
         out["points"] = len(points)
         out["features"] = sum(sweep.reducer(p).n_features for p in points)
         fast = FastPath.for_device(spec.resources, device)
@@ -426,6 +427,83 @@ def _model_spec(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The issue's measured ceilings on one H200 (issue 10, "Targets"), and its targets.
+H200_COMPILED_IMG_S = 17_000  # compiled Inception v3 forward, bf16
+H200_EAGER_IMG_S = 7_700  # eager, bf16
+H200_PROBES_TFLOPS = 695  # 13 probes trained together
+H200_PCIE_GBS = 55  # pinned host-to-device copies
+H200_BF16_TFLOPS = 790  # bf16 matrix work, as this project's device notes measured it
+INCEPTION_V3_GMACS = 5.71  # multiply-adds per 299x299 image (torchvision's model table)
+TARGET_EXTRACT_RATIO = 0.85  # extraction / best plain forward
+TARGET_PROBES_TFLOPS = 400
+SWEEP_CHECKPOINTS = 400  # the paper's sweep: hourly checkpoints of Inception v3
+GPUS = (1, 8, 64)
+
+
+def estimate(args: argparse.Namespace, *, epochs: int = 50) -> None:
+    """The paper's whole sweep sized from the H200 ceilings: ESTIMATES, not measurements."""
+    images = args.e2e_train + 2 * args.e2e_val
+    layers = len(MINI_INCEPTION_POINTS)
+    row_bytes = layers * args.features * 2  # float16 shards
+    print(
+        f"ESTIMATE from the issue's H200 ceilings (not measured): one checkpoint = {images:,} images "
+        f"({args.e2e_train:,} train, {args.e2e_val:,} val, {args.e2e_val:,} test), {layers} layers x "
+        f"{args.features} features, {args.classes} classes, {epochs} probe epochs per layer"
+    )
+    probe_flop = layers * epochs * (4 * args.e2e_train + 2 * args.e2e_val) * args.features * args.classes
+    shard_gb = images * row_bytes / 1e9
+    for label, img_s in (("compiled", H200_COMPILED_IMG_S), ("eager", H200_EAGER_IMG_S)):
+        rate = TARGET_EXTRACT_RATIO * img_s
+        forward_s = images / rate
+        tflops = 2 * INCEPTION_V3_GMACS * 1e9 * img_s / 1e12
+        print(
+            f"  {label} plain forward {img_s:,} img/s x {2 * INCEPTION_V3_GMACS:.1f} GFLOP = {tflops:.0f} TFLOP/s, "
+            f"{tflops / H200_BF16_TFLOPS:.0%} of the ~{H200_BF16_TFLOPS} TFLOP/s of bf16 matrix work"
+        )
+        probe_s = probe_flop / (TARGET_PROBES_TFLOPS * 1e12)
+        load_s = shard_gb / H200_PCIE_GBS  # the shards into GPU memory for the probes
+        total = forward_s + probe_s + load_s
+        hours = [SWEEP_CHECKPOINTS * total / g / 3600 for g in GPUS]
+        print(
+            f"  {label} forward at {TARGET_EXTRACT_RATIO}x {img_s:,} img/s: extract {forward_s:.0f} s + probes "
+            f"{probe_s:.0f} s at {TARGET_PROBES_TFLOPS} TFLOP/s + shards to the GPU {load_s:.1f} s = {total:.0f} s "
+            f"per checkpoint; {SWEEP_CHECKPOINTS} checkpoints: "
+            + ", ".join(f"{_hours(h)} on {g} GPU{'s' if g > 1 else ''}" for h, g in zip(hours, GPUS))
+        )
+        print(
+            f"    per GPU: shard writes {rate * row_bytes / 1e6:.0f} MB/s ({shard_gb:.0f} GB per checkpoint), "
+            f"device-to-host {rate * row_bytes / 1e9 / H200_PCIE_GBS:.1%} of PCIe, images host-to-device "
+            f"{rate * 3 * args.image_size**2 / 1e9:.1f} GB/s as uint8 ({rate * 3 * args.image_size**2 / 1e9 / H200_PCIE_GBS:.0%} "
+            f"of PCIe), {rate * 3 * args.image_size**2 * 4 / 1e9:.1f} GB/s as float32"
+        )
+
+
+def _gmacs(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """Multiply-adds per example of the model's convolutions and linear layers, in billions."""
+    total = 0
+
+    def count(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += out[0].numel() * k
+        elif isinstance(module, torch.nn.Linear):
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return total / 1e9
+
+
+def _hours(h: float) -> str:
+    return f"{h:.1f} h" if h >= 1 else f"{h * 60:.0f} min"
+
+
 def _peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
 
@@ -471,6 +549,11 @@ def main() -> None:
     ap.add_argument("--e2e-val", type=int, default=None, help="end to end: val and test samples each")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
     ap.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the paper's sweep sized from the issue's H200 ceilings (no measurement) and exit",
+    )
+    ap.add_argument(
         "--only",
         default="forward,shards,probes,e2e",
         help="comma-separated sections to run (forward, shards, probes, e2e); --full needs two runs for all",
@@ -500,6 +583,9 @@ def main() -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.estimate:
+        estimate(args)
+        return
     if full and device.type != "cuda":
         sys.exit("--full needs a CUDA device (it is sized for one H200); run without --full on a CPU")
     sections = set(args.only.split(","))
@@ -524,7 +610,10 @@ def main() -> None:
             f = forward_figures(args, tmp, device)
             eager, eager_all, eager_cpu = f["eager"]
             best = eager
-            line = f"1. forward ({f['images']} images, median of {args.repeats}): eager {eager:,.0f} img/s ({_span(eager_all)})"
+            line = (
+                f"1. forward ({f['images']} images, median of {args.repeats}; {f['gmacs']:.3f} G multiply-adds/image): "
+                f"eager {eager:,.0f} img/s ({_span(eager_all)}, {2 * f['gmacs'] * eager / 1e3:.2f} TFLOP/s)"
+            )
             if f.get("compiled"):
                 comp, comp_all, _ = f["compiled"]
                 best = max(best, comp)
@@ -574,6 +663,13 @@ def main() -> None:
                 f"4. one checkpoint end to end (run_local, {e['samples']:,} samples, 17 layers): {e['seconds']:.1f} s "
                 f"(extract {e['extract_seconds']:.1f} s, probes {e['probe_seconds']:.1f} s); "
                 f"{e['ok']} ok, {e['failed']} failed; mean test error {e['mean_test_error']:.3f}"
+            )
+            print(
+                f"   {SWEEP_CHECKPOINTS} such checkpoints: "
+                + ", ".join(
+                    f"{_hours(SWEEP_CHECKPOINTS * e['seconds'] / g / 3600)} on {g} device{'s' if g > 1 else ''}"
+                    for g in GPUS
+                )
             )
         mem = f"5. peak memory: host {_peak_host_gib():.2f} GiB (max RSS)"
         if device.type == "cuda":
