@@ -59,6 +59,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_reducers.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
 	$(BIN)/python jobs/benchmarks/bench_ray.py
+	$(BIN)/python jobs/benchmarks/bench_scale.py
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache

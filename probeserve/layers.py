@@ -396,13 +396,14 @@ class _Subset(Reducer):
     def _reduce(self, acts: torch.Tensor) -> torch.Tensor:
         if _is_channels_last(acts):
             # [B, C, H, W] stored as NHWC (resources.channels_last): flattening it in NCHW
-            # order would copy the whole activation; gather from the NHWC view instead, with
-            # each index moved to where its value lies there. Same values, same order.
+            # order would copy the whole activation (6x the time of the pick itself on CPU);
+            # pick from the NHWC view instead, each index moved to where its value lies there.
+            # Same values, same order. index_select: as fast or up to 3x faster than gather
+            # on these scattered indices (2 CPU cores, conv maps of mnist_convnet's sizes).
             flat = acts.permute(0, 2, 3, 1).reshape(acts.shape[0], -1)  # a view
-            idx = self._indices_on(acts.device, nhwc=True)
-        else:
-            flat = acts.reshape(acts.shape[0], -1)
-            idx = self._indices_on(acts.device, nhwc=False)
+            return flat.index_select(1, self._indices_on(acts.device, nhwc=True)).float()
+        flat = acts.reshape(acts.shape[0], -1)
+        idx = self._indices_on(acts.device, nhwc=False)
         # gather with a broadcast index: up to 1.6x faster than index_select on CPU
         return torch.gather(flat, 1, idx.expand(flat.shape[0], -1)).float()
 

@@ -146,12 +146,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(fn: Callable[[], int], device: torch.device, repeats: int) -> tuple[float, list[float], float]:
+def _rate(
+    fn: Callable[[], int], device: torch.device, repeats: int, setup: Callable[[], Any] | None = None
+) -> tuple[float, list[float], float]:
     """Images per second of `fn` (which returns how many it ran): the median and every
     repeat in wall time, and the median per second of this process's CPU time (steadier on
-    a shared machine, where waiting for a core inflates wall time)."""
+    a shared machine, where waiting for a core inflates wall time). `setup` runs untimed
+    before each repeat."""
     rates, cpu_rates = [], []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         n = fn()
@@ -225,20 +230,33 @@ def forward_figures(args: argparse.Namespace, tmp: str, device: torch.device) ->
 
         def extraction(fp: FastPath) -> Callable[[], int]:
             def run() -> int:
-                shutil.rmtree(f"{tmp}/forward-out/activations", ignore_errors=True)
                 errors = extract(sweep, ckpt, [p.name for p in points], device=str(device), fast=fp)
                 assert not errors, errors
                 return total
 
             return run
 
+        def clear() -> None:  # the last run's shards, untimed
+            shutil.rmtree(f"{tmp}/forward-out/activations", ignore_errors=True)
+
         extraction(fast)()  # warm-up
-        out["extract"] = _rate(extraction(fast), device, args.repeats)
+        out["extract"] = _rate(extraction(fast), device, args.repeats, setup=clear)
+        if args.profile:  # where one extraction's time goes, by function (cProfile)
+            import cProfile
+            import io
+            import pstats
+
+            clear()
+            profiler = cProfile.Profile()
+            profiler.runcall(extraction(fast))
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+            out["profile"] = text.getvalue()
         if args.compile and out["compiled"] is not None:
             t0 = time.perf_counter()
             extraction(padded)()  # warm-up: compiles the regions between the points
             out["extract_compile_seconds"] = time.perf_counter() - t0
-            out["extract_compiled"] = _rate(extraction(padded), device, args.repeats)
+            out["extract_compiled"] = _rate(extraction(padded), device, args.repeats, setup=clear)
         shutil.rmtree(f"{tmp}/forward-out", ignore_errors=True)
         out["images"] = total
         out["fast_path"] = fast.describe()
@@ -341,10 +359,11 @@ def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, A
 
     e = args.probe_epochs
     train(0, 1)  # warm-up
-    short_s, short_epochs = train(0, e)
-    long_s, long_epochs = train(0, 2 * e)
-    # an epoch's cost without the set-up (moments, copies, final scoring) both runs share
-    epoch_s = (long_s - short_s) / max(1, long_epochs - short_epochs)
+    # an epoch's cost without the set-up (moments, copies, final scoring) both runs share:
+    # the difference between runs of e and 3e epochs, the fastest of two of each
+    short_s, short_epochs = min(train(0, e) for _ in range(2))
+    long_s, long_epochs = min(train(0, 3 * e) for _ in range(2))
+    epoch_s = max(1e-9, (long_s - short_s) / max(1, long_epochs - short_epochs))
     t0 = time.perf_counter()
     epochs = sum(train(0, e)[1] for _ in range(args.probes))
     several_s = time.perf_counter() - t0
@@ -500,6 +519,10 @@ def _gmacs(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     return total / 1e9
 
 
+def _flops(per_second: float) -> str:
+    return f"{per_second / 1e12:.1f} TFLOP/s" if per_second >= 1e12 else f"{per_second / 1e9:.1f} GFLOP/s"
+
+
 def _hours(h: float) -> str:
     return f"{h:.1f} h" if h >= 1 else f"{h * 60:.0f} min"
 
@@ -549,6 +572,9 @@ def main() -> None:
     ap.add_argument("--e2e-val", type=int, default=None, help="end to end: val and test samples each")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
     ap.add_argument(
+        "--profile", type=int, default=0, help="also profile one extraction: print its N costliest functions"
+    )
+    ap.add_argument(
         "--estimate",
         action="store_true",
         help="print the paper's sweep sized from the issue's H200 ceilings (no measurement) and exit",
@@ -570,7 +596,7 @@ def main() -> None:
         "batch_size": 256 if full else 64,
         "precision": "bf16" if full else "fp32",
         "channels_last": full,
-        "images": 50_000 if full else 256,
+        "images": 50_000 if full else 1024,
         "repeats": 3 if full else 2,
         "shard_mb": 2048 if full else 64,
         "probe_rows": 1_281_167 if full else 2048,
@@ -612,7 +638,7 @@ def main() -> None:
             best = eager
             line = (
                 f"1. forward ({f['images']} images, median of {args.repeats}; {f['gmacs']:.3f} G multiply-adds/image): "
-                f"eager {eager:,.0f} img/s ({_span(eager_all)}, {2 * f['gmacs'] * eager / 1e3:.2f} TFLOP/s)"
+                f"eager {eager:,.0f} img/s ({_span(eager_all)}, {_flops(2 * f['gmacs'] * 1e9 * eager)})"
             )
             if f.get("compiled"):
                 comp, comp_all, _ = f["compiled"]
@@ -637,6 +663,9 @@ def main() -> None:
                     f"{f['extract_compile_seconds']:.0f} s)"
                 )
             print(f"   extraction options: {json.dumps(f['fast_path'])}")
+            if "profile" in f:
+                print("   one extraction under cProfile, by own time:")
+                print("\n".join("     " + line for line in f["profile"].strip().splitlines()[3:]))
         if "shards" in sections:
             s = shard_figures(args, tmp)
             print(
@@ -650,12 +679,12 @@ def main() -> None:
                 f"3. probes ({p['engine']}), {args.probe_rows:,} rows x {args.features} features x {args.classes} classes:"
             )
             print(
-                f"   one probe: {p['epoch_seconds']:.3f} s/epoch (set-up excluded), {p['one_tflops']:.3f} TFLOP/s; the two products of an "
+                f"   one probe: {p['epoch_seconds']:.3f} s/epoch (set-up excluded), {_flops(p['one_tflops'] * 1e12)}; the two products of an "
                 f"epoch alone: {p['two_products_seconds']:.3f} s (epoch = {p['epoch_seconds'] / p['two_products_seconds']:.2f}x)"
             )
             print(
                 f"   {p['several']} probes: {p['several_epochs']} epochs in {p['several_seconds']:.2f} s, set-up included: "
-                f"{p['several_tflops']:.3f} TFLOP/s"
+                f"{_flops(p['several_tflops'] * 1e12)}"
             )
         if "e2e" in sections:
             e = end_to_end(args, tmp, device)
