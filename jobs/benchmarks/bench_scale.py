@@ -351,7 +351,13 @@ def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, A
 
     def train(i: int, epochs: int) -> tuple[float, int]:
         xs, ys, xv, yv = sets[i]
-        spec = ProbeSpec(max_epochs=epochs, patience=None, tolerance=1e-12, l2=1e-4)
+        spec = ProbeSpec(
+            max_epochs=epochs,
+            patience=None,
+            tolerance=1e-12,
+            l2=1e-4,
+            memory_bytes=args.probe_memory_gib * GiB,
+        )
         res = train_probe(
             in_memory(xs, ys), in_memory(xv, yv), None, num_classes=c, spec=spec, device=str(device)
         )
@@ -601,7 +607,7 @@ def main() -> None:
         "shard_mb": 2048 if full else 64,
         "probe_rows": 1_281_167 if full else 2048,
         "probes": 13 if full else 2,
-        "probe_epochs": 20 if full else 2,
+        "probe_epochs": 10 if full else 2,
         "e2e_train": 1_281_167 if full else 512,
         "e2e_val": 10_000 if full else 64,
         "probe_memory_gib": 32 if full else 4,
