@@ -58,8 +58,10 @@ bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_extract.py
 	$(BIN)/python jobs/benchmarks/bench_reducers.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
+	$(BIN)/python jobs/benchmarks/bench_probe_scale.py
 	$(BIN)/python jobs/benchmarks/bench_ray.py
 	$(BIN)/python jobs/benchmarks/bench_scale.py
+	$(BIN)/python jobs/benchmarks/bench_images.py
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache

@@ -7,8 +7,13 @@ is skipped (and reported). `save_checkpoint` does both steps for training loops.
 Checkpoints are untrusted input. Loading accepts safetensors (no code can run), and torch
 zip files only through `torch.load(weights_only=True)` on a torch that has the known
 bypasses fixed. Everything else, including plain pickles, is refused before it is parsed.
-Sizes are checked before reading, and the marker's SHA-256 (when present) catches a
-truncated or replaced weights file.
+Sizes are checked before reading (a safetensors header too: parsing one costs time and
+memory), and the marker's SHA-256 (when present) catches a truncated or replaced weights
+file. In a local folder only regular files are read, and symbolic links that lead out of
+`checkpoints.uri` are refused, in discovery and in loading: a checkpoint folder is written by
+a training job, and must not make probeserve read files elsewhere on the machine. Tensors
+whose dtype the model would cast lossily (integers or booleans into floating-point weights)
+are refused; float-to-float casts are allowed and reported.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ import torch
 
 from probeserve.errors import CheckpointError, StorageError
 from probeserve.spec import CheckpointsSpec
-from probeserve.storage import LocalStorage, Storage, join, open_storage
+from probeserve.staging import StagingDir
+from probeserve.storage import LocalStorage, NotAFile, Storage, join, open_storage
 
 DEFAULT_MARKER = "COMPLETE"
 # torch.load(weights_only=True) had code-execution bypasses before 2.6 and again before 2.10.
 MIN_SAFE_TORCH = (2, 10)
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+# The header lists every tensor's name, dtype, shape and offsets (about 100 bytes each) and
+# optional string metadata. Python and safetensors both parse all of it before any check can
+# run, in time and memory that grow with it (a 100 MB header took a gigabyte and tens of
+# seconds); 16 MiB still holds over 100,000 tensors.
+SAFETENSORS_MAX_HEADER = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,21 @@ def _unsafe_key(key: str) -> str | None:
     return None
 
 
+def _confined(storage: Storage) -> Storage:
+    """A local checkpoints folder whose reads refuse links out of it; other storage as it is."""
+    if isinstance(storage, LocalStorage) and not storage.confine:
+        return LocalStorage(storage.root, confine=True)
+    return storage
+
+
+def _leaves(storage: Storage, key: str) -> str | None:
+    """Why `key` is refused when a symbolic link on its way leads out of the folder; else None."""
+    if not isinstance(storage, LocalStorage):
+        return None  # object stores have no links
+    real = storage.outside(key)
+    return None if real is None else f"a symbolic link to {real}, outside checkpoints.uri"
+
+
 def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = None) -> Discovery:
     """One full, paginated listing of the prefix, sorted by (step, key)."""
     if not storage.root_exists():
@@ -98,6 +123,10 @@ def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = Non
         if reason:
             printable = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             found.rejected.append((printable, reason))
+            continue
+        reason = _leaves(storage, key)
+        if reason:
+            found.rejected.append((key, reason))
             continue
         m = step_re.search(key)
         if not m:
@@ -117,7 +146,12 @@ def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = Non
             continue
         ckpt = Checkpoint(key=key, step=step, size=obj.size, mtime=obj.mtime)
         if spec.completeness == "marker":
-            done = marker_key(key, spec.marker) in objects
+            marker = marker_key(key, spec.marker)
+            done = marker in objects
+            reason = _leaves(storage, marker) if done else None
+            if reason:
+                found.rejected.append((key, f"its marker {marker} is {reason}"))
+                continue
         elif spec.completeness == "stable_size":
             done = now - obj.mtime >= spec.stable_seconds
         else:
@@ -180,24 +214,59 @@ def _check_safetensors_header(path: str, size: int, where: str) -> None:
         if len(head) < 8:
             raise CheckpointError(f"{where}: truncated safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n > min(SAFETENSORS_MAX_HEADER, size - 8):
+        if n > size - 8:
             raise CheckpointError(f"{where}: truncated or corrupt safetensors file (header of {n} bytes)")
+        if n > SAFETENSORS_MAX_HEADER:
+            raise CheckpointError(
+                f"{where}: safetensors header of {n} bytes is over the {SAFETENSORS_MAX_HEADER} bytes "
+                "probeserve parses; refusing to read it"
+            )
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{where}: corrupt safetensors header") from None
+        except RecursionError:  # the parser stops at Python's recursion limit: no deeper
+            raise CheckpointError(
+                f"{where}: corrupt safetensors header: its JSON is nested too deeply to be a header"
+            ) from None
+        except ValueError as e:  # not JSON, not UTF-8, or a number too long to convert
+            raise CheckpointError(f"{where}: corrupt safetensors header ({e})") from None
     data_bytes = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             end = int(entry["data_offsets"][1])
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError):
             raise CheckpointError(f"{where}: corrupt safetensors header entry {name!r}") from None
         if end > data_bytes:
             raise CheckpointError(
                 f"{where}: truncated safetensors file: tensor {name!r} ends at byte {end} "
                 f"but only {data_bytes} data bytes are present"
+            )
+
+
+def _check_torch_zip(path: str, size: int, where: str) -> None:
+    """Refuse a torch zip file whose entries torch.save would not have written: compressed.
+
+    torch.save stores every entry uncompressed. torch.load reads a compressed storage as its
+    raw compressed bytes when it memory-maps the file (silently wrong weights) and inflates it
+    without bound otherwise (a zip bomb). The zip's directory is read, not its entries."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{where}: corrupt torch zip file ({e})") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+            raise CheckpointError(
+                f"{where}: torch zip entry {entry.filename!r} is compressed ({entry.compress_size} bytes "
+                f"that inflate to {entry.file_size}); torch.save never compresses, and torch.load reads "
+                "such entries wrongly or without bound: refusing it"
+            )
+        if entry.header_offset + entry.compress_size > size:
+            raise CheckpointError(
+                f"{where}: torch zip entry {entry.filename!r} ends past the end of the file: truncated or corrupt"
             )
 
 
@@ -212,6 +281,8 @@ def _file_sha256(path: str) -> str:
 def _expected_sha256(storage: Storage, ckpt: Checkpoint, spec: CheckpointsSpec) -> str | None:
     try:
         raw = storage.read_bytes(marker_key(ckpt.key, spec.marker), max_bytes=1024 * 1024)
+    except NotAFile:
+        raise  # a FIFO, a device or a link out of the folder: say so, do not carry on without it
     except StorageError:
         return None
     try:
@@ -231,6 +302,7 @@ def _load_file(path: str, where: str) -> dict[str, torch.Tensor]:
                 f"{where}: refusing a torch pickle on torch {torch.__version__}, whose "
                 "weights_only loader has known bypasses; convert it to safetensors or use torch>=2.10"
             )
+        _check_torch_zip(path, size, where)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # the safe unpickler raises several types; none ran code
@@ -265,27 +337,113 @@ def _load_file(path: str, where: str) -> dict[str, torch.Tensor]:
 def load_state_dict(storage: Storage, ckpt: Checkpoint, spec: CheckpointsSpec) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors on the CPU, refusing anything unsafe, oversized or corrupt."""
     where = storage.uri_for(ckpt.key)
+    storage = _confined(storage)
+    if isinstance(storage, LocalStorage):
+        expected = _expected_sha256(storage, ckpt, spec)
+        # Checked and read through one open file: a name swapped for a FIFO or a link after
+        # the checks cannot change what is read (the loaders reopen it through /proc on Linux).
+        with storage.open_regular(ckpt.key) as f:
+            size = os.fstat(f.fileno()).st_size
+            _check_size(size, spec, where)
+            proc = f"/proc/self/fd/{f.fileno()}"
+            path = proc if os.path.exists(proc) else where
+            if expected and _file_sha256(path) != expected:
+                raise CheckpointError(f"{where}: SHA-256 differs from its marker: truncated or modified")
+            return _load_file(path, where)
     info = storage.stat(ckpt.key)
     if info is None:
         raise CheckpointError(f"{where}: checkpoint object is gone")
-    if info.size > spec.max_bytes:
-        raise CheckpointError(
-            f"{where}: {info.size} bytes is over checkpoints.max_bytes ({spec.max_bytes}); refusing to read it"
-        )
+    _check_size(info.size, spec, where)
     expected = _expected_sha256(storage, ckpt, spec)
-    if isinstance(storage, LocalStorage):
-        path = storage.uri_for(ckpt.key)
-        if expected and _file_sha256(path) != expected:
-            raise CheckpointError(f"{where}: SHA-256 differs from its marker: truncated or modified")
-        return _load_file(path, where)
-    with tempfile.TemporaryDirectory(prefix="probeserve-ckpt-") as tmp:
-        path = os.path.join(tmp, "weights")
+    # named and locked, so that a run after a kill -9 can tell it is dead and remove it
+    staging = StagingDir()
+    try:
+        path = os.path.join(staging.path, "weights")
         storage.download(ckpt.key, path)
         if expected and _file_sha256(path) != expected:
             raise CheckpointError(f"{where}: SHA-256 differs from its marker: truncated or modified")
         sd = _load_file(path, where)
         # safetensors' load_file copies into tensors; torch's mmap keeps the file: copy out
         return {k: v.clone() for k, v in sd.items()}
+    finally:
+        staging.remove()
+
+
+def _check_size(size: int, spec: CheckpointsSpec, where: str) -> None:
+    if size > spec.max_bytes:
+        raise CheckpointError(
+            f"{where}: {size} bytes is over checkpoints.max_bytes ({spec.max_bytes}); refusing to read it"
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "int"
+
+
+def check_dtypes(
+    state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], *, where: str, model: str
+) -> dict[str, str]:
+    """Refuse the tensors `Module.load_state_dict` would cast into something else; return the
+    casts it will do that keep the values: {name: "float64->float32"}.
+
+    `load_state_dict` copies each tensor into the model's with `Tensor.copy_`, which casts any
+    dtype to any other without a word: int32 bits become float weights, floats are truncated
+    into integer buffers, booleans become 0.0 and 1.0. Those give a model that is not the
+    checkpoint, so they are refused, naming the tensor and both dtypes. A float into another
+    float (float64, float16, bfloat16 into float32) keeps the value up to rounding; an integer
+    into another integer keeps it when it fits (BatchNorm's int64 `num_batches_tracked`)."""
+    casts: dict[str, str] = {}
+    for name, target in model_state.items():  # in the model's order
+        tensor = state.get(name)
+        if tensor is None or tensor.dtype == target.dtype:
+            continue  # a missing or unexpected key is load_state_dict's to report
+        src, dst = tensor.dtype, target.dtype
+        what = f"{_dtype_name(src)}->{_dtype_name(dst)}"
+        if _kind(src) != _kind(dst):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} is {_dtype_name(src)} in the checkpoint but {_dtype_name(dst)} in "
+                f"model.factory {model}; refusing to load it ({_kind(src)} values cast to {_kind(dst)} "
+                "give a model that is not the checkpoint)"
+            )
+        if _kind(src) == "int" and tensor.numel():
+            info = torch.iinfo(dst)
+            if int(tensor.min()) < info.min or int(tensor.max()) > info.max:
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} holds {_dtype_name(src)} values outside the range of "
+                    f"{_dtype_name(dst)}, its dtype in model.factory {model}; refusing to load it"
+                )
+        casts[name] = what
+    return casts
+
+
+def describe_casts(casts: Mapping[str, str], *, max_names: int = 8) -> str | None:
+    """A short summary of `check_dtypes`' casts for a result row; None when nothing was cast.
+
+    >>> describe_casts({"fc1.weight": "float64->float32", "fc2.weight": "float64->float32"})
+    '2 tensors float64->float32: fc1.weight, fc2.weight'
+    """
+    if not casts:
+        return None
+    by_cast: dict[str, list[str]] = {}
+    for name, what in casts.items():
+        by_cast.setdefault(what, []).append(name)
+    parts = []
+    for what, names in by_cast.items():
+        shown = ", ".join(names[:max_names])
+        if len(names) > max_names:
+            shown += f" and {len(names) - max_names} more"
+        parts.append(f"{len(names)} tensor{'' if len(names) == 1 else 's'} {what}: {shown}")
+    return "; ".join(parts)
 
 
 def load_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -299,6 +457,8 @@ def load_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
 __all__ = [
     "Checkpoint",
     "Discovery",
+    "check_dtypes",
+    "describe_casts",
     "discover",
     "load_bytes",
     "load_state_dict",

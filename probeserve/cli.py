@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,12 +52,97 @@ def _spec(args: argparse.Namespace):
     return load_spec(args.spec, overrides=args.set or [])
 
 
+def _under(field: str, message: str) -> str:
+    """A message that names `field` first (unless it already names a field below it)."""
+    return message if message.startswith((field + ".", field + ":", field + "[")) else f"{field}: {message}"
+
+
+def check_spec(spec) -> tuple[list[str], list[str]]:
+    """Everything `validate` can find wrong with a spec beyond its fields, without a checkpoint:
+    (errors, each naming its field, and notes on what was checked).
+
+    The model is built (random weights), the probe data opened, the output location checked
+    (and that the run name is not bound to another spec there), each layer pattern matched
+    and each selected layer's reducer made. A step that fails does not hide the ones that
+    do not depend on it: a model error is reported with a data error, but layers need both.
+    """
+    from probeserve import results
+    from probeserve.layers import select_probe_points
+    from probeserve.models import model_errors
+    from probeserve.sweep import Sweep
+
+    sweep = Sweep(spec)
+    errors: list[str] = []
+    notes: list[str] = []
+    errors += model_errors(spec.model)
+    model_found = not errors  # the factory imports and takes the keywords: it can be called
+    dataset = None
+    try:
+        dataset = sweep.dataset
+        notes.append(
+            f"data opens: {', '.join(f'{s} {dataset.size(s)}' for s in ('train', 'val', 'test'))} examples "
+            f"of shape {list(dataset.input_shape)}, {dataset.num_classes} classes"
+        )
+    except ProbeserveError as e:
+        errors.append(_under("data", str(e)))
+    try:
+        output = sweep.output
+        key = results.run_key(spec.run, "spec.json")
+        if output.stat(key) is not None:
+            stored = results.read_json(output, key)
+            if isinstance(stored, dict) and stored.get("spec_hash") != sweep.spec_hash:
+                errors.append(
+                    f"run: run {spec.run!r} in {output.uri} was made with a different spec (hash "
+                    f"{stored.get('spec_hash')} vs {sweep.spec_hash}); choose another run name or output.uri"
+                )
+    except ProbeserveError as e:
+        errors.append(_under("output.uri", str(e)))
+    if not model_found:
+        return errors, notes  # no model: no layers to check
+    if dataset is None:
+        try:
+            sweep.build_model()
+        except ProbeserveError as e:
+            errors.append(_under("model", str(e)))
+        return errors, notes
+    try:
+        points = sweep.all_points
+    except ProbeserveError as e:
+        return [*errors, _under("model", str(e))], notes
+    include, exclude = spec.layers.include, spec.layers.exclude
+    matching = []
+    for i, pattern in enumerate(include):
+        try:
+            select_probe_points(points, [pattern], [])
+            matching.append(pattern)
+        except ProbeserveError as e:
+            errors.append(str(e).replace("layers.include:", f"layers.include[{i}]:", 1))
+    if not matching:
+        return errors, notes
+    try:  # the reducers of what the patterns that match select
+        selected = select_probe_points(points, matching, exclude)
+    except ProbeserveError as e:
+        return [*errors, str(e).replace("layers:", "layers.exclude:", 1)], notes
+    notes.append(f"layers: {len(selected)} of {len(points)} probe points selected")
+    for p in selected:
+        try:
+            sweep.reducer(p)
+        except ProbeserveError as e:
+            errors.append(_under("reducer", str(e)))
+    return errors, notes
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from probeserve.spec import dump_spec
 
     spec = _spec(args)
+    errors, notes = check_spec(spec)
+    if errors:
+        raise SpecError(errors, source=args.spec)
     print(dump_spec(spec), end="")
     print(f"# spec_hash: {spec.hash()}")
+    for note in [f"model builds: {spec.model.factory}", *notes]:
+        print(f"# checked: {note}")
     return 0
 
 
@@ -123,13 +209,68 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> None:
+def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> list[dict]:
+    """Print a run's test errors as a layer-by-step table, naming the run; return its rows.
+
+    A probe that hit `probe.max_epochs` is marked with `*`."""
     from probeserve import results
 
-    table = results.load(output_uri, run=run, s3_endpoint=s3_endpoint)
-    columns, grid = results.error_grid(table.to_pylist())
-    print("test error by layer (rows, in forward order) and checkpoint step (columns):")
+    rows = results.load(output_uri, run=run, s3_endpoint=s3_endpoint).to_pylist()
+    columns, grid = results.error_grid(rows)
+    capped = {(r["layer"], f"step {r['step']}") for r in rows if r.get("hit_max_epochs")}
+    for line in grid:
+        for col in columns[1:]:
+            if (line["layer"], col) in capped and isinstance(line[col], float):
+                line[col] = f"{line[col]:.4f}*"
+    note = "; * hit probe.max_epochs" if capped else ""
+    print(f"run {run}: test error by layer (rows, in forward order) and checkpoint step (columns){note}:")
     print(format_table(grid, columns))
+    return rows
+
+
+def activation_bytes(spec) -> int:
+    """Bytes of activation shards stored for the spec's run (one listing of its prefix)."""
+    from probeserve.results import open_output
+    from probeserve.storage import join
+    from probeserve.sweep import ACTIVATIONS_DIR
+
+    out = open_output(spec.output.uri, s3_endpoint=spec.storage.resolved_endpoint(), must_exist=False)
+    return sum(o.size for o in out.list(join(ACTIVATIONS_DIR, spec.run) + "/"))
+
+
+def print_run_summary(spec, summary, rows: list[dict]) -> None:
+    """What a run did, what it keeps, and which probes hit their epoch cap (after the table)."""
+    from probeserve.storage import redact
+    from probeserve.sweep import ACTIVATIONS_DIR
+
+    uri = redact(spec.output.uri.rstrip("/"))
+    print(
+        f"\nrun {spec.run}: {summary.ok} item(s) done now, {summary.skipped_done} already done, "
+        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {uri}/results/"
+    )
+    kept = activation_bytes(spec)
+    where = f"{uri}/{ACTIVATIONS_DIR}/{spec.run}/"
+    if spec.output.keep_activations:
+        print(
+            f"kept {_human_bytes(kept)} of activations in {where} (output.keep_activations: true; "
+            "false deletes a layer's once its probe is committed)"
+        )
+    elif kept:
+        print(
+            f"kept {_human_bytes(kept)} of activations in {where} (output.keep_activations: false: "
+            "they belong to items not done, or to an interrupted run)"
+        )
+    else:
+        print("kept no activations (output.keep_activations: false)")
+    ok = [r for r in rows if r["status"] == "ok"]
+    capped = [r for r in ok if r.get("hit_max_epochs")]
+    if capped:
+        cap = spec.probe.max_epochs
+        print(
+            f"{len(capped)} of {len(ok)} probes hit probe.max_epochs={cap} before early stopping or "
+            f"converging (* above; column hit_max_epochs): their errors may still fall. Raise it for "
+            f"a new run: --set probe.max_epochs={2 * cap} --set run=NAME."
+        )
 
 
 def run_spec(spec, *, runner: str, address: str | None, max_actors: int | None = None):
@@ -148,11 +289,8 @@ def run_spec(spec, *, runner: str, address: str | None, max_actors: int | None =
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     summary = run_spec(spec, runner=args.runner, address=args.address, max_actors=args.max_actors)
-    print_results_table(spec.output.uri, spec.run, spec.storage.resolved_endpoint())
-    print(
-        f"\n{summary.ok} item(s) done now, {summary.skipped_done} already done, "
-        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {spec.output.uri}/results/"
-    )
+    rows = print_results_table(spec.output.uri, spec.run, spec.storage.resolved_endpoint())
+    print_run_summary(spec, summary, rows)
     for ckpt, layer, error in summary.failed:
         print(f"FAILED {ckpt} {layer}: {error}", file=sys.stderr)
     return summary.exit_code
@@ -167,16 +305,180 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     columns = ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
     broken = [r for r in rows if r.get("error")]
-    print(format_table(rows, columns + (["error"] if broken else [])))
+    stale = [r for r in rows if r.get("stale")]
+    print(format_table(rows, columns + (["stale"] if stale else []) + (["error"] if broken else [])))
+    for r in stale:
+        print(
+            f"run {r['run']}: {r['stale']} item(s) marked running have no live probe (dead process or "
+            "no heartbeat): counted as pending; the next run removes their markers"
+        )
     for r in broken:
         print(f"run {r['run']}: cannot read its records: {r['error']}", file=sys.stderr)
     return 1 if broken else 0
 
 
+# The plain terminal table shows these; exports (csv, json, parquet) carry every column.
 DEFAULT_SQL = (
     "SELECT run, step, layer, layer_index, n_features, train_error, val_error, test_error, "
-    "epochs, status, error FROM results ORDER BY run, step, layer_index"
+    "epochs, hit_max_epochs, status, error FROM results ORDER BY run, step, layer_index"
 )
+EXPORT_SQL = "SELECT * FROM results ORDER BY run, step, layer_index"
+
+
+def _sandbox(con) -> None:
+    """Let a query see the registered results table and nothing else.
+
+    `enable_external_access = false` stops every file system and network access (read_csv,
+    glob, COPY ... TO, ATTACH, EXPORT DATABASE, INSTALL and LOAD); no extension is installed
+    or loaded behind the query's back; Python replacement scans (a query reading any Arrow or
+    pandas object in scope by its variable name) are off; and the configuration is locked so
+    that the query cannot turn any of this back on.
+    """
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _nested(t) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_nested(t)  # list, large list, fixed-size list, list view, struct, map, union
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or pa.types.is_interval(t)
+        or isinstance(t, pa.ExtensionType)
+    )
+
+
+def _json_value(v: object) -> object:
+    """A value JSON can hold: non-finite floats become null, bytes hex text, others as they are."""
+    import math
+
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _as_text(table, *, parquet: bool = False):
+    """Columns a CSV file (or the terminal table) cannot hold as they are, as JSON text.
+
+    Lists, structs and maps become `[1, 2]`, `{"a": 1}`, `{"k": 1}`; binary becomes hex text. For Parquet (which holds lists, structs and binary) only the types it has no
+    counterpart for (intervals, unions) are turned into text.
+    """
+    import pyarrow as pa
+
+    def needs_text(t) -> bool:
+        if parquet:
+            if pa.types.is_interval(t) or pa.types.is_union(t):
+                return True
+            return pa.types.is_nested(t) and any(needs_text(t.field(i).type) for i in range(t.num_fields))
+        return _nested(t)
+
+    columns = []
+    for field, column in zip(table.schema, table.columns):
+        if not needs_text(field.type):
+            columns.append(column)
+            continue
+        text = [
+            None
+            if v is None
+            else (
+                v.hex()
+                if isinstance(v, bytes)
+                else json.dumps(_json_value(v), default=str, ensure_ascii=False)
+            )
+            for v in column.to_pylist(maps_as_pydicts="lossy")
+        ]
+        columns.append(pa.array(text, pa.string()))
+    names = table.column_names
+    return pa.Table.from_arrays(columns, names=names)
+
+
+def _encode(table, fmt: str) -> bytes:
+    """The answer as bytes in a format: Arrow's own buffers for Parquet and CSV.
+
+    Not `io.BytesIO`: a Python file object written by pyarrow's threads can be destroyed by
+    one of them during interpreter shutdown, which aborted the process (exit 134) after a
+    correct answer.
+    """
+    import pyarrow as pa
+
+    if fmt == "json":
+        rows = [
+            {k: _json_value(v) for k, v in row.items()} for row in table.to_pylist(maps_as_pydicts="lossy")
+        ]
+        return (json.dumps(rows, default=str, indent=1, ensure_ascii=False) + "\n").encode()
+    if fmt == "table":
+        return (format_table(_as_text(table).to_pylist(), table.column_names) + "\n").encode()
+    buf = pa.BufferOutputStream()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(_as_text(table, parquet=True), buf)
+    else:
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(_as_text(table), buf)
+    return buf.getvalue().to_pybytes()
+
+
+_GOOD_OUT = "a file path, file:///path/answer.csv or s3://bucket/path/answer.csv"
+
+
+def _out_location(out: str, results_uri: str) -> tuple[str, str]:
+    """(folder URI, file name) of `--out`, or a one-line error naming `--out`.
+
+    The answer goes exactly where `--out` says, as one file: never a folder, never inside the
+    results folder (where every file is read as a result row).
+    """
+    import os
+    import posixpath
+    import re
+    from urllib.parse import urlsplit
+
+    from probeserve import results
+    from probeserve.spec import check_uri
+
+    try:
+        check_uri(out)
+    except ValueError as e:
+        what = re.split(r"; |, like ", str(e))[0]  # the problem, not check_uri's spec-field advice
+        raise ProbeserveError(f"--out {out!r}: {what}; give {_GOOD_OUT}") from None
+    parts = urlsplit(out)
+    if parts.scheme == "s3":
+        parent, name = posixpath.split(parts.path)
+        if not name:
+            raise ProbeserveError(f"--out {out!r}: names no object; give {_GOOD_OUT}")
+        folder = f"s3://{parts.netloc}{parent}"
+    else:
+        path = parts.path if parts.scheme == "file" else out
+        if path.endswith(("/", os.sep)) or os.path.isdir(path):
+            raise ProbeserveError(
+                f"--out {out!r}: is a folder; give a file name, like {out.rstrip('/')}/answer.csv"
+            )
+        folder, name = os.path.split(os.path.abspath(path))
+        if name in ("", ".", ".."):
+            raise ProbeserveError(f"--out {out!r}: names no file; give {_GOOD_OUT}")
+    results_dir = results.output_root(results_uri).rstrip("/") + "/" + results.RESULTS_DIR
+    if results_dir.startswith("file://"):
+        results_dir = urlsplit(results_dir).path
+    if "://" not in results_dir:
+        results_dir = os.path.abspath(results_dir)
+    target = folder.rstrip("/") + "/" + name
+    if target.startswith(results_dir + "/"):
+        raise ProbeserveError(
+            f"--out {out!r}: is inside {results_dir}, where every file is read as a result row; write it elsewhere"
+        )
+    return folder, name
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -184,58 +486,50 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from probeserve import results
 
+    where = _out_location(args.out, args.results) if args.out is not None else None  # before any work
+    if args.format == "parquet" and where is None:
+        raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
         print(f"no results yet under {args.results}", file=sys.stderr)
     con = duckdb.connect()
     con.register("results", table)
+    con.execute("SET python_enable_replacements = false")  # never: it reads Python variables by name
+    if not args.allow_external_access:
+        _sandbox(con)
+    sql = args.sql or (DEFAULT_SQL if args.format == "table" else EXPORT_SQL)
     try:
-        rel = con.sql(args.sql or DEFAULT_SQL)
+        rel = con.sql(sql)
         if rel is None:  # a statement with no result set
             raise ProbeserveError("--sql: the statement returns no rows; use a SELECT")
         out = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
+        if "configuration" in first and ("disabled" in first or "locked" in first):
+            first += " (a query sees the results table only; --allow-external-access lifts this)"
         raise ProbeserveError(f"--sql: {first}") from None
-    if args.format == "parquet":
-        import io
-
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(out, buf)
-        data = buf.getvalue()
-    elif args.format == "json":
-        data = (json.dumps(out.to_pylist(), default=str, indent=1) + "\n").encode()
-    elif args.format == "csv":
-        import io
-
-        import pyarrow.csv as pcsv
-
-        buf = io.BytesIO()
-        pcsv.write_csv(out, buf)
-        data = buf.getvalue()
-    else:
-        data = (format_table(out.to_pylist(), out.column_names) + "\n").encode()
-    if args.out:
-        _publish(args.out, data, s3_endpoint=args.s3_endpoint)
+    finally:
+        con.close()
+    data = _encode(out, args.format)
+    if where is not None:
+        _publish(where, data, s3_endpoint=args.s3_endpoint)
         print(f"{out.num_rows} row(s) written to {args.out}", file=sys.stderr)
-    elif args.format == "parquet":
-        raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     return 0
 
 
-def _publish(uri: str, data: bytes, *, s3_endpoint: str | None) -> None:
-    """Write one whole object atomically to a path or URI."""
-    import posixpath
+def _publish(where: tuple[str, str], data: bytes, *, s3_endpoint: str | None) -> None:
+    """Write one whole object atomically: `where` is (folder URI, name) from `_out_location`.
 
+    Locally the bytes go to a temporary name in that folder, renamed over the name; on S3 one
+    PUT. Nothing else is written.
+    """
     from probeserve.storage import open_storage
 
-    parent, name = posixpath.split(uri.rstrip("/"))
-    open_storage(parent or ".", s3_endpoint=s3_endpoint).publish_bytes(name, data)
+    folder, name = where
+    open_storage(folder, s3_endpoint=s3_endpoint).publish_bytes(name, data)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -301,29 +595,43 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise ProbeserveError(
             f"--steps: expected checkpoint step numbers, got {' '.join(steps or [])}"
         ) from None
-    path = plots.plot(
-        args.kind,
-        table,
-        args.out,
-        run=args.run,
-        metric=args.metric,
-        steps=step_values,
-        layers=_split_list(args.layers),
-        s3_endpoint=args.s3_endpoint,
-    )
+    try:
+        path = plots.plot(
+            args.kind,
+            table,
+            args.out,
+            run=args.run,
+            metric=args.metric,
+            steps=step_values,
+            layers=_split_list(args.layers),
+            s3_endpoint=args.s3_endpoint,
+        )
+    except plots.ChoiceError as e:  # its message names Python's `run=`; a user here typed --run
+        raise ProbeserveError(e.cli) from None
     print(path)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from probeserve.plots import ChoiceError
     from probeserve.report import write_report
 
-    print(
-        write_report(
+    try:
+        out = write_report(
             args.results, args.out, run=args.run, s3_endpoint=args.s3_endpoint, refresh_seconds=args.refresh
         )
-    )
+    except ChoiceError as e:  # its message names Python's `run=`; a user here typed --run
+        raise ProbeserveError(e.cli) from None
+    print(out)
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from probeserve.migrate import migrate
+
+    done = migrate(args.output, s3_endpoint=args.s3_endpoint, force=args.force)
+    print("\n".join(done.lines()))
+    return 1 if done.damaged else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -333,91 +641,162 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from probeserve import __version__
+
     parser = argparse.ArgumentParser(
         prog="probeserve",
         description="Linear classifier probes for every checkpoint and layer (Alain & Bengio, 2016).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"probeserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_spec(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def with_spec(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
         p.add_argument("spec", help="sweep spec, YAML or JSON")
         p.add_argument(
             "--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. probe.l2=0.001"
         )
         return p
 
-    with_spec("validate", "print the resolved spec, or every error with its field").set_defaults(
-        func=cmd_validate
+    with_spec(
+        "validate",
+        "check a spec: print it resolved, or every error with its field path",
+        "Check a spec without running anything: print it with every default filled in, and its "
+        "hash; or print every error with its field path and exit 2.",
+    ).set_defaults(func=cmd_validate)
+    with_spec(
+        "layers",
+        "list the model's probe points, shapes and features after the reducer",
+        "Build the spec's model (random weights) and list its probe points in forward order: "
+        "index, name, output shape, features, features after the reducer, and whether the spec "
+        "selects it.",
+    ).set_defaults(func=cmd_layers)
+    with_spec(
+        "plan",
+        "show done, failed and pending items with activation sizes",
+        "List every (checkpoint, layer) item of the spec as done, failed or pending, with the "
+        "activation bytes each needs; reads storage only, runs nothing.",
+    ).set_defaults(func=cmd_plan)
+    r = with_spec(
+        "run",
+        "run every pending item: on Ray (a local one unless --address), or in-process",
+        "Run every pending item of the spec and print the test-error table. Done items are "
+        "skipped and failed ones retried. Exit status: 0 all done, 1 some items failed, 2 bad input.",
     )
-    with_spec("layers", "list the model's probe points, shapes and features after the reducer").set_defaults(
-        func=cmd_layers
-    )
-    with_spec("plan", "show done, failed and pending items with activation sizes").set_defaults(func=cmd_plan)
-    r = with_spec("run", "run every pending item: on Ray (a local one unless --address), or in-process")
     r.add_argument(
         "--address", help="Ray cluster: auto, host:port or ray://host:port (default: start a local Ray)"
     )
-    r.add_argument("--runner", choices=["ray", "local"], default="ray", help="local: in this process, no Ray")
+    r.add_argument(
+        "--runner",
+        choices=["ray", "local"],
+        default="ray",
+        help="ray, or local: in this process, no Ray (default: %(default)s)",
+    )
     r.add_argument("--max-actors", type=int, help="at most this many probe actors")
     r.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("status", help="progress of the runs in an output location, read from storage")
+    st = sub.add_parser(
+        "status",
+        help="progress of the runs in an output location, read from storage",
+        description="Count the checkpoints and items done, failed, running and pending of every run "
+        "in an output location (a path or s3://), from storage alone: from any machine, while a "
+        "sweep runs. Exit 1 when a run's records cannot be read.",
+    )
     st.add_argument("output", help="the spec's output.uri")
     st.add_argument("--run", help="only this run")
     st.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     st.set_defaults(func=cmd_status)
 
-    q = sub.add_parser("query", help="query the results table with SQL (a view named 'results')")
+    q = sub.add_parser(
+        "query",
+        help="query the results table with SQL (a view named 'results')",
+        description="Read the committed result rows under an output location as a table named "
+        "'results' (DuckDB SQL), and print the answer as a table, CSV or JSON, or write it to a "
+        "file (Parquet needs --out).",
+    )
     q.add_argument("results", help="the spec's output.uri (or its results/ folder)")
     q.add_argument("--sql", help=f"default: {DEFAULT_SQL}")
-    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "parquet"],
+        default="table",
+        help="(default: %(default)s)",
+    )
     q.add_argument(
         "--out", help="write the answer here (a path or URI) instead of stdout; needed for parquet"
+    )
+    q.add_argument(
+        "--allow-external-access",
+        action="store_true",
+        help="let --sql read and write files, attach databases and load extensions (DuckDB's defaults); "
+        "by default a query sees the results table and nothing else",
     )
     q.add_argument("--run", help="only this run")
     q.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     q.set_defaults(func=cmd_query)
 
-    w = with_spec("watch", "watch the checkpoint prefix and probe every new complete checkpoint once")
+    w = with_spec(
+        "watch",
+        "watch the checkpoint prefix and probe every new complete checkpoint once",
+        "Scan the spec's checkpoint prefix every --interval seconds and run the sweep of each new "
+        "complete checkpoint exactly once, here or as Ray jobs; stop with SIGTERM or Ctrl-C. "
+        "See docs/watch.md.",
+    )
     w.add_argument("--address", help="submit Ray jobs to this job API (http://head:8265); default: run here")
     w.add_argument(
-        "--runner", choices=["ray", "local"], default="ray", help="without --address: local Ray or in-process"
+        "--runner",
+        choices=["ray", "local"],
+        default="ray",
+        help="without --address: local Ray or in-process (default: %(default)s)",
     )
     w.add_argument("--once", action="store_true", help="one scan, submit, exit (cron, Kubernetes CronJob)")
-    w.add_argument("--interval", type=float, default=60.0, help="seconds between scans (default 60)")
+    w.add_argument(
+        "--interval", type=float, default=60.0, help="seconds between scans (default: %(default)g)"
+    )
     w.add_argument(
         "--policy",
         choices=["all", "newest"],
         default="all",
-        help="probe every checkpoint, or only the newest",
+        help="probe every checkpoint, or only the newest (default: %(default)s)",
     )
     w.add_argument(
         "--claim-timeout",
         type=float,
         default=600.0,
-        help="take over a claim unchanged this long whose job is unknown",
+        help="take over a claim unchanged this many seconds whose job is unknown (default: %(default)g)",
     )
     w.add_argument(
-        "--max-attempts", type=int, default=3, help="claim generations before a dying job ends failed"
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="claim generations before a dying job ends failed (default: %(default)s)",
     )
     w.add_argument(
         "--keep-activations", action="store_true", help="keep activation shards (default: delete once probed)"
     )
     w.add_argument("--health-file", help="touched after every successful scan, for a liveness check")
-    w.add_argument("--page-size", type=int, default=1000, help="keys per listing request")
+    w.add_argument(
+        "--page-size", type=int, default=1000, help="keys per listing request (default: %(default)s)"
+    )
     w.add_argument("--status", action="store_true", help="print the ledger and exit")
     w.set_defaults(func=cmd_watch)
 
-    pl = sub.add_parser("plot", help="plot the results: error by layer, heatmap, by step, or an animation")
+    pl = sub.add_parser(
+        "plot",
+        help="plot the results: error by layer, heatmap, by step, or an animation",
+        description="Draw one figure of a run's results: error by layer (a line per step), a "
+        "heatmap of steps by layers, error by step (a line per layer), or an animation of the "
+        "error by layer over the steps. See docs/results.md.",
+    )
     pl.add_argument("results", help="the spec's output.uri (or its results/ folder)")
     pl.add_argument(
         "--kind",
         choices=["layers", "heatmap", "steps", "animation"],
         default="layers",
         help="layers: error by layer, a line per step; heatmap: step x layer; steps: error by step, "
-        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg)",
+        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg) "
+        "(default: %(default)s)",
     )
     pl.add_argument(
         "--out", required=True, help="file to write: .png, .svg, .pdf; .gif or .mp4 for animation"
@@ -427,13 +806,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         choices=["test_error", "val_error", "train_error", "test_loss", "val_loss", "train_loss"],
         default="test_error",
+        help="the value plotted; the chance level is drawn for errors (default: %(default)s)",
     )
-    pl.add_argument("--steps", nargs="+", metavar="STEP", help="checkpoint steps (default: up to 6, spread)")
+    pl.add_argument(
+        "--steps",
+        nargs="+",
+        metavar="STEP",
+        help="checkpoint steps (default: all; the layers plot draws up to 6, spread over the run)",
+    )
     pl.add_argument("--layers", nargs="+", metavar="LAYER", help="layer names (default: all)")
     pl.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     pl.set_defaults(func=cmd_plot)
 
-    rp = sub.add_parser("report", help="write one self-contained HTML report of a sweep, finished or not")
+    rp = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report of a sweep, finished or not",
+        description="Write one HTML file (plots embedded, no script, no external URL) with a "
+        "run's progress, plots, error grid, failures, checkpoints, timings, spec and rows; it is "
+        "published atomically, so it can be rewritten while someone reads it.",
+    )
     rp.add_argument("results", help="the spec's output.uri (or its results/ folder)")
     rp.add_argument("--out", required=True, help="the HTML file to write (a path or s3:// URI)")
     rp.add_argument("--run", help="only this run (default: every run there)")
@@ -443,18 +834,58 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     rp.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="train mnist_convnet on Fashion-MNIST, checkpoint it, probe every layer")
-    d.add_argument("--out", default="demo-output", help="folder used as the bucket (default: demo-output)")
+    mg = sub.add_parser(
+        "migrate",
+        help="bring an output written by an older probeserve to the current layout and columns",
+        description="Move results, activations, the watch ledger and running markers of an output written "
+        "by an older probeserve to the current layout, and rewrite its older rows with today's columns "
+        "(null where a row lacks one). Idempotent and safe to kill; refuses while a run or a watch "
+        "daemon looks active.",
+    )
+    mg.add_argument("output", help="the spec's output.uri")
+    mg.add_argument(
+        "--force", action="store_true", help="migrate although running markers or watch claims look live"
+    )
+    mg.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
+    mg.set_defaults(func=cmd_migrate)
+
+    d = sub.add_parser(
+        "demo",
+        help="train mnist_convnet on Fashion-MNIST, checkpoint it, probe every layer",
+        description="The main job on embedded defaults: train the paper's mnist_convnet on "
+        "Fashion-MNIST (synthetic images in the same format where the Debian package is absent), "
+        "save checkpoints, probe every layer of every checkpoint, and print what the table "
+        "shows. A rerun only finishes what is missing.",
+    )
+    d.add_argument(
+        "--out", default="demo-output", help="folder used as the bucket and output (default: %(default)s)"
+    )
     d.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
-    d.add_argument("--runner", choices=["ray", "local"], default="ray", help="local: in this process, no Ray")
+    d.add_argument(
+        "--runner",
+        choices=["ray", "local"],
+        default="ray",
+        help="ray, or local: in this process, no Ray (default: %(default)s)",
+    )
     d.set_defaults(func=cmd_demo)
     return parser
+
+
+def importable_working_folder() -> None:
+    """Make the folder the command runs in importable, as `python -m` and uvicorn do, so a
+    `model.factory` kept beside the spec (`acme_nets.zoo:build` for ./acme_nets/zoo.py) is
+    found by every command. (Python puts the `probeserve` script's own folder first, not
+    this one; Ray passes a driver's working folder on to its workers itself.)"""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    importable_working_folder()
     try:
         return int(args.func(args) or 0)
     except SpecError as e:

@@ -7,32 +7,37 @@ must agree with the driver). All randomness comes from `numpy.random.default_rng
 the spec's `seed` plus a fixed stream name, one stream per purpose, so that for example
 changing `test_size` of the gaussian data does not change its train split.
 
-Three sources:
+Five sources:
 
 - `gaussian`: the paper's section 3.2 toy problem, x ~ N(0, I) and y = [x . w > 0].
 - `idx`: MNIST-format IDX files (Fashion-MNIST from the Debian package by default). The val
   split is a seeded subset of the training file, so the test file stays untouched.
 - `parquet`: a user table with an input tensor column and a label column, split by a
   column of the table or at random.
+- `images`: ImageNet-style images in a folder tree or Parquet files, local or on S3,
+  decoded in worker processes (`probeserve.images`).
+- `synthetic_images`: seeded images generated on the device, for benchmarks.
 
-Datasets are held in memory in their stored dtype (IDX images stay uint8, 70k x 784 bytes
-for Fashion-MNIST) and converted to float32 one batch at a time.
+The first three are held in memory in their stored dtype (IDX images stay uint8, 70k x 784
+bytes for Fashion-MNIST) and converted to float32 one batch at a time; images are streamed.
+Every dataset has the interface of `Dataset`.
 """
 
 from __future__ import annotations
 
 import gzip as gzip_lib
 import os
-import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from probeserve.errors import DataError, StorageError
-from probeserve.spec import DataSpec, GaussianData, IdxData, ParquetData
-from probeserve.storage import Storage, open_storage, redact
+from probeserve.results import read_parquet_bytes
+from probeserve.spec import DataSpec, GaussianData, IdxData, ImagesData, ParquetData, SyntheticImagesData
+from probeserve.storage import Storage, open_storage, redact, temp_name
 
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # the Debian package's location
@@ -45,6 +50,30 @@ _IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 _INSTALL_HINT = "apt-get install dataset-fashion-mnist, or set data.path to a folder of IDX files"
+
+
+class Dataset(Protocol):
+    """What extraction needs from a probe dataset; every source implements it.
+
+    `batches(split, batch_size, device=...)` yields (float32 inputs [b, *input_shape] already
+    on `device`, int64 numpy labels [b]) in the same order on every call and in every
+    process. `size` and `labels` describe what it yields; `skipped(split)` names the examples
+    the last full pass over `split` left out because they could not be decoded (images).
+    """
+
+    source: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: tuple[str, ...] | None
+
+    def size(self, split: str) -> int: ...
+    def labels(self, split: str) -> np.ndarray: ...
+    def skipped(self, split: str) -> list[str]: ...
+    def describe(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+    def batches(
+        self, split: str, batch_size: int, *, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]: ...
 
 
 class ProbeDataset:
@@ -117,17 +146,32 @@ class ProbeDataset:
         self._check_split(split)
         return self._labels[split].copy()
 
-    def batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        """Float32 inputs [b, *input_shape] and int64 labels [b], in the same order every call."""
+    def skipped(self, split: str) -> list[str]:
+        """Examples left out of `split`: none, the data is all in memory already."""
+        self._check_split(split)
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source}
+
+    def close(self) -> None:
+        pass
+
+    def batches(
+        self, split: str, batch_size: int, *, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """Float32 inputs [b, *input_shape] on `device` and int64 labels [b], in the same
+        order every call."""
         self._check_split(split)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        dev = torch.device(device)
         inputs, labels = self._inputs[split], self._labels[split]
         for start in range(0, len(labels), batch_size):
             x = inputs[start : start + batch_size].astype(np.float32)  # always a copy
             if self.scale != 1.0:
                 x *= np.float32(self.scale)
-            yield torch.from_numpy(x), labels[start : start + batch_size].copy()
+            yield torch.from_numpy(x).to(dev), labels[start : start + batch_size].copy()
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.size(s)}" for s in SPLITS)
@@ -137,15 +181,42 @@ class ProbeDataset:
         )
 
 
-def load_dataset(spec: DataSpec, *, s3_endpoint: str | None = None) -> ProbeDataset:
-    """Build the probe dataset a data spec describes; a DataError says what to fix."""
+def load_dataset(
+    spec: DataSpec, *, s3_endpoint: str | None = None, frozen: tuple[Storage, str] | None = None
+) -> Dataset:
+    """Build the probe dataset a data spec describes; a DataError says what to fix.
+
+    `frozen` is where a run keeps its frozen example index (storage, key): images read it
+    from there when it exists instead of listing the data again (`probeserve.images.index`).
+    The other sources are fixed by the spec alone and ignore it."""
     if isinstance(spec, GaussianData):
         return _load_gaussian(spec)
     if isinstance(spec, IdxData):
         return _load_idx(spec, s3_endpoint=s3_endpoint)
     if isinstance(spec, ParquetData):
         return _load_parquet(spec, s3_endpoint=s3_endpoint)
+    if isinstance(spec, ImagesData):
+        return _load_images(spec, s3_endpoint=s3_endpoint, frozen=frozen)
+    if isinstance(spec, SyntheticImagesData):
+        from probeserve.images.dataset import SyntheticImageDataset
+
+        return SyntheticImageDataset(spec)
     raise TypeError(f"not a data spec: {type(spec).__name__}")
+
+
+def _load_images(spec: ImagesData, *, s3_endpoint: str | None, frozen: tuple[Storage, str] | None) -> Dataset:
+    from probeserve.images import index
+    from probeserve.images.dataset import ImageDataset
+
+    found = None
+    if frozen is not None:
+        try:
+            found = index.load_frozen(*frozen, index.identity(spec))
+        except StorageError as e:
+            raise DataError(f"cannot read the run's frozen image index: {e}") from None
+    if found is None:
+        found = index.resolve(spec, s3_endpoint=s3_endpoint)
+    return ImageDataset(spec, found, s3_endpoint=s3_endpoint)
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -246,7 +317,7 @@ def write_idx(path: str, array: np.ndarray, *, gzip: bool = True) -> None:
     data = header + array.astype(_IDX_DTYPES[code], copy=False).tobytes()
     if gzip:
         data = gzip_lib.compress(data, mtime=0)  # mtime=0: same array, same bytes
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(os.path.dirname(path) or ".", temp_name())
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -335,7 +406,6 @@ def _load_idx(spec: IdxData, *, s3_endpoint: str | None) -> ProbeDataset:
 def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Table
     """One Parquet file, or every .parquet file under a folder or key prefix, in key order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     storage = open_storage(uri, s3_endpoint=s3_endpoint)
     try:
@@ -360,7 +430,7 @@ def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Tab
     for src, key in sources:
         where = redact(src.uri_for(key))
         try:
-            tables.append(pq.read_table(pa.BufferReader(src.read_bytes(key))))
+            tables.append(read_parquet_bytes(src.read_bytes(key)))
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{where}: not a readable Parquet file ({e})") from None
     try:

@@ -17,8 +17,11 @@ class SpecError(ProbeserveError):
     def __init__(self, errors: list[str], *, source: str = "spec") -> None:
         self.errors = list(errors)
         self.source = source
-        lines = "\n".join(f"  {e}" for e in self.errors)
-        super().__init__(f"{source}: {len(self.errors)} error(s)\n{lines}")
+        if len(self.errors) == 1:  # one problem, one line
+            super().__init__(f"{source}: {self.errors[0]}")
+        else:
+            lines = "\n".join(f"  {e}" for e in self.errors)
+            super().__init__(f"{source}: {len(self.errors)} errors\n{lines}")
 
 
 class StorageError(ProbeserveError):

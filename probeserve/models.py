@@ -5,7 +5,10 @@ A checkpoint holds only weights, so probeserve needs the code that builds the ma
 `package.module:function` for a user's own factory, called with `ModelSpec.kwargs`. Every
 way that can go wrong (unknown name, module not importable, attribute missing, a keyword
 the factory does not take, a result that is not a module) becomes a `ModelError` that names
-the factory, because these are spec mistakes, not bugs.
+the factory, because these are spec mistakes, not bugs. So does a factory that ends the
+process (`sys.exit`, a `KeyboardInterrupt` it raises itself): building a model is not a
+reason for probeserve to exit with the factory's status. torch's own errors are cut to their
+first line, without the C++ frames some builds append.
 
 The built-ins reproduce the models of Alain & Bengio (2016): the deep MLP of section 3.4
 (with its auxiliary heads and the pathological skip connection) and the TensorFlow MNIST
@@ -19,10 +22,15 @@ built-ins do. `example_input` uses it to make the dummy batch that discovers pro
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import inspect
 import math
-from collections.abc import Callable
+import re
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probeserve.errors import ModelError
-from probeserve.spec import ModelSpec
+from probeserve.spec import ModelSpec, memory_error
 
 _ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
 
@@ -41,6 +49,14 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_size(name: str, what: str, weights: int) -> None:
+    """Refuse a built-in model whose float32 weights cannot fit in memory, before allocating:
+    torch would fail on one huge tensor, but fill memory layer by layer with many big ones."""
+    err = memory_error(name, f"{what} ({weights} weights)", 4 * weights)
+    if err:
+        raise ValueError(err)
 
 
 def _make_activation(activation: str, negative_slope: float) -> nn.Module:
@@ -190,6 +206,11 @@ def mlp(
                 f"need 0 <= skip_from < skip_to <= depth; got skip_from={skip_from}, "
                 f"skip_to={skip_to}, depth={depth} (0 is the input, 1..depth the hidden layers)"
             )
+    input_dim = math.prod(shape)
+    weights = input_dim * width + (depth - 1) * width * width + width * num_classes
+    weights += (depth // aux_every if aux_every else 0) * width * num_classes
+    weights += (input_dim if skip_from == 0 else width) * width if skip_from is not None else 0
+    _check_size("width", f"an mlp of depth {depth} and width {width}", weights)
     return MLP(
         input_shape=shape,
         depth=depth,
@@ -237,6 +258,11 @@ def mnist_convnet(*, num_classes: int = 10, in_channels: int = 1, image_size: in
     _check_int("num_classes", num_classes, minimum=2)
     _check_int("in_channels", in_channels, minimum=1)
     _check_int("image_size", image_size, minimum=4)
+    _check_size(
+        "image_size",
+        f"an mnist_convnet for {image_size}x{image_size} images",
+        (image_size // 4) ** 2 * 64 * 512,
+    )
     return MnistConvNet(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
 
@@ -259,6 +285,11 @@ def tiny(*, input_dim: int = 8, hidden: int = 16, num_classes: int = 2) -> Tiny:
     _check_int("input_dim", input_dim, minimum=1)
     _check_int("hidden", hidden, minimum=1)
     _check_int("num_classes", num_classes, minimum=2)
+    _check_size(
+        "hidden",
+        f"a tiny model of {input_dim} inputs and {hidden} hidden units",
+        (input_dim + num_classes) * hidden,
+    )
     return Tiny(input_dim=input_dim, hidden=hidden, num_classes=num_classes)
 
 
@@ -575,6 +606,78 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*(?:[^.]*\.\s+)?")
+
+
+def one_line(e: BaseException) -> str:
+    """The first meaningful line of an error's message.
+
+    torch errors can carry C++ frames ("Exception raised from ...", "C++ CapturedTraceback:",
+    "frame #0: ...") after the message, and allocation failures start with the C++ assertion
+    that failed ("[enforce fail at alloc_cpu.cpp:127] err == 0."); neither says anything to a
+    user.
+    """
+    for line in str(e).splitlines():
+        line = _ENFORCE.sub("", line.strip())
+        if line:
+            return line
+    return ""
+
+
+@contextlib.contextmanager
+def _telling_real_interrupts() -> Iterator[dict[str, bool]]:
+    """Note whether a real SIGINT (Ctrl-C) arrives while user code runs.
+
+    Then a KeyboardInterrupt from a real Ctrl-C still interrupts, and one the factory raised
+    itself is an error of the factory. Only the main thread receives signals; where a signal
+    handler of someone else's is installed, it is left alone (a KeyboardInterrupt then did not
+    come from the default handler, so it is the factory's).
+    """
+    state = {"signalled": False}
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield state
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        state["signalled"] = True
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopped(factory: str, e: BaseException, doing: str) -> ModelError:
+    """A ModelError for user code that tried to end the process instead of raising an error."""
+    if isinstance(e, SystemExit):
+        how = f"called sys.exit({e.code!r})"
+    else:
+        how = f"raised {type(e).__name__}" + (f": {one_line(e)}" if one_line(e) else "")
+    return ModelError(
+        f"model.factory {factory!r}: {how} while {doing}; user code must raise an exception, not end the process"
+    )
+
+
+@contextlib.contextmanager
+def user_code(factory: str, doing: str) -> Iterator[None]:
+    """Run the user's model code (its factory, its forward pass) so that it cannot end the
+    process: `sys.exit()` or a BaseException of its own becomes a ModelError naming the
+    factory; a real Ctrl-C still interrupts."""
+    with _telling_real_interrupts() as interrupts:
+        try:
+            yield
+        except Exception:
+            raise
+        except BaseException as e:  # sys.exit(), a KeyboardInterrupt of its own, ...
+            if isinstance(e, KeyboardInterrupt) and interrupts["signalled"]:
+                raise
+            raise _stopped(factory, e, doing) from None
+
+
 def _resolve_factory(factory: str) -> Callable[..., Any]:
     if factory in BUILTIN_MODELS:
         return BUILTIN_MODELS[factory]
@@ -587,11 +690,14 @@ def _resolve_factory(factory: str) -> Callable[..., Any]:
     if not module_name or not attr_path:
         raise ModelError(f"model.factory: {factory!r} is not of the form 'package.module:function'")
     try:
-        obj: Any = importlib.import_module(module_name)
+        with user_code(factory, f"importing {module_name!r}"):
+            obj: Any = importlib.import_module(module_name)
+    except ModelError:
+        raise
     except Exception as e:  # user code: an import can fail in any way, all of them are spec errors
         raise ModelError(
-            f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}"
-        ) from e
+            f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {one_line(e)}"
+        ) from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ModelError(
@@ -603,12 +709,13 @@ def _resolve_factory(factory: str) -> Callable[..., Any]:
     return obj
 
 
-def _check_kwargs(factory: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    """Say which keyword is wrong before calling, rather than relay a bare TypeError."""
+def kwargs_errors(factory: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> list[str]:
+    """Every keyword the factory cannot take, one `model.kwargs.NAME: ...` line each, found
+    before calling it (rather than relaying a bare TypeError for the first one)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature; the call will tell
-        return
+        return []
     params = sig.parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [
@@ -618,26 +725,57 @@ def _check_kwargs(factory: str, fn: Callable[..., Any], kwargs: dict[str, Any]) 
     ]
     unknown = [k for k in kwargs if k not in accepted]
     if unknown and not takes_any:
-        raise ModelError(
-            f"model.kwargs: factory {factory!r} does not take {', '.join(map(repr, unknown))}; "
-            f"it takes: {', '.join(accepted) or '(no keyword arguments)'}"
-        )
+        takes = ", ".join(accepted) or "(no keyword arguments)"
+        errors = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(
+                f"model.kwargs.{k}: factory {factory!r} does not take {k!r}{hint}; it takes: {takes}"
+            )
+        return errors
     try:
         sig.bind(**kwargs)
     except TypeError as e:
-        raise ModelError(f"model.kwargs: factory {factory!r}: {e}") from None
+        return [f"model.kwargs: factory {factory!r}: {e}"]
+    return []
+
+
+def model_errors(spec: ModelSpec) -> list[str]:
+    """What is wrong with the model section that shows without building the model: a factory
+    that cannot be found or imported, and every keyword it does not take."""
+    try:
+        fn = _resolve_factory(spec.factory)
+    except ModelError as e:
+        return [str(e)]
+    return kwargs_errors(spec.factory, fn, spec.kwargs)
+
+
+def _kwarg_field(kwargs: dict[str, Any], message: str) -> tuple[str, str]:
+    """(`model.kwargs.width`, message) when a factory's message starts with that keyword (a
+    leading `width:` is then dropped), else (`model.kwargs`, message)."""
+    first = re.split(r"[\s=\[:]", message, maxsplit=1)[0]
+    if first not in kwargs:
+        return "model.kwargs", message
+    return f"model.kwargs.{first}", message.removeprefix(f"{first}:").strip()
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Call the factory `spec.factory` with `spec.kwargs`; the result has random weights."""
     fn = _resolve_factory(spec.factory)
-    _check_kwargs(spec.factory, fn, spec.kwargs)
+    errors = kwargs_errors(spec.factory, fn, spec.kwargs)
+    if errors:
+        raise ModelError("; ".join(errors))
     try:
-        model = fn(**spec.kwargs)
+        with user_code(spec.factory, "building the model"):
+            model = fn(**spec.kwargs)
+    except ModelError:
+        raise
     except (TypeError, ValueError) as e:
-        raise ModelError(f"model.kwargs: factory {spec.factory!r} rejected its arguments: {e}") from e
+        field, message = _kwarg_field(spec.kwargs, one_line(e))
+        raise ModelError(f"{field}: factory {spec.factory!r} rejected its arguments: {message}") from None
     except Exception as e:  # user code: report it on one line, naming the factory
-        raise ModelError(f"model.factory {spec.factory!r} raised {type(e).__name__}: {e}") from e
+        raise ModelError(f"model.factory {spec.factory!r} raised {type(e).__name__}: {one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"model.factory {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module"

@@ -41,6 +41,7 @@ ROW_COLUMNS = [
     "n_features",
     "epochs",
     "best_epoch",
+    "hit_max_epochs",
     "seconds",
     "device",
     "finished_at",
@@ -234,6 +235,13 @@ def _run_section(out: Storage, root: str, table: pa.Table, run: str, s3_endpoint
         parts.append(_grid_section(rows))
     else:
         parts.append("<p>No item has finished yet.</p>")
+    capped = [r for r in rows if r["status"] == "ok" and r.get("hit_max_epochs")]
+    if capped:
+        parts.append(
+            f'<p class="note">{len(capped)} of {sum(r["status"] == "ok" for r in rows)} probes hit '
+            "probe.max_epochs before early stopping or converging (column hit_max_epochs below): "
+            "their errors may still fall with more epochs.</p>"
+        )
     parts.append(_failures_section(rows))
     parts.append(_checkpoints_section(rows, discovered, num_layers))
     parts.append(_timings_section(rows))
@@ -291,8 +299,8 @@ def build_report(
     runs = _runs(out, table)
     if run is not None:
         if run not in runs:
-            known = ", ".join(runs) or "none"
-            raise ProbeserveError(f"--run {run}: no such run under {redact(root)}; runs there: {known}")
+            why = f"no such run under {redact(root)}; runs there: {', '.join(runs) or 'none'}"
+            raise plots.ChoiceError(f"run={run!r}: {why}", f"--run {run}: {why}")
         runs = [run]
     if not runs:
         raise ProbeserveError(

@@ -4,7 +4,16 @@ Each work item publishes its row as its own small Parquet file under
 `{output}/results/{run}/{checkpoint dir}/{layer}.parquet`, atomically, so an item is done
 exactly when its file exists and a reader never sees half a row. Together the files form one
 Parquet dataset with the schema below; `load` reads it as one Arrow table, and any Parquet
-reader (pandas, DuckDB, Spark) can read the folder directly.
+reader (pandas, pyarrow, DuckDB, polars) reads the folder directly with its defaults.
+
+Two things keep it so. No folder name under `results/` or `activations/` holds a `=`: every
+one of those readers takes `name=value` folders for hive partitions and turns `name` into a
+column (`step=...` clashed with the `step` column). And every file of an output has the same
+schema: default readers take the first file's schema (pyarrow, pandas) or refuse files that
+differ (DuckDB, polars). `{output}/layout.json` records the layout and the columns the rows
+were written with; a run refuses an output written in another layout or with other columns,
+and `probeserve migrate` (probeserve/migrate.py) brings one up to date. Reading (`load`,
+`query`, `status`, `plan`) takes both layouts and any older schema.
 
 A failed item is a row too (`status = "failed"`, `error` set), so failures are visible in the
 same table; the next run retries it and, on success, replaces the row. A result file that
@@ -19,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,6 +44,13 @@ log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
 RUNS_DIR = "runs"  # runs/{run}/spec.yaml, spec.json, layers.json
+LAYOUT_KEY = "layout.json"  # {"layout": LAYOUT, "columns": [...]}: how this output's files are laid out
+LAYOUT = 2  # 1: checkpoint folders named step={step:012d}-{hash}, before layout.json existed
+ACTIVATIONS_DIR = "activations"  # activations/{run}/{checkpoint dir}/{layer}/...
+LEDGER_DIR = "ledger"  # ledger/{run}/{checkpoint dir}/claim-*.json, state-*.json (the watch daemon)
+RUNNING_DIR = "running"  # running/{run}/{checkpoint dir}/{layer}.json while an item is probed
+# every folder whose keys hold a checkpoint folder name, so every folder a layout change moves
+PER_CHECKPOINT_DIRS = (RESULTS_DIR, ACTIVATIONS_DIR, LEDGER_DIR, RUNNING_DIR)
 # The start of the `error` of an item whose worker was lost (killed, out of memory, node gone)
 # rather than one that failed on its own: the watch daemon does these again, under
 # --max-attempts, instead of recording the checkpoint as failed.
@@ -66,8 +83,18 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("seconds", pa.float64(), "wall time of the probe (and of extraction, for failed extraction)"),
     ("device", pa.string(), "where the probe trained: cpu or cuda:N"),
     ("finished_at", pa.timestamp("ms", tz="UTC"), "when the row was committed"),
+    ("n_skipped", pa.int64(), "examples that could not be decoded and were left out, over all splits"),
+    ("skipped", pa.list_(pa.string()), "their names (at most 100)"),
+    ("weights_cast", pa.string(), "float weights cast on loading: '2 tensors float64->float32: a, b'"),
+    (
+        "hit_max_epochs",
+        pa.bool_(),
+        "the probe ran probe.max_epochs epochs without early stopping or converging: its "
+        "errors may still fall with more epochs; null when failed",
+    ),
     ("precision", pa.string(), "precision of the extraction's forward pass: fp32, bf16 or fp16"),
 ]
+MAX_SKIPPED = 100  # names of undecodable examples kept in a row (the manifest keeps more)
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
 COLUMN_NAMES = [c[0] for c in COLUMNS]
 METRICS = [
@@ -81,9 +108,32 @@ METRICS = [
 
 
 def checkpoint_dir(checkpoint: str, step: int) -> str:
-    """A readable, unique, path-safe folder name for a checkpoint key."""
-    digest = hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
-    return f"step={step:012d}-{digest}"
+    """A readable, unique, path-safe folder name for a checkpoint key: `step-{step:012d}-{hash}`.
+
+    The one helper for every per-checkpoint key: results, activations, the watch ledger and
+    `running/` markers. No `=` in it: readers take `name=value` folders for hive partitions.
+    """
+    return f"step-{step:012d}-{_key_digest(checkpoint)}"
+
+
+def _key_digest(checkpoint: str) -> str:
+    return hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
+
+
+_V1_DIR = re.compile(r"^step=(\d{12,})-([0-9a-f]{8})$")  # {step:012d}: more digits past 10**12
+
+
+def v1_checkpoint_dir(checkpoint: str, step: int) -> str:
+    """The folder name layout 1 gave a checkpoint (read by `probeserve migrate`)."""
+    return f"step={step:012d}-{_key_digest(checkpoint)}"
+
+
+def from_v1_dir(name: str) -> str | None:
+    """The current folder name of a layout-1 checkpoint folder name; None if it is not one.
+
+    Both layouts hash the checkpoint key the same way, so the name alone says where it goes."""
+    m = _V1_DIR.match(name)
+    return f"step-{m.group(1)}-{m.group(2)}" if m else None
 
 
 def layer_stem(layer: str) -> str:
@@ -194,19 +244,40 @@ def conform(table: pa.Table) -> pa.Table:
     if missing:
         raise KeyError(f"no column {missing[0]!r}")
     columns = [
-        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
         for f in SCHEMA
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
+def arrow_owned(data: bytes) -> pa.Buffer:
+    """A copy of `data` in memory that Arrow owns, for pyarrow readers.
+
+    pyarrow can drop its last reference to a reader's source on one of its own threads, after
+    the call that read it has returned. A source that wraps a Python object (bytes, io.BytesIO,
+    `pa.py_buffer`, `pa.BufferReader(bytes)`) must take the GIL to be freed; if that happens
+    while the interpreter shuts down, Python ends the thread inside C++ code and the process
+    aborts (`terminate called without an active exception`, exit 134) after a correct run.
+    Memory Arrow owns is freed without the GIL."""
+    buf = pa.allocate_buffer(len(data))
+    memoryview(buf).cast("B")[:] = data
+    return buf
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """A whole Parquet file held in memory, read on this thread alone from Arrow-owned memory
+    (see `arrow_owned`): no pre-buffering on pyarrow's IO threads, no decoding threads."""
+    return pq.ParquetFile(pa.BufferReader(arrow_owned(data)), pre_buffer=False).read(use_threads=False)
+
+
 def _read_file(storage: Storage, key: str) -> pa.Table:
     data = storage.read_bytes(key)  # a storage error propagates as itself
     try:
-        # An Arrow buffer, not io.BytesIO: a Python file object read by pyarrow's threads can be
-        # destroyed by one of them during interpreter shutdown, which aborts the process
-        # ("terminate called without an active exception", exit 134) after a correct run.
-        table = conform(pq.read_table(pa.BufferReader(data), use_threads=False))
+        # Arrow-owned memory (see `arrow_owned`), read on this thread alone: no pre-buffering
+        # (which reads on pyarrow's IO threads) and no decoding threads.
+        table = conform(read_parquet_bytes(data))
         if table.num_rows != 1:
             raise ValueError(f"{table.num_rows} rows, not 1")
         return table
@@ -215,23 +286,125 @@ def _read_file(storage: Storage, key: str) -> pa.Table:
 
 
 def result_keys(storage: Storage, run: str | None = None) -> list[str]:
+    """Keys of the result files (of one run, or all), in either layout."""
     prefix = join(RESULTS_DIR, run) + "/" if run else RESULTS_DIR + "/"
     return [o.key for o in storage.list(prefix) if o.key.endswith(".parquet")]
 
 
+def _one_per_item(found: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """The keys to read, one per item, from (key, row) pairs.
+
+    A `probeserve migrate` killed between its copy and its delete leaves an item's row under
+    both layouts (the same row twice); the copy in the current layout stands."""
+    chosen: dict[tuple[str, str, str], str] = {}
+    for key, row in found:
+        item = (row["run"], row["checkpoint"], row["layer"])
+        current = result_key(row["run"], row["checkpoint"], row["step"], row["layer"])
+        if item not in chosen or key == current:
+            chosen[item] = key
+    return list(chosen.values())
+
+
 def read_table(storage: Storage, run: str | None = None) -> pa.Table:
     """Every committed row (of one run, or all), sorted by run, step, layer_index."""
-    tables = [_read_file(storage, k) for k in result_keys(storage, run)]
+    tables = {k: _read_file(storage, k) for k in result_keys(storage, run)}
     if not tables:
         return SCHEMA.empty_table()
-    table = pa.concat_tables(tables)
+    keep = _one_per_item((k, t.to_pylist()[0]) for k, t in tables.items())  # one row each
+    table = pa.concat_tables([tables[k] for k in keep])
     return table.sort_by([("run", "ascending"), ("step", "ascending"), ("layer_index", "ascending")])
 
 
 def item_status(storage: Storage, run: str) -> dict[tuple[str, str], str]:
     """{(checkpoint, layer): status} of every committed row of a run; damaged files are left out."""
-    rows = (read_row_file(storage, k) for k in result_keys(storage, run))
-    return {(r["checkpoint"], r["layer"]): r["status"] for r in rows if r is not None}
+    rows = {k: read_row_file(storage, k) for k in result_keys(storage, run)}
+    found = {k: r for k, r in rows.items() if r is not None}
+    return {
+        (found[k]["checkpoint"], found[k]["layer"]): found[k]["status"] for k in _one_per_item(found.items())
+    }
+
+
+class LayoutError(StorageError):
+    """An output whose files are in another layout or schema than this probeserve writes.
+
+    Adding rows to it would leave folders that default readers cannot read as one table, so
+    a run refuses it and names the command that brings it up to date."""
+
+
+def read_layout(storage: Storage) -> dict[str, Any] | None:
+    """The output's `layout.json`, or None where there is none (a new output, or layout 1)."""
+    if storage.stat(LAYOUT_KEY) is None:
+        return None
+    info = read_json(storage, LAYOUT_KEY)
+    if not isinstance(info, dict):
+        raise Damaged(f"{storage.uri_for(LAYOUT_KEY)}: damaged (not a JSON object)")
+    return info
+
+
+def layout_body() -> bytes:
+    return json.dumps({"layout": LAYOUT, "columns": COLUMN_NAMES}, indent=1).encode()
+
+
+def written_by_newer(info: Mapping[str, Any] | None) -> bool:
+    """Whether a layout record is of a newer probeserve (a later layout, or more columns)."""
+    if info is None:
+        return False
+    layout, columns = info.get("layout"), list(info.get("columns") or [])
+    more_columns = columns[: len(COLUMN_NAMES)] == COLUMN_NAMES and len(columns) > len(COLUMN_NAMES)
+    return not isinstance(layout, int) or layout > LAYOUT or more_columns
+
+
+def layout_problem(info: Mapping[str, Any] | None) -> str | None:
+    """What keeps this probeserve from adding rows to an output with this layout record, or None."""
+    if info is None:
+        return "it was written by an older probeserve (no layout.json, checkpoint folders named step=...)"
+    layout, columns = info.get("layout"), list(info.get("columns") or [])
+    if written_by_newer(info):
+        extra = [c for c in columns if c not in COLUMN_NAMES]
+        return (
+            f"it was written by a newer probeserve (layout {layout}"
+            + (f", columns {', '.join(extra)}" if extra else "")
+            + "); upgrade probeserve to add to it"
+        )
+    if isinstance(layout, int) and layout < LAYOUT:  # not an int: written_by_newer said so
+        return f"it was written by an older probeserve (layout {layout})"
+    if columns != COLUMN_NAMES:
+        missing = [c for c in COLUMN_NAMES if c not in columns]
+        return "its rows were written without the column(s) " + (", ".join(missing) or "in this order")
+    return None
+
+
+def v1_key(storage: Storage) -> str | None:
+    """A key in layout 1 (under a `step=...` checkpoint folder), or None. It lists every
+    per-checkpoint folder, so it is for outputs without layout.json: a new one (empty), or an
+    old one (its first key answers)."""
+    for top in PER_CHECKPOINT_DIRS:
+        for obj in storage.list(top + "/"):
+            parts = obj.key.split("/")
+            if len(parts) > 2 and from_v1_dir(parts[2]):
+                return obj.key
+    return None
+
+
+def check_layout(storage: Storage) -> None:
+    """Before a run or a watch daemon adds anything: the output is in today's layout and schema.
+
+    A new output gets its `layout.json` here, create-only, so first runs racing on one output
+    agree. An output without a record that holds a layout-1 key (a checkpoint folder named
+    `step=...`) was written by a probeserve before layout.json existed."""
+    for _ in range(3):
+        info = read_layout(storage)
+        if info is None:
+            if v1_key(storage) is None:
+                if storage.create_only(LAYOUT_KEY, layout_body()):
+                    return
+                continue  # another run created it just now: read theirs
+        problem = layout_problem(info)
+        if problem is None:
+            return
+        fix = "" if written_by_newer(info) else f"; run `probeserve migrate {storage.uri}` first"
+        raise LayoutError(f"{storage.uri}: {problem}{fix}")
+    raise LayoutError(f"{storage.uri_for(LAYOUT_KEY)}: appears and disappears; is something deleting it?")
 
 
 def load(uri: str, *, run: str | None = None, s3_endpoint: str | None = None, pandas: bool = False) -> Any:

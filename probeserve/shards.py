@@ -60,12 +60,9 @@ import math
 import mmap
 import os
 import queue
-import shutil
 import struct
 import sys
-import tempfile
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -75,6 +72,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probeserve.errors import LayerError, StorageError
+from probeserve.staging import StagingDir
 from probeserve.storage import LocalStorage, Storage, join
 
 FORMAT_VERSION = 1
@@ -383,8 +381,10 @@ class ShardWriter:
         group_bytes = min(row_group_bytes, _MAX_GROUP_BYTES)
         self._rows_per_group = max(1, min(group_bytes // row_bytes, self._rows_per_part))
 
-        self._staging = tempfile.mkdtemp(prefix="probeserve-shards-", dir=staging_dir)
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._staging, ignore_errors=True)
+        # named and locked so that a later run can tell it from a live writer's (staging.py)
+        self._staging_dir = StagingDir(staging_dir)
+        self._staging = self._staging_dir.path
+        self._cleanup = self._staging_dir.remove
         self._file: BinaryIO | None = None  # the open part's staging file
         self._part_path = ""
         self._groups: list[tuple[int, list[_Chunk]]] = []  # the open part's finished row groups
@@ -778,7 +778,11 @@ class _ShardFile:
                     self.data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             else:
                 self.data = source
-            self.file = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data)))
+            # Read on this thread alone (no pre-buffering on pyarrow's IO threads, no decoding
+            # threads below): a pyarrow thread must never drop the last reference to a source
+            # that wraps a Python object (results.arrow_owned says why). Our own shards are
+            # viewed in place, so the bytes are not copied into Arrow-owned memory here.
+            self.file = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data)), pre_buffer=False)
         except FileNotFoundError:
             raise StorageError(f"{self.name}: no such file") from None
         except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: mmap of an empty file
@@ -804,7 +808,7 @@ class _ShardFile:
         """(x, y, rows) of the whole shard: views of the file when it is one row group of
         ours, otherwise one copy (the row groups' pages are apart in the file)."""
         if not self.in_place:  # pyarrow decodes a fixed-size column into one array: no 2nd copy
-            return self._arrays(self.file.read(columns=[COL_ROW, COL_LABEL, COL_X]))
+            return self._arrays(self.file.read(columns=[COL_ROW, COL_LABEL, COL_X], use_threads=False))
         groups = list(self.row_groups())
         if len(groups) == 1:
             return groups[0]
@@ -819,7 +823,9 @@ class _ShardFile:
             if self.in_place:
                 yield self._group_in_place(i)
             else:
-                yield self._arrays(self.file.read_row_group(i, columns=[COL_ROW, COL_LABEL, COL_X]))
+                yield self._arrays(
+                    self.file.read_row_group(i, columns=[COL_ROW, COL_LABEL, COL_X], use_threads=False)
+                )
 
     def _check_schema(self) -> None:
         schema = self.file.metadata.schema
@@ -916,6 +922,12 @@ def table_x(table: pa.Table) -> np.ndarray:
     return _blobs(table.column(COL_X).combine_chunks(), dtype, int(meta[KEY_N_FEATURES]))
 
 
+class ShardMissing(StorageError):
+    """A shard that a manifest lists is not there: another run deleted the layer's shards
+    (its item was committed, or its extraction failed) or replaced them after this reader
+    read the manifest. The reader's item is not broken: see `sweep.probe_and_commit`."""
+
+
 def iter_chunks(
     storage: Storage, keys: list[str], *, batch_rows: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -932,7 +944,14 @@ def iter_chunks(
     with contextlib.ExitStack() as stack:
         fetched = None if isinstance(storage, LocalStorage) else stack.enter_context(_Prefetch(storage, keys))
         for i, key in enumerate(keys):
-            shard = _ShardFile(storage.uri_for(key)) if fetched is None else fetched.open(i)
+            try:
+                shard = _ShardFile(storage.uri_for(key)) if fetched is None else fetched.open(i)
+            except StorageError:
+                if storage.stat(key) is None:
+                    raise ShardMissing(
+                        f"{storage.uri_for(key)}: shard is gone (deleted after it was listed)"
+                    ) from None
+                raise
             if layout is None:
                 layout = (shard.n_features, shard.dtype)
             elif (shard.n_features, shard.dtype) != layout:
@@ -965,9 +984,10 @@ class _Prefetch:
     While the reader works through part i, a thread fetches part i+1, so a probe streaming
     its shards from S3 waits for the network only when it reads faster than storage serves.
     A storage with `download` (S3: a parallel, ranged download with the storage's transfer
-    settings) fetches into a private temporary folder; the file is memory-mapped and unlinked
-    at once, so the page cache, not the heap, holds it, and nothing is left behind once it is
-    read. Other storages are read with `read_bytes`. At most two parts are held at a time.
+    settings) fetches into a staging folder (staging.py: named and locked, so a later run removes
+    it if this process is killed); the file is memory-mapped and unlinked at once, so the page
+    cache, not the heap, holds it, and nothing is left behind once it is read. Other storages
+    are read with `read_bytes`. At most two parts are held at a time.
     """
 
     def __init__(self, storage: Storage, keys: list[str]) -> None:
@@ -976,15 +996,15 @@ class _Prefetch:
         self.storage = storage
         self.keys = keys
         self._download = callable(getattr(storage, "download", None))
-        self._folder = tempfile.mkdtemp(prefix=f"probeserve-read-{os.getpid()}-") if self._download else None
+        self._staging = StagingDir() if self._download else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probeserve-shard-prefetch")
         self._pending: dict[int, Any] = {}
 
     def _fetch(self, i: int) -> bytes | str:
         if not self._download:
             return self.storage.read_bytes(self.keys[i])
-        assert self._folder is not None
-        path = os.path.join(self._folder, f"part-{i:06d}.parquet")
+        assert self._staging is not None
+        path = os.path.join(self._staging.path, f"part-{i:06d}.parquet")
         self.storage.download(self.keys[i], path)
         return path
 
@@ -1012,5 +1032,5 @@ class _Prefetch:
             future.cancel()
         self._pool.shutdown(wait=True)
         self._pending = {}
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        if self._staging is not None:
+            self._staging.remove()

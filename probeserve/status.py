@@ -4,6 +4,11 @@ It needs no Ray, no model and no dataset, so it works from any machine that can 
 output location: the run's spec (`runs/{run}/spec.json`) says where the checkpoints are,
 `runs/{run}/layers.json` which layers the latest run selected, committed rows which items
 are done or failed, and `running/...` objects which are being probed right now.
+
+A running marker whose probe died (kill -9, a lost node) stays until a run removes it, so
+status judges each one (`sweep.marker_state`): a marker not refreshed by its heartbeat for a
+few beats, or one written on this host by a pid that is gone, is `stale`. A stale item
+counts as pending, and the row says how many of those there are. Status only reads.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from probeserve.checkpoints import discover
 from probeserve.errors import ProbeserveError
 from probeserve.spec import CheckpointsSpec, StorageSpec
 from probeserve.storage import Storage, open_storage
-from probeserve.sweep import RUNNING_DIR, RUNS_DIR, running_key
+from probeserve.sweep import RUNNING_DIR, RUNS_DIR, marker_state, running_key
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -54,10 +59,18 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
         )
     layers = [entry["layer"] for entry in results.read_json(out, layers_key)]
     ckpt_storage = open_storage(checkpoints.uri, s3_endpoint=s3_endpoint or storage.resolved_endpoint())
-    ckpts = discover(ckpt_storage, checkpoints).complete
     status = results.item_status(out, name)
-    running = {o.key for o in out.list(f"{RUNNING_DIR}/{name}/")}
-    counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
+    # The run covers the checkpoints its recorded spec names, and every checkpoint it has rows
+    # for: a run recorded with a narrower `checkpoints.steps` than later runs of it used (a
+    # first run of a few steps, or a record made by an older watch daemon's first sweep,
+    # `steps: [N]`) still counts all of them.
+    with_rows = {key for key, _ in status}
+    every = discover(ckpt_storage, checkpoints.model_copy(update={"steps": None})).complete
+    ckpts = [
+        c for c in every if checkpoints.steps is None or c.step in checkpoints.steps or c.key in with_rows
+    ]
+    markers = {o.key: o for o in out.list(f"{RUNNING_DIR}/{name}/")}
+    counts = {"done": 0, "failed": 0, "running": 0, "pending": 0, "stale": 0}
     for c in ckpts:
         for layer in layers:
             s = status.get((c.key, layer))
@@ -65,8 +78,12 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
                 counts["done"] += 1
             elif s == "failed":
                 counts["failed"] += 1
-            elif running_key(name, c, layer) in running:
-                counts["running"] += 1
+            elif (marker := markers.get(running_key(name, c, layer))) is not None:
+                if marker_state(out, marker)[0]:
+                    counts["running"] += 1
+                else:  # its probe died: it is pending again
+                    counts["pending"] += 1
+                    counts["stale"] += 1
             else:
                 counts["pending"] += 1
     return {

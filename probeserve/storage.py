@@ -6,6 +6,11 @@ either the whole new object or nothing (local files are written under a temporar
 renamed; an S3 PUT or multipart upload becomes visible only when complete). Create-only
 writes back the watch daemon's ledger: local ones use a hard link, which fails if the name
 exists; S3 ones use `If-None-Match: *`.
+
+A local folder may hold things that are not files: FIFOs, sockets, devices, links to them or
+to places outside the folder. Reads take regular files only and never read more than the
+file's size (or `max_bytes`), so a FIFO cannot block a run and a link to `/dev/zero` cannot
+fill its memory.
 """
 
 from __future__ import annotations
@@ -13,16 +18,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import stat as stat_mode
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from probeserve.errors import StorageError
 
-TMP_MARK = ".tmp-"
+# Local writes go to a temporary name beside the target (a rename is atomic only within one
+# file system): `.probeserve-tmp-` and a UUID's 32 hex digits. It is fixed-length, so a long
+# name that fits as a key also fits while it is written, and it contains no part of the key,
+# so no key a user or a layer name makes is mistaken for it (`blk.tmp-proj`, `step=6.tmp-x`).
+# Older versions wrote `.{name}.tmp-{32 hex digits}`: their leftovers are recognised too.
+_TMP_PREFIX = ".probeserve-tmp-"
+_TMP_NAME = re.compile(r"\.probeserve-tmp-[0-9a-f]{32}|\..+\.tmp-[0-9a-f]{32}", re.DOTALL)
+
+
+def temp_name() -> str:
+    """A new temporary file name (no folder) that `LocalStorage.list` never shows."""
+    return f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name (no folder) is one of probeserve's temporary names."""
+    return _TMP_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -94,12 +117,64 @@ def _local_error(path: str, action: str, e: OSError) -> StorageError:
     return StorageError(f"{path}: cannot {action} ({why})")
 
 
-class LocalStorage:
-    """A folder on a local or network file system."""
+class NotAFile(StorageError):
+    """A local path that exists but is not a regular file (a FIFO, socket, device or folder),
+    or that leaves a folder whose links must stay inside it."""
 
-    def __init__(self, root: str) -> None:
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat_mode.S_ISDIR, "a folder"),
+        (stat_mode.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat_mode.S_ISSOCK, "a socket"),
+        (stat_mode.S_ISCHR, "a character device"),
+        (stat_mode.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_a_file(path: str, mode: int) -> NotAFile:
+    what = _kind(mode)
+    if os.path.islink(path):
+        what = f"a symbolic link to {os.path.realpath(path)}, {what}"
+    return NotAFile(f"{path}: {what}, not a regular file; refusing to read it")
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+# O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _read_bounded(f: BinaryIO, path: str, size: int) -> bytes:
+    """The `size` bytes fstat gave for an open regular file; more means it grew while read."""
+    data = f.read(size + 1)
+    if len(data) > size:
+        raise StorageError(
+            f"{path}: grew while it was read (it had {size} bytes); is something still writing it?"
+        )
+    return data
+
+
+class LocalStorage:
+    """A folder on a local or network file system.
+
+    With `confine`, reads refuse anything that resolves, through symbolic links, to a place
+    outside the folder: checkpoints are untrusted, and a link in them must not make probeserve
+    read (or report on) files elsewhere on the machine. Outputs are not confined, since a user
+    may link part of an output folder to a bigger disk.
+    """
+
+    def __init__(self, root: str, *, confine: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.uri = self.root
+        self.confine = confine
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *_check_key(key).split("/")) if key else self.root
@@ -117,11 +192,12 @@ class LocalStorage:
         base_dir = prefix if prefix.endswith("/") or not prefix else os.path.dirname(prefix)
         top = self._path(base_dir.rstrip("/"))
         found = []
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if TMP_MARK not in d]
+        # links to folders are not followed (os.walk's default): a checkpoint folder that
+        # is a link is not listed, and a link cycle cannot make a listing endless
+        for dirpath, _, filenames in os.walk(top):
             rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             for name in filenames:
-                if TMP_MARK in name:
+                if is_temp_name(name):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if not key.startswith(prefix):
@@ -142,32 +218,75 @@ class LocalStorage:
             raise _local_error(self._path(key), "read", e) from None
         return ObjectInfo(key, st.st_size, st.st_mtime) if os.path.isfile(self._path(key)) else None
 
-    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+    def outside(self, key: str) -> str | None:
+        """Where `key` leads, if a symbolic link on its way leads out of the folder; else None."""
+        real = os.path.realpath(self._path(key))
+        return None if _inside(os.path.realpath(self.root), real) else real
+
+    def open_regular(self, key: str) -> BinaryIO:
+        """Open `key` for reading if it is a regular file (inside the folder, with `confine`).
+
+        Anything else is refused with a `NotAFile` that names the path, without blocking on it:
+        the file is opened non-blocking and checked again once open, so a FIFO swapped in
+        after the first check is refused as well. The caller closes the file."""
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
+            mode = os.stat(path).st_mode
+            if not stat_mode.S_ISREG(mode):
+                raise _not_a_file(path, mode)
+            if self.confine and (real := self.outside(key)) is not None:
+                raise NotAFile(
+                    f"{path}: a symbolic link to {real}, outside {self.root}; refusing to follow it"
+                )
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise StorageError(f"{path}: no such object") from None
+        except OSError as e:
+            raise _local_error(path, "read", e) from None
+        f = os.fdopen(fd, "rb")
+        try:
+            opened = os.fstat(fd)
+            if not stat_mode.S_ISREG(opened.st_mode):
+                raise _not_a_file(path, opened.st_mode)
+            if self.confine:
+                # what was opened, not what the name leads to now (Linux shows it in /proc)
+                proc = f"/proc/self/fd/{fd}"
+                real = os.path.realpath(proc) if os.path.exists(proc) else os.path.realpath(path)
+                if not _inside(os.path.realpath(self.root), real):
+                    raise NotAFile(f"{path}: leads to {real}, outside {self.root}; refusing to read it")
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        path = self._path(key)
+        with self.open_regular(key) as f:
+            try:
                 size = os.fstat(f.fileno()).st_size
                 if max_bytes is not None and size > max_bytes:
                     raise _too_big(path, size, max_bytes)
-                return f.read()
-        except FileNotFoundError:
-            raise StorageError(f"{path}: no such object") from None
-        except IsADirectoryError:
-            raise StorageError(f"{path}: is a folder, not an object") from None
-        except OSError as e:
-            raise _local_error(path, "read", e) from None
+                return _read_bounded(f, path, size)
+            except OSError as e:
+                raise _local_error(path, "read", e) from None
 
     def download(self, key: str, local_path: str) -> None:
-        try:
-            shutil.copyfile(self._path(key), local_path)
-        except FileNotFoundError:
-            raise StorageError(f"{self._path(key)}: no such object") from None
-        except OSError as e:
-            raise _local_error(self._path(key), "read", e) from None
+        path = self._path(key)
+        with self.open_regular(key) as f:
+            try:
+                left = os.fstat(f.fileno()).st_size
+                with open(local_path, "wb") as out:
+                    while left > 0 and (block := f.read(min(left, 8 << 20))):
+                        out.write(block)
+                        left -= len(block)
+                if f.read(1):
+                    raise StorageError(f"{path}: grew while it was read; is something still writing it?")
+            except OSError as e:
+                raise _local_error(path, "read", e) from None
 
     def _tmp_for(self, path: str) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
+        return os.path.join(os.path.dirname(path), temp_name())
 
     @contextlib.contextmanager
     def _writing(self, path: str) -> Iterator[str]:

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import inspect
 import json
 import logging
 import os
+import re
 import socket
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -33,16 +35,36 @@ import numpy as np
 import torch
 
 from probeserve import results
-from probeserve.checkpoints import Checkpoint, Discovery, discover, load_state_dict
-from probeserve.errors import CheckpointError, ModelError, ProbeserveError, SpecError
+from probeserve.checkpoints import (
+    Checkpoint,
+    Discovery,
+    check_dtypes,
+    describe_casts,
+    discover,
+    load_state_dict,
+)
+from probeserve.errors import (
+    CheckpointError,
+    LayerError,
+    ModelError,
+    ProbeserveError,
+    SpecError,
+    StorageError,
+)
 from probeserve.spec import SweepSpec, dump_spec
-from probeserve.storage import LocalStorage, Storage, join, open_storage
+from probeserve.storage import LocalStorage, ObjectInfo, Storage, join, open_storage
 
 log = logging.getLogger("probeserve")
 
 SPLITS = ("train", "val", "test")
-ACTIVATIONS_DIR = "activations"
+ACTIVATIONS_DIR = results.ACTIVATIONS_DIR
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below this
 RUNS_DIR = results.RUNS_DIR
+DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
+MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
+# A layer's path-safe name is a file name in the output (`{name}.parquet`), and local file
+# systems hold at most 255 bytes in one.
+MAX_LAYER_STEM_BYTES = 255 - len(".parquet")
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,34 @@ def keep_freed_memory() -> bool:
     return _MALLOC_TUNED
 
 
+def release_freed_memory() -> bool:
+    """Give the memory an extraction freed back to the OS; True if the C library did.
+
+    `keep_freed_memory` has glibc keep freed blocks for the next batch, so a process holds
+    the peak heap of its last extraction for as long as it lives. A Ray worker lives on after
+    its task, waiting to be reused, and would hold that peak (hundreds of MB on a small
+    convnet, far more on a large model) on every node that ever extracted. So an extraction
+    task ends here: `malloc_trim(0)` returns the free pages of every arena (glibc also
+    releases free pages inside the heap, not only at its top), and cached CUDA blocks go back
+    to the driver. The worker keeps what it caches on purpose: the probe dataset, for the next
+    checkpoint. Letting the worker exit instead (Ray's `max_calls=1`) cost a new worker,
+    importing torch, per checkpoint (docs/benchmarks.md).
+    """
+    # no gc.collect(): the extraction's arrays are freed by reference counting when it returns,
+    # and a full collection with torch loaded takes about 0.4 s (2 cores), per checkpoint
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(libc, "malloc_trim"):  # glibc only
+        return False
+    return libc.malloc_trim(0) == 1
+
+
 def describe_error(e: BaseException) -> str:
     """One line for a result row: the message of a user error, type and message otherwise."""
     if isinstance(e, ProbeserveError):
@@ -126,6 +176,28 @@ def layer_prefix(run: str, ckpt: Checkpoint, layer: str) -> str:
 
 def manifest_key(run: str, ckpt: Checkpoint, layer: str) -> str:
     return join(layer_prefix(run, ckpt, layer), "manifest.json")
+
+
+_PART = re.compile(r"^(?:train|val|test)/part-[0-9]{5}\.parquet$")
+
+
+def shard_keys(storage: Storage, prefix: str) -> list[str]:
+    """The shard parts under one layer's prefix, as listed now: `{split}/part-NNNNN.parquet`
+    keys only, so that nothing else a user may have put there is ever deleted."""
+    start = len(prefix) + 1
+    return [o.key for o in storage.list(prefix + "/") if _PART.match(o.key[start:])]
+
+
+def publish_if_changed(storage: Storage, key: str, data: bytes) -> bool:
+    """Publish `data` under `key` unless it holds exactly that already; True if it wrote."""
+    if storage.stat(key) is not None:
+        try:
+            if storage.read_bytes(key, max_bytes=len(data)) == data:
+                return False
+        except StorageError:
+            pass  # larger, or gone since the stat: write it
+    storage.publish_bytes(key, data)
+    return True
 
 
 class Sweep:
@@ -149,10 +221,12 @@ class Sweep:
         )
 
     @cached_property
-    def dataset(self):  # -> probeserve.data.ProbeDataset
+    def dataset(self):  # -> probeserve.data.Dataset
         from probeserve.data import load_dataset
 
-        return load_dataset(self.spec.data, s3_endpoint=self.spec.storage.resolved_endpoint())
+        # images: the run's frozen example index, once record_spec has published it
+        frozen = (self.output, results.run_key(self.spec.run, DATA_INDEX))
+        return load_dataset(self.spec.data, s3_endpoint=self.spec.storage.resolved_endpoint(), frozen=frozen)
 
     def build_model(self) -> torch.nn.Module:
         from probeserve.models import build_model
@@ -165,11 +239,13 @@ class Sweep:
     @cached_property
     def all_points(self):  # -> list[ProbePoint]
         from probeserve.layers import discover_probe_points
+        from probeserve.models import user_code
 
         model = self.build_model().eval()
         self._module_names = [name for name, _ in model.named_modules()]  # for select's errors
         try:
-            return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
+            with user_code(self.spec.model.factory, "running the model's forward pass"):
+                return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
         except ProbeserveError:
             raise
         except Exception as e:
@@ -203,6 +279,7 @@ class Sweep:
     def discover(self) -> Discovery:
         found = discover(self.checkpoints_storage, self.spec.checkpoints)
         if not found.complete and not found.incomplete:
+            self._blame_steps_or_regex(found)
             raise CheckpointError(
                 f"checkpoints.uri: no checkpoints under {self.checkpoints_storage.uri} match "
                 f"checkpoints.weights {self.spec.checkpoints.weights!r}"
@@ -214,7 +291,41 @@ class Sweep:
             )
         return found
 
+    def _blame_steps_or_regex(self, found: Discovery) -> None:
+        """Name the field that left no checkpoint, when it is not `checkpoints.uri`: a step
+        regex that reads no step number from any key, or `steps` that none of them has."""
+        spec = self.spec.checkpoints
+        no_step = [(k, why) for k, why in found.rejected if "step_regex" in why or "not an integer" in why]
+        if no_step and len(no_step) == len(found.rejected):
+            key, why = no_step[0]
+            raise CheckpointError(
+                f"checkpoints.step_regex: {spec.step_regex!r} reads no step number from the {len(no_step)} "
+                f"key(s) that match checkpoints.weights, e.g. {key} ({why}); its group 1 must match the digits"
+            )
+        if spec.steps is not None:
+            every = discover(self.checkpoints_storage, spec.model_copy(update={"steps": None}))
+            steps = sorted({c.step for c in every.complete + every.incomplete})
+            if steps:
+                shown = ", ".join(map(str, steps[:10])) + (", ..." if len(steps) > 10 else "")
+                raise CheckpointError(
+                    f"checkpoints.steps: none of {spec.steps} is the step of a checkpoint under "
+                    f"{self.checkpoints_storage.uri}; there are steps {shown}"
+                )
+
+    def check_layer_names(self) -> None:
+        """Refuse, before any work, a selected layer whose name cannot be a key: its row
+        could not even be committed as failed, so the run would stop halfway."""
+        for p in self.points:
+            size = len(results.layer_stem(p.name).encode())
+            if size > MAX_LAYER_STEM_BYTES:
+                raise LayerError(
+                    f"layer {p.name[:60]!r}... ({len(p.name)} characters): made path-safe it is {size} bytes, "
+                    f"over the {MAX_LAYER_STEM_BYTES} a file name in the output can hold; leave it out "
+                    "with layers.exclude"
+                )
+
     def plan(self) -> Plan:
+        self.check_layer_names()
         found = self.discover()
         status = results.item_status(self.output, self.spec.run)
         plan = Plan(discovery=found)
@@ -227,20 +338,39 @@ class Sweep:
                 plan.items.append((Item(ckpt, p.name, p.index), status.get((ckpt.key, p.name), "pending")))
         return plan
 
-    def record_spec(self) -> None:
+    def record_spec(self, *, run_level: bool = False) -> None:
         """Save the resolved spec beside the results; refuse a run name used by another spec.
 
         Also publish the selected layers (`runs/{run}/layers.json`) for `probeserve status`,
-        which reads progress without building the model.
+        which reads progress without building the model. First, refuse an output in another
+        layout or schema (`results.check_layout`): nothing is written to one.
+
+        The first spec recorded under a run name stays its record, unless `run_level`: the watch
+        daemon records its own spec before it submits anything, and replaces a record of the
+        same hash, because the sweeps it submits are restricted to one checkpoint each and their
+        restriction (`checkpoints.steps: [N]`) must not become what the run covers.
+
+        Each object is read first and written only when it is missing or differs, so a rerun
+        over a finished output writes nothing (on S3, every write is a billed request, and the
+        watch daemon reruns on every scan).
         """
+        results.check_layout(self.output)
         key = results.run_key(self.spec.run, "spec.json")
+        yaml_key = results.run_key(self.spec.run, "spec.yaml")
         body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
-        if self.output.create_only(key, body.encode()):
-            self.output.publish_bytes(
-                results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
-            )
+        if self.output.stat(key) is None and self.output.create_only(key, body.encode()):
+            self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         else:
             stored = results.read_json(self.output, key)
+            if (
+                run_level
+                and stored.get("spec_hash") == self.spec_hash
+                and stored.get("spec") != json.loads(body)["spec"]
+            ):
+                self.output.publish_bytes(key, body.encode())
+                self.output.publish_bytes(
+                    results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
+                )
             if stored.get("spec_hash") != self.spec_hash:
                 raise SpecError(
                     [
@@ -249,8 +379,29 @@ class Sweep:
                         "layers.inputs changed); choose another run name or output.uri"
                     ]
                 )
+            if self.output.stat(yaml_key) is None:  # the run that bound the name died before it
+                self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         layers = [{"layer": p.name, "layer_index": p.index} for p in self.points]
-        self.output.publish_bytes(results.run_key(self.spec.run, "layers.json"), json.dumps(layers).encode())
+        publish_if_changed(
+            self.output, results.run_key(self.spec.run, "layers.json"), json.dumps(layers).encode()
+        )
+        self.record_data()
+
+    def record_data(self) -> None:
+        """Freeze the run's example index (images: every later process and checkpoint reads
+        the same examples, even if the bucket changes) and publish its class names. Like
+        `record_spec`, it writes nothing when both are there already."""
+        ds = self.dataset
+        freeze = getattr(ds, "freeze", None)
+        index_key = results.run_key(self.spec.run, DATA_INDEX)
+        if freeze is not None and self.output.stat(index_key) is None:
+            freeze(self.output, index_key)
+        if ds.class_names is not None:
+            publish_if_changed(
+                self.output,
+                results.run_key(self.spec.run, "classes.json"),
+                json.dumps(list(ds.class_names)).encode(),
+            )
 
     def manifest(self, ckpt: Checkpoint, layer: str) -> dict[str, Any] | None:
         key = manifest_key(self.spec.run, ckpt, layer)
@@ -262,6 +413,10 @@ class Sweep:
             # damaged (cut short, edited by hand): as if absent, so the layer is extracted again
             log.warning("%s; extracting layer %s of %s again", e, layer, ckpt.key)
             return None
+        except StorageError:
+            if self.output.stat(key) is None:
+                return None  # another run deleted it since the stat: its item is committed
+            raise
 
     def failed_row(self, ckpt: Checkpoint, layer: str, layer_index: int, error: str, seconds: float) -> dict:
         return results.make_row(
@@ -278,18 +433,28 @@ class Sweep:
         )
 
 
-def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> torch.nn.Module:
+_MAX_LOAD_ERROR = 1000  # characters of load_state_dict's message kept (it lists every bad key)
+
+
+def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The model with the checkpoint's weights, and the dtype casts that loading did
+    ({tensor: "float64->float32"}; lossy ones are refused, see `check_dtypes`)."""
     state = load_state_dict(sweep.checkpoints_storage, ckpt, sweep.spec.checkpoints)
     model = sweep.build_model()
+    where = sweep.checkpoints_storage.uri_for(ckpt.key)
+    casts = check_dtypes(state, model.state_dict(), where=where, model=sweep.spec.model.factory)
+    if casts:
+        log.warning("%s: weights cast to the model's dtypes: %s", where, describe_casts(casts))
     try:
         model.load_state_dict(state, strict=sweep.spec.model.strict)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
+        first = " ".join(s.strip() for s in str(e).strip().splitlines()[:4])
+        if len(first) > _MAX_LOAD_ERROR:
+            first = first[:_MAX_LOAD_ERROR] + " ..."
         raise CheckpointError(
-            f"{sweep.checkpoints_storage.uri_for(ckpt.key)}: weights do not fit model.factory "
-            f"{sweep.spec.model.factory}: {' '.join(s.strip() for s in first[:4])}"
+            f"{where}: weights do not fit model.factory {sweep.spec.model.factory}: {first}"
         ) from None
-    return model.eval().to(device)
+    return model.eval().to(device), casts
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -408,18 +573,6 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _batches(ds: Any, split: str, batch_size: int, device: torch.device):
-    """The dataset's batches; datasets whose `batches` takes `device` put them there themselves."""
-    try:
-        takes_device = "device" in inspect.signature(ds.batches).parameters
-    except (TypeError, ValueError):
-        takes_device = False
-    if takes_device:
-        yield from ds.batches(split, batch_size, device=device)
-    else:
-        yield from ds.batches(split, batch_size)
-
-
 def _write_job(writer: Any, x: Any, y: np.ndarray, layer: str, worst: Any) -> Any:
     def job() -> None:
         try:
@@ -469,7 +622,7 @@ def extract(
     keep_freed_memory()
     remote = not isinstance(sweep.output, LocalStorage)
     fast = fast or FastPath.for_device(spec.resources, device, remote_output=remote)
-    model = _load_model(sweep, ckpt, device)
+    model, casts = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
     model = fast.prepare(model, points)
     reducers = {p.name: sweep.reducer(p) for p in points}
@@ -478,6 +631,7 @@ def extract(
     errors: dict[str, str] = {}
     shards: dict[str, dict[str, list]] = {p.name: {} for p in points}
     counts: dict[str, list[int]] = {}
+    skipped: dict[str, list[str]] = {}
     check_later = fast.deferred_check and spec.output.dtype == "float16"
     created: list[Any] = []  # every writer, so that none is left open whatever happens
     with (
@@ -533,7 +687,7 @@ def extract(
                     return cast_rows(r, spec.output.dtype, name)
 
             with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
-                for x, y in _batches(ds, split, batch_size, fast.device):
+                for x, y in ds.batches(split, batch_size, device=fast.device):
                     n = len(y)
                     x = fast.input(x, batch_size)
                     overflow.clear()
@@ -564,9 +718,13 @@ def extract(
             queue.put([(name, _close_job(writer, shards[name], split)) for name, writer in writers.items()])
             y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
             counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
+            skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
         queue.drain()
     for name, e in queue.failures.items():
         errors.setdefault(name, f"layer {name}: {describe_error(e)}")
+    n_skipped = sum(len(v) for v in skipped.values())
+    if n_skipped:
+        log.warning("%s: %d undecodable image(s) left out of the probe data", ckpt.key, n_skipped)
     seconds = time.perf_counter() - t0
     for p in points:
         if p.name in errors:
@@ -582,28 +740,89 @@ def extract(
             "dtype": spec.output.dtype,
             "reducer": reducers[p.name].describe(),
             "num_classes": ds.num_classes,
+            "class_names": list(ds.class_names) if ds.class_names is not None else None,
+            "data": ds.describe(),
+            "n_skipped": n_skipped,
+            "skipped": {s: names[:MAX_SKIPPED_NAMES] for s, names in skipped.items()},
             "class_counts": counts,
             "extract_seconds": seconds,
             "precision": fast.precision,
             "extraction": fast.describe(),
+            # with false, the shards go once the item is committed: a manifest of a committed
+            # item that says false was left by a run killed before it deleted them
+            "keep_activations": spec.output.keep_activations,
+            "weights_cast": casts,
             "splits": {
                 s: {"rows": sum(i.rows for i in infos), "shards": [i.key for i in infos]}
                 for s, infos in shards[p.name].items()
             },
         }
         sweep.output.publish_bytes(manifest_key(spec.run, ckpt, p.name), json.dumps(body, indent=1).encode())
+        # only now, with the new manifest published, may parts it does not list go (an earlier
+        # extraction with another output.max_shard_bytes, or one killed before its manifest)
+        listed = {info.key for infos in shards[p.name].values() for info in infos}
+        with tidying(f"layer {p.name} of {ckpt.key}: removing parts its new manifest does not list"):
+            delete_unlisted_parts(sweep.output, layer_prefix(spec.run, ckpt, p.name), listed)
+    for name in errors:  # a failed layer's complete parts have no manifest: nothing reads them
+        with tidying(f"layer {name} of {ckpt.key}: removing the parts of its failed extraction"):
+            delete_unlisted_parts(sweep.output, layer_prefix(spec.run, ckpt, name), set())
     return errors
 
 
-def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
-    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
-    from probeserve.probe import train_probe
+@contextlib.contextmanager
+def tidying(what: str) -> Iterator[None]:
+    """Clean-up that must not turn work that succeeded into a failure: log, and go on.
+
+    What it leaves is removed by a later run."""
+    try:
+        yield
+    except Exception as e:
+        log.warning("%s failed: %s", what, describe_error(e))
+
+
+def delete_unlisted_parts(storage: Storage, prefix: str, listed: set[str]) -> int:
+    """Delete the shard parts under a layer's prefix that are not in `listed`; how many.
+
+    With `listed` empty, a manifest published meanwhile by a racing run (the same layer
+    extracted twice at once) keeps its parts: only parts nothing lists are garbage. That
+    check and the deletion are not atomic; a reader that then misses a part extracts again
+    (`probe_and_commit`)."""
+    if not listed:
+        key = join(prefix, "manifest.json")
+        if storage.stat(key) is not None:
+            try:
+                other = json.loads(storage.read_bytes(key, max_bytes=MANIFEST_MAX_BYTES))
+                listed = {k for split in other["splits"].values() for k in split["shards"]}
+            except (ValueError, KeyError, TypeError, AttributeError, StorageError):
+                pass  # damaged or gone: it keeps nothing
+    stale = [k for k in shard_keys(storage, prefix) if k not in listed]
+    for k in stale:
+        storage.delete(k)
+    return len(stale)
+
+
+def probes_per_call(spec: SweepSpec, device: str) -> int:
+    """How many items of one checkpoint a probe call trains together (`resources.probes_per_call`;
+    unset: 1 on CPU, where one probe already uses every core, and more on a GPU, which one
+    probe of a small layer leaves mostly idle)."""
+    if spec.resources.probes_per_call is not None:
+        return spec.resources.probes_per_call
+    return CUDA_PROBES_PER_CALL if device.startswith("cuda") else 1
+
+
+CUDA_PROBES_PER_CALL = 8
+
+
+def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str):  # -> (manifest, probe.ProbeData)
+    """A layer's shards as the probe trainer reads them, with its manifest."""
+    from probeserve.probe import ProbeData
     from probeserve.shards import iter_chunks
 
-    t0 = time.perf_counter()
     manifest = sweep.manifest(ckpt, layer)
     if manifest is None:
-        raise ProbeserveError(f"layer {layer}: no activations for {ckpt.key}; extract first")
+        from probeserve.shards import ShardMissing
+
+        raise ShardMissing(f"layer {layer}: no activations for {ckpt.key}; extract first")
     batch = sweep.spec.probe.batch_size
     out = sweep.output
 
@@ -611,17 +830,27 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         keys = manifest["splits"][split]["shards"]
         return lambda: iter_chunks(out, keys, batch_rows=batch)
 
-    try:
-        res = train_probe(
-            source("train"),
-            source("val"),
-            source("test"),
-            num_classes=manifest["num_classes"],
-            spec=sweep.spec.probe,
-            device=device,
-        )
-    except ProbeserveError as e:
-        raise type(e)(f"layer {layer}: {e}") from None
+    data = ProbeData(
+        source("train"),
+        source("val"),
+        source("test"),
+        num_classes=manifest["num_classes"],
+        n_features=manifest["n_features"],
+    )
+    return manifest, data
+
+
+def _named(e: Exception, layer: str) -> Exception:
+    """A user error with the layer it concerns in front of its message."""
+    if isinstance(e, ProbeserveError) and not isinstance(e, SpecError):
+        named = type(e)(f"layer {layer}: {e}")
+        return named
+    return e
+
+
+def _probe_row(
+    sweep: Sweep, ckpt: Checkpoint, layer: str, manifest: dict, res, seconds: float
+) -> dict[str, Any]:
     train_counts = manifest["class_counts"]["train"]
     test_counts = manifest["class_counts"]["test"]
     majority = int(np.argmax(train_counts))
@@ -649,20 +878,121 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
         best_epoch=res.best_epoch,
         status="ok",
         error=None,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         device=res.device,
+        n_skipped=manifest.get("n_skipped", 0),
+        skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
+        weights_cast=describe_casts(manifest.get("weights_cast") or {}),
+        hit_max_epochs=hit_max_epochs(
+            epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
+        ),
         precision=manifest.get("precision", "fp32"),  # manifests before the field: fp32
     )
 
 
-def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> None:
-    """Drop a layer's shards (manifest first, so no reader is left with missing shards)."""
-    manifest = sweep.manifest(ckpt, layer)
-    sweep.output.delete(manifest_key(sweep.spec.run, ckpt, layer))
-    if manifest:
-        for split in manifest["splits"].values():
-            for key in split["shards"]:
-                sweep.output.delete(key)
+def hit_max_epochs(*, epochs: int, best_epoch: int, n_val: int, spec: SweepSpec) -> bool:
+    """Whether a probe stopped only because it reached `probe.max_epochs`.
+
+    A probe that stopped earlier converged (the objective stopped changing) or was early-stopped;
+    one that ran all its epochs was early-stopped at the last one when `patience` epochs had
+    passed since its best validation loss (the stopping rule of `probe.train_probe`), and
+    otherwise was cut off: its error may still fall with more epochs, which the summary of a
+    run says.
+    """
+    probe = spec.probe
+    if epochs < probe.max_epochs:
+        return False
+    early_stopped = probe.patience is not None and n_val > 0 and epochs - best_epoch >= probe.patience
+    return not early_stopped
+
+
+def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
+    """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    manifest, data = _probe_data(sweep, ckpt, layer)
+    try:
+        ((outcome,),) = train_probes([data], spec=sweep.spec.probe, device=device)
+    except ProbeserveError as e:
+        raise _named(e, layer) from None
+    if isinstance(outcome, Exception):
+        raise _named(outcome, layer)
+    return _probe_row(sweep, ckpt, layer, manifest, outcome, time.perf_counter() - t0)
+
+
+def probe_group(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> list[Any]:
+    """Train the probes of several layers of one checkpoint together on one device (one call
+    of `probe.train_probes`, within one `probe.memory_bytes`); return, per layer, its row or
+    the exception that failed it alone. Each row's `seconds` is its share of the wall time."""
+    from probeserve.probe import train_probes
+
+    t0 = time.perf_counter()
+    outcomes: list[Any] = [None] * len(layers)
+    inputs = []
+    for i, layer in enumerate(layers):
+        try:
+            inputs.append((i, *_probe_data(sweep, ckpt, layer)))
+        except Exception as e:
+            outcomes[i] = _named(e, layer)
+    trained = train_probes([data for _, _, data in inputs], spec=sweep.spec.probe, device=device)
+    share = (time.perf_counter() - t0) / max(1, len(layers))
+    for (i, manifest, _), (outcome,) in zip(inputs, trained, strict=True):
+        layer = layers[i]
+        if isinstance(outcome, Exception):
+            outcomes[i] = _named(outcome, layer)
+        else:
+            outcomes[i] = _probe_row(sweep, ckpt, layer, manifest, outcome, share)
+    return outcomes
+
+
+def delete_activations(sweep: Sweep, ckpt: Checkpoint, layer: str) -> int:
+    """Drop a layer's shards once its item is committed; return how many objects went.
+
+    The manifest goes first, so that no run starts reading shards that are about to go; then
+    every part under the layer's prefix, listed or not (a racing run's, or one left by a
+    killed or failed extraction). Only what is there is deleted, so a second run doing the
+    same finds nothing to do and writes nothing; a reader that had the manifest already and
+    misses a part finds the committed row (`probe_and_commit`)."""
+    out = sweep.output
+    key = manifest_key(sweep.spec.run, ckpt, layer)
+    n = 0
+    if out.stat(key) is not None:
+        out.delete(key)
+        n += 1
+    for part in shard_keys(out, layer_prefix(sweep.spec.run, ckpt, layer)):
+        out.delete(part)
+        n += 1
+    return n
+
+
+def clean_committed_activations(sweep: Sweep, plan: Plan) -> int:
+    """With `output.keep_activations: false`: delete the shards that runs killed after
+    committing an item left behind; how many objects went.
+
+    One listing of the run's activations. Only layers whose item is committed ok are
+    touched, and of those only parts with no manifest (nothing reads them) or with a
+    manifest that says it was not to be kept: a manifest from a run that kept its
+    activations (or one written before manifests said so) stays, with its parts."""
+    if sweep.spec.output.keep_activations:
+        return 0
+    out, run = sweep.output, sweep.spec.run
+    done = {layer_prefix(run, i.checkpoint, i.layer): i for i, s in plan.items if s == "ok"}
+    if not done:
+        return 0
+    base = join(ACTIVATIONS_DIR, run) + "/"
+    found = {"/".join(o.key.split("/")[:4]) for o in out.list(base)}  # activations/run/ckpt/layer
+    n = 0
+    for prefix in sorted(found):
+        item = done.get(prefix)
+        if item is None:
+            continue
+        manifest = sweep.manifest(item.checkpoint, item.layer)
+        if manifest is None or manifest.get("keep_activations") is False:
+            n += delete_activations(sweep, item.checkpoint, item.layer)
+    if n:
+        log.info("removed %d activation object(s) of committed items left by killed runs", n)
+    return n
 
 
 def log_failure(item: str, e: BaseException) -> None:
@@ -672,7 +1002,12 @@ def log_failure(item: str, e: BaseException) -> None:
         log.error("%s failed:\n%s", item, "".join(traceback.format_exception(e)))
 
 
-RUNNING_DIR = "running"
+RUNNING_DIR = results.RUNNING_DIR
+# A running marker is published again every HEARTBEAT_S seconds while its probe runs; one not
+# refreshed for STALE_BEATS of its own heartbeats is dead, wherever its process ran.
+HEARTBEAT_S = 30.0
+STALE_BEATS = 4
+MARKER_MAX_BYTES = 64 << 10
 
 
 def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
@@ -682,6 +1017,108 @@ def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
         results.checkpoint_dir(ckpt.key, ckpt.step),
         results.layer_stem(layer) + ".json",
     )
+
+
+class Heartbeat:
+    """The `running/...` marker of one item while it is probed: published at once, then again
+    every `HEARTBEAT_S` seconds from a thread (so any machine can see that it is alive by its
+    age), and deleted at the end. It says who runs it: host, pid, start time, device."""
+
+    def __init__(self, storage: Storage, key: str, *, device: str) -> None:
+        self.storage, self.key = storage, key
+        self.interval = HEARTBEAT_S
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "device": device,
+            "heartbeat_s": self.interval,
+        }
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _publish(self) -> None:
+        self.storage.publish_bytes(self.key, json.dumps({**self.info, "beat": time.time()}).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._publish()
+            except Exception as e:  # a missed beat only makes status call it stale sooner
+                log.warning("%s: cannot refresh the running marker: %s", self.key, describe_error(e))
+
+    def __enter__(self) -> Heartbeat:
+        self._publish()
+        self._thread = threading.Thread(target=self._beat, name="probeserve-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating; once this returns, the marker is not published again."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def marker_state(storage: Storage, obj: ObjectInfo, *, now: float | None = None) -> tuple[bool, str]:
+    """(alive, why) for a running marker, from storage alone.
+
+    Dead: its pid is gone and it was written on this host, or it has not been refreshed for
+    `STALE_BEATS` heartbeats (its own `heartbeat_s`, or `HEARTBEAT_S` for a marker that does
+    not say). Its age is the storage's modification time, so clocks of the writer's machine
+    do not matter. A marker that cannot be read is judged by its age alone."""
+    now = time.time() if now is None else now
+    info: dict[str, Any] = {}
+    with contextlib.suppress(ProbeserveError, ValueError):
+        loaded = json.loads(storage.read_bytes(obj.key, max_bytes=MARKER_MAX_BYTES))
+        if isinstance(loaded, dict):
+            info = loaded
+    host, pid = info.get("host"), info.get("pid")
+    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        from probeserve.staging import pid_alive
+
+        if not pid_alive(pid):
+            return False, f"pid {pid} on {host} is gone"
+    interval = info.get("heartbeat_s")
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 < interval < 1e6:
+        interval = HEARTBEAT_S
+    age = now - obj.mtime
+    if age > STALE_BEATS * interval:
+        who = f" (host {host}, pid {pid})" if host else ""
+        return False, f"not refreshed for {age:.0f} s{who}"
+    return True, "running"
+
+
+def remove_dead_markers(sweep: Sweep) -> int:
+    """Delete the running markers of this run whose probes are dead (see `marker_state`);
+    how many. A live probe whose marker is deleted by mistake publishes it again at its
+    next heartbeat."""
+    out = sweep.output
+    n = 0
+    for obj in out.list(join(RUNNING_DIR, sweep.spec.run) + "/"):
+        alive, why = marker_state(out, obj)
+        if not alive:
+            log.info("removing the running marker %s: %s", obj.key, why)
+            out.delete(obj.key)
+            n += 1
+    return n
+
+
+def start_cleanup(sweep: Sweep, plan: Plan) -> None:
+    """What a run removes before it starts: leftovers of dead processes that are provably
+    its own (staging folders on this host, running markers, shards of committed items).
+    On an output with nothing left over, it writes nothing."""
+    from probeserve.staging import remove_stale
+
+    remove_stale()
+    with tidying(f"run {sweep.spec.run}: removing running markers of dead probes"):
+        remove_dead_markers(sweep)
+    with tidying(f"run {sweep.spec.run}: removing shards of committed items"):
+        clean_committed_activations(sweep, plan)
 
 
 def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str, str]:
@@ -694,12 +1131,18 @@ def extract_missing(sweep: Sweep, items: list[Item], *, device: str) -> dict[str
     need = [i for i in items if sweep.manifest(ckpt, i.layer) is None]
     if not need:
         return {}
+    from probeserve.staging import remove_stale
+
+    remove_stale()  # a Ray worker on another host cleans up after that host's dead processes
     t0 = time.perf_counter()
     try:
         errors = extract(sweep, ckpt, [i.layer for i in need], device=device)
     except Exception as e:
         log_failure(f"extract {ckpt.key}", e)
         errors = {i.layer: describe_error(e) for i in need}
+        for i in need:  # parts it published before it failed: no manifest lists them
+            with tidying(f"layer {i.layer} of {ckpt.key}: removing the parts of its failed extraction"):
+                delete_unlisted_parts(out, layer_prefix(run, ckpt, i.layer), set())
     seconds = time.perf_counter() - t0
     for item in need:
         if item.layer in errors:
@@ -721,33 +1164,166 @@ def commit_unless_done(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
-    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+REEXTRACT_TRIES = 2  # a probe whose shards vanish under it extracts again at most this often
 
-    While it runs, a small `running/...` object says so, for `probeserve status` on any machine.
+
+def _probe_retrying(
+    sweep: Sweep, item: Item, *, device: str, t0: float, first: Any = None
+) -> tuple[dict[str, Any], bool]:
+    """Probe one item until there is a row for it; return (row, whether it is committed already).
+
+    `first` is the outcome of a first attempt made elsewhere (a row, or the exception that
+    failed it, from a group trained together); without it the first attempt is made here.
+
+    Another run on the same output may delete this layer's shards while this one reads
+    them: with `keep_activations: false` once it has committed the item, or after its own
+    extraction of the layer failed; or extract the layer again and replace its parts. A probe
+    that misses its shards therefore looks again: a committed ok row is the answer (nothing is
+    logged as an error); a manifest that is there is read again, once; otherwise it extracts
+    the layer again and retries, and fails only if that keeps happening.
     """
+    from probeserve.shards import ShardMissing
+
+    ckpt, run = item.checkpoint, sweep.spec.run
+    extractions = 0
+    reread = False  # whether the manifest was read again since the last extraction
+    outcome = first
+    while True:
+        if outcome is None:
+            try:
+                outcome = probe(sweep, ckpt, item.layer, device=device)
+            except Exception as e:
+                outcome = e
+        if not isinstance(outcome, Exception):
+            return outcome, False
+        e, outcome = outcome, None
+        if not isinstance(e, ShardMissing):
+            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+            ), False
+        done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
+        if done is not None and done["status"] == "ok":
+            log.info("step %d %s: committed by another run meanwhile", ckpt.step, item.layer)
+            return done, True
+        if not reread and sweep.manifest(ckpt, item.layer) is not None:
+            # a new manifest (another run extracted the layer again) lists other parts
+            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+            reread = True
+            continue
+        if extractions == REEXTRACT_TRIES:
+            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+            ), False
+        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+        extractions += 1
+        reread = False
+        try:
+            failed = extract(sweep, ckpt, [item.layer], device=device)
+        except Exception as ex:
+            failed = {item.layer: describe_error(ex)}
+        if item.layer in failed:
+            return sweep.failed_row(
+                ckpt, item.layer, item.layer_index, failed[item.layer], time.perf_counter() - t0
+            ), False
+
+
+def _committed_ok(sweep: Sweep, item: Item) -> dict[str, Any] | None:
+    """The item's row if another run committed it ok since this one was planned (then the
+    shards this run extracted for it go, with `keep_activations: false`)."""
     ckpt = item.checkpoint
     done = results.read_row(sweep.output, sweep.spec.run, ckpt.key, ckpt.step, item.layer)
     if done is not None and done["status"] == "ok":
-        return done  # committed by another run since this one was planned
-    marker = running_key(sweep.spec.run, ckpt, item.layer)
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "device": device}
-    sweep.output.publish_bytes(marker, json.dumps(info).encode())
-    t0 = time.perf_counter()
-    try:
-        row = probe(sweep, ckpt, item.layer, device=device)
-    except Exception as e:
-        log_failure(f"probe {ckpt.key} {item.layer}", e)
-        row = sweep.failed_row(
-            ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
-        )
-    row = commit_unless_done(sweep, row)
-    try:  # the item is done now; tidying up after it must not undo that
-        sweep.output.delete(marker)
-        if row["status"] == "ok" and not sweep.spec.output.keep_activations:
-            delete_activations(sweep, ckpt, item.layer)
-    except Exception as e:
-        log.warning(
-            "step %d %s: committed, but cleaning up failed: %s", ckpt.step, item.layer, describe_error(e)
-        )
+        _drop_activations(sweep, item)
+        return done
+    return None
+
+
+def _finish(
+    sweep: Sweep, item: Item, beat: Heartbeat, row: dict[str, Any], committed: bool
+) -> dict[str, Any]:
+    """Commit the item's row (the commit is what makes it done), then tidy up after it."""
+    if not committed:
+        row = commit_unless_done(sweep, row)
+    beat.stop()  # before the marker goes, or a last beat could publish it again
+    with tidying(f"step {item.checkpoint.step} {item.layer}: committed, but cleaning up"):
+        sweep.output.delete(beat.key)
+    if row["status"] == "ok":
+        _drop_activations(sweep, item)
     return row
+
+
+def probe_and_commit(sweep: Sweep, item: Item, *, device: str) -> dict[str, Any]:
+    """Probe one item and commit its row (ok or failed); the commit is what makes it done.
+
+    While it runs, a `running/...` marker with a heartbeat says so, for `probeserve status`
+    on any machine. Shards that vanish under it are handled by `_probe_retrying`.
+    """
+    done = _committed_ok(sweep, item)
+    if done is not None:
+        return done  # committed by another run since this one was planned
+    t0 = time.perf_counter()
+    with Heartbeat(
+        sweep.output, running_key(sweep.spec.run, item.checkpoint, item.layer), device=device
+    ) as beat:
+        row, committed = _probe_retrying(sweep, item, device=device, t0=t0)
+        return _finish(sweep, item, beat, row, committed)
+
+
+def probe_and_commit_group(sweep: Sweep, items: list[Item], *, device: str) -> list[dict[str, Any]]:
+    """Probe several items of one checkpoint together and commit each one's row as
+    `probe_and_commit` does; return the rows in the order of `items`.
+
+    An item already committed ok is skipped. A failure fails its item alone: an item whose data
+    is bad gets a failed row while the others are trained; an item that does not fit in
+    `probe.memory_bytes` beside the others is trained again on its own, and so is one whose
+    shards vanished (see `_probe_retrying`); and if the group as a whole fails (an error no
+    single item's data explains), each item is trained on its own.
+    """
+    if len(items) <= 1:
+        return [probe_and_commit(sweep, item, device=device) for item in items]
+    from probeserve.probe import BudgetError
+    from probeserve.shards import ShardMissing
+
+    ckpt = items[0].checkpoint
+    assert all(i.checkpoint == ckpt for i in items), "a probe group holds items of one checkpoint"
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[Item] = []
+    for item in items:
+        done = _committed_ok(sweep, item)
+        if done is not None:
+            rows[item.layer] = done
+        else:
+            todo.append(item)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        beats = [
+            stack.enter_context(
+                Heartbeat(sweep.output, running_key(sweep.spec.run, ckpt, i.layer), device=device)
+            )
+            for i in todo
+        ]
+        try:
+            outcomes = probe_group(sweep, ckpt, [i.layer for i in todo], device=device) if todo else []
+        except Exception as e:
+            log.warning(
+                "step %d: %d probes trained together failed (%s); training each alone",
+                ckpt.step,
+                len(todo),
+                describe_error(e),
+            )
+            outcomes = [None] * len(todo)
+        for item, beat, outcome in zip(todo, beats, outcomes, strict=True):
+            if isinstance(outcome, (BudgetError, ShardMissing)):
+                outcome = None  # on its own: alone it may fit; its shards may be found again
+            row, committed = _probe_retrying(sweep, item, device=device, t0=t0, first=outcome)
+            rows[item.layer] = _finish(sweep, item, beat, row, committed)
+    return [rows[item.layer] for item in items]
+
+
+def _drop_activations(sweep: Sweep, item: Item) -> None:
+    if sweep.spec.output.keep_activations:
+        return
+    with tidying(f"step {item.checkpoint.step} {item.layer}: committed, but deleting its shards"):
+        delete_activations(sweep, item.checkpoint, item.layer)

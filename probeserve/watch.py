@@ -10,6 +10,12 @@ Exactly once comes from a ledger in the output storage, not from the daemon's me
     {output}/ledger/{run}/{checkpoint dir}/claim-{gen:04d}.json   create-only (If-None-Match: *)
     {output}/ledger/{run}/{checkpoint dir}/state-{gen:04d}.json   submitted | done | failed
 
+(`{checkpoint dir}` is `results.checkpoint_dir`, the name results, activations and `running/`
+markers use too.) Before its first scan the daemon resolves its spec (model, data, layers) and
+records it as the run's spec: a spec that cannot work stops the daemon (exit 2) instead of
+failing every checkpoint, and the run's record says what the daemon covers, not the one step
+each of its sweeps is restricted to.
+
 A daemon submits a checkpoint only after *creating* claim generation 1, and create-only writes
 have one winner, so two daemons on one bucket never both submit it. A claim whose job died (the
 submitter says failed without every layer having a committed row, or it does not know the
@@ -41,13 +47,13 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from probeserve import results
 from probeserve.checkpoints import Checkpoint, discover
-from probeserve.errors import ProbeserveError
+from probeserve.errors import DataError, LayerError, ModelError, ProbeserveError, SpecError
 from probeserve.spec import SweepSpec, dump_spec, spec_from_dict
 from probeserve.storage import ObjectInfo, Storage, join, open_storage
 
 log = logging.getLogger("probeserve.watch")
 
-LEDGER_DIR = "ledger"
+LEDGER_DIR = results.LEDGER_DIR
 JobState = Literal["running", "succeeded", "failed", "unknown"]
 Policy = Literal["all", "newest"]
 
@@ -70,14 +76,49 @@ class Submitter(Protocol):
 
 
 def spec_for_checkpoint(spec: SweepSpec, ckpt: Checkpoint, *, keep_activations: bool) -> SweepSpec:
-    """The sweep spec restricted to one checkpoint's step (and activations kept or not)."""
+    """The sweep spec restricted to one checkpoint's step (and activations kept or not).
+
+    A relative local `checkpoints.uri` or `output.uri` is made absolute, against the daemon's
+    working folder: a Ray job runs in a copy of its working folder, where a relative output
+    would vanish. (Data paths stay as they are: they are part of the spec's hash.)"""
     data = spec.model_dump(mode="json")
+    for section in (data["checkpoints"], data["output"]):
+        if is_relative_local(section["uri"]):
+            section["uri"] = os.path.abspath(section["uri"])
     data["checkpoints"]["steps"] = [ckpt.step]
     data["checkpoints"]["completeness"] = "none"  # the daemon has decided completeness already
     data["output"]["keep_activations"] = keep_activations
     if spec.storage.resolved_endpoint():  # a job elsewhere has no $PROBESERVE_S3_ENDPOINT
         data["storage"]["s3_endpoint"] = spec.storage.resolved_endpoint()
     return spec_from_dict(data, source=f"spec for {ckpt.key}")
+
+
+def local_path_fields(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """(field path, section, name) of every spec field that can hold a local path."""
+    fields = [("checkpoints.uri", data["checkpoints"], "uri"), ("output.uri", data["output"], "uri")]
+    for name in ("path", "uri"):
+        if data["data"].get(name):
+            fields.append((f"data.{name}", data["data"], name))
+    return fields
+
+
+def is_relative_local(uri: str) -> bool:
+    """A plain path that is not absolute (`s3://`, `file:///...` and absolute paths are not)."""
+    return "://" not in uri and not os.path.isabs(uri)
+
+
+def _user_package(factory: str) -> str | None:
+    """The folder or file in the working folder that holds a `module:function` factory's
+    top-level package, or None (a built-in model, or one that is installed)."""
+    module = factory.partition(":")[0] if ":" in factory else ""
+    top = module.split(".")[0]
+    if not top:
+        return None
+    for candidate in (top, top + ".py"):
+        path = os.path.join(os.getcwd(), candidate)
+        if os.path.isdir(path) or os.path.isfile(path):
+            return path
+    return None
 
 
 class LocalSubmitter:
@@ -129,9 +170,12 @@ class RayJobSubmitter:
     """Submits each checkpoint's sweep as a Ray job through the job-submission API.
 
     The job's working directory is a small folder made per submission: the resolved spec
-    (restricted to the checkpoint) and `jobs/sweep.py`. The cluster's image must have
-    probeserve installed. No credentials travel: runtime_env is readable by anyone who can
-    read the job API, so S3 credentials must come from the cluster's own environment.
+    (restricted to the checkpoint, relative local paths made absolute), `jobs/sweep.py`, and
+    the package of a `model.factory` that lives in the daemon's working folder rather than
+    being installed (`acme_nets/` for `acme_nets.zoo:build`); Ray puts the job's working
+    directory on every worker's import path. The cluster's image must have probeserve
+    installed. No credentials travel: runtime_env is readable by anyone who can read the job
+    API, so S3 credentials must come from the cluster's own environment.
     """
 
     synchronous = False
@@ -162,7 +206,21 @@ class RayJobSubmitter:
             raise ProbeserveError(f"--address {self.address}: {what}: {e}") from None
         raise e
 
+    def check_spec(self, spec: SweepSpec) -> None:
+        """Refuse what a job cannot run: a relative data path would be looked for in the job's
+        copy of its working folder. (It is not made absolute, as the other paths are, because
+        data paths are part of the spec's hash.) The daemon asks before it claims anything."""
+        for field_path, section, name in local_path_fields(spec.model_dump(mode="json")):
+            if field_path.startswith("data.") and is_relative_local(section[name]):
+                raise SpecError(
+                    [
+                        f"{field_path}: {section[name]!r} is a relative path, which a Ray job would look "
+                        "for in its copy of the working folder; give an absolute path or s3://"
+                    ]
+                )
+
     def submit(self, checkpoint: Checkpoint, spec: SweepSpec, *, submission_id: str) -> str:
+        self.check_spec(spec)
         if self.state(submission_id) != "unknown":
             return submission_id  # submitted before a restart: the same deterministic id
         tmp = tempfile.mkdtemp(prefix="probeserve-job-")
@@ -175,6 +233,15 @@ class RayJobSubmitter:
                 entrypoint = "python jobs/sweep.py spec.yaml"
             else:  # an installed package without the repo: the same command
                 entrypoint = "python -m probeserve run spec.yaml --address auto"
+            package = _user_package(spec.model.factory)
+            if package and os.path.isdir(package):
+                shutil.copytree(
+                    package,
+                    os.path.join(tmp, os.path.basename(package)),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                )
+            elif package:
+                shutil.copyfile(package, os.path.join(tmp, os.path.basename(package)))
             entrypoint += f" --set checkpoints.steps=[{checkpoint.step}]"
             entrypoint += f" --set output.keep_activations={str(spec.output.keep_activations).lower()}"
             try:
@@ -406,7 +473,28 @@ class Watcher:
         self.output = open_storage(spec.output.uri, s3_endpoint=endpoint)
         self._seen: dict[str, tuple[int, float, float]] = {}  # key -> (size, mtime, first seen)
         self._reported: set[str] = set()
+        self._recorded = False  # the run's spec is recorded (once per daemon)
+        self._said_empty = False  # "no checkpoints yet" was logged (once until some appear)
         self.stop = threading.Event()
+
+    def record_run(self) -> None:
+        """Resolve the spec and record it as the run's spec, once, before anything is claimed.
+
+        A spec that cannot work (model, data, layers, a run name bound to another spec, an
+        output in an older layout) raises here, so the daemon stops with exit 2 rather than
+        claim every checkpoint and fail it. Recording the daemon's own spec keeps its sweeps'
+        restriction to one step out of the run's record, which `probeserve status` and the
+        report read to count the checkpoints the run covers.
+        """
+        if self._recorded:
+            return
+        from probeserve.sweep import Sweep
+
+        check = getattr(self.submitter, "check_spec", None)  # what only this submitter refuses
+        if check is not None:
+            check(self.spec)
+        Sweep(self.spec).record_spec(run_level=True)
+        self._recorded = True
 
     # -- discovery
 
@@ -414,7 +502,17 @@ class Watcher:
         spec = self.spec.checkpoints
         stable = spec.completeness == "stable_size"
         disc_spec = spec.model_copy(update={"completeness": "none"}) if stable else spec
+        if not self.checkpoints.root_exists():
+            # a local folder the training job has not created yet (an S3 prefix that does not
+            # exist yet just lists empty; a missing bucket is still an error): no checkpoints
+            # yet, not a failed scan, so the first checkpoint is not kept waiting by a backoff
+            self._say_empty(f"{self.checkpoints.uri} does not exist yet")
+            return []
         found = discover(_PagedStorage(self.checkpoints, self.page_size), disc_spec)
+        if not found.complete and not found.incomplete and not found.rejected:
+            self._say_empty(f"no checkpoints under {self.checkpoints.uri} yet")
+        else:
+            self._said_empty = False
         for key, why in found.rejected:
             report.rejected.append((key, why))
             if key not in self._reported:
@@ -439,6 +537,11 @@ class Watcher:
         if self.policy == "newest" and complete:
             complete = [max(complete, key=lambda c: (c.step, c.key))]
         return complete
+
+    def _say_empty(self, what: str) -> None:
+        if not self._said_empty:
+            log.info("checkpoints.uri: %s; waiting for the first checkpoint", what)
+            self._said_empty = True
 
     # -- ledger writes
 
@@ -631,6 +734,7 @@ class Watcher:
     def scan(self) -> ScanReport:
         """One full scan: discover, read the ledger, claim/submit/follow up each checkpoint."""
         report = ScanReport()
+        self.record_run()
         checkpoints = self.find_checkpoints(report)
         ledger = read_ledger(self.output, self.spec.run, page_size=self.page_size)
         for ckpt in checkpoints:
@@ -652,12 +756,15 @@ class Watcher:
         """Scan until stopped (SIGTERM/SIGINT set `self.stop`); with `once`, one scan.
 
         A failed scan (storage or Ray unreachable, ...) is logged with when it will be retried,
-        and retried with exponential backoff up to `backoff_cap` seconds.
+        and retried with exponential backoff up to `backoff_cap` seconds. A spec that cannot
+        work, or an output in another layout, is raised at once: no retry can fix it.
         """
         failures = 0
         while not self.stop.is_set():
             try:
                 report = self.scan()
+            except (SpecError, ModelError, DataError, LayerError, results.LayoutError):
+                raise
             except Exception as e:  # keep the daemon alive whatever one scan hits
                 failures += 1
                 what = str(e) if isinstance(e, ProbeserveError) else f"{type(e).__name__}: {e}"

@@ -83,6 +83,18 @@ def test_batches_are_float32_copies():
         ds.size("validation")
 
 
+def test_batches_go_to_the_device_asked_for_and_nothing_is_skipped():
+    ds = load_dataset(GaussianData(kind="gaussian", dim=3, train_size=10, val_size=4, test_size=4))
+    x, _ = next(ds.batches("train", 4))
+    assert x.device.type == "cpu"
+    # "meta" stands for any device other than the CPU (no GPU needed to see the copy happen)
+    on_meta, y = next(ds.batches("train", 4, device="meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (4, 3) and on_meta.dtype == torch.float32
+    assert isinstance(y, np.ndarray) and y.dtype == np.int64
+    assert [ds.skipped(s) for s in SPLITS] == [[], [], []]
+    assert ds.describe() == {"source": ds.source}
+
+
 # --- IDX -----------------------------------------------------------------------------------
 
 

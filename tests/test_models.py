@@ -216,3 +216,169 @@ def test_example_input_follows_model_dtype():
     model = tiny().double()
     x = example_input(model, batch_size=4)
     assert x.dtype == torch.float64 and x.shape == (4, 8)
+
+
+# --- factories that misbehave ---------------------------------------------------------------
+
+EVIL = """
+import sys
+
+def exits():
+    sys.exit(7)
+
+def interrupts():
+    raise KeyboardInterrupt
+
+class Stop(BaseException):
+    pass
+
+def stops():
+    raise Stop("custom base exception")
+
+def cpp_frames():
+    raise RuntimeError(
+        "Trying to create tensor with negative dimension -2: [-2, 6]\\n"
+        "Exception raised from check_size_nonnegative at aten/src/ATen/EmptyTensor.h:8 (most recent call first):\\n"
+        "C++ CapturedTraceback:\\n#4 std::_Function_handler<...> from Logging.cpp:0\\nframe #0: c10::Error::Error"
+    )
+
+def enforce():
+    raise RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 24000000000000 bytes. Error code 12 (Cannot allocate memory)\\n"
+        "C++ CapturedTraceback:\\n#4 c10::ThrowEnforceNotMet(char const*, int, char const*)"
+    )
+"""
+
+
+@pytest.fixture
+def evil_module(tmp_path, monkeypatch):
+    (tmp_path / "evil_factories.py").write_text(EVIL)
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(9)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (
+            "evil_factories:exits",
+            "model.factory 'evil_factories:exits': called sys.exit(7) while building the model",
+        ),
+        (
+            "evil_factories:interrupts",
+            "model.factory 'evil_factories:interrupts': raised KeyboardInterrupt while building the model",
+        ),
+        (
+            "evil_factories:stops",
+            "model.factory 'evil_factories:stops': raised Stop: custom base exception while building the model",
+        ),
+        (
+            "exits_on_import:build",
+            "model.factory 'exits_on_import:build': called sys.exit(9) while importing",
+        ),
+    ],
+)
+def test_a_factory_that_ends_the_process_is_a_model_error(evil_module, factory, message):
+    with pytest.raises(ModelError) as info:
+        _build(factory)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_torch_errors_lose_their_cpp_frames(evil_module):
+    with pytest.raises(ModelError) as info:
+        _build("evil_factories:cpp_frames")
+    assert str(info.value) == (
+        "model.factory 'evil_factories:cpp_frames' raised RuntimeError: "
+        "Trying to create tensor with negative dimension -2: [-2, 6]"
+    )
+    with pytest.raises(ModelError) as info:
+        _build("evil_factories:enforce")
+    assert str(info.value) == (
+        "model.factory 'evil_factories:enforce' raised RuntimeError: DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 24000000000000 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    # and a real one from torch
+    with pytest.raises(ModelError) as info:
+        _build("torch.nn:Linear", in_features=6, out_features=-2)
+    assert str(info.value).startswith("model.factory 'torch.nn:Linear' raised RuntimeError: Trying to create")
+    assert "\n" not in str(info.value)
+
+
+def test_every_unknown_keyword_is_named_with_a_suggestion():
+    from probeserve.models import model_errors
+
+    errors = model_errors(ModelSpec(factory="mlp", kwargs={"widht": 3, "depht": 2, "depth": 2}))
+    assert [e.split(":")[0] for e in errors] == ["model.kwargs.widht", "model.kwargs.depht"]
+    assert "(did you mean 'width'?)" in errors[0] and "(did you mean 'depth'?)" in errors[1]
+    with pytest.raises(ModelError, match=r"^model.kwargs.widht: .*; model.kwargs.depht: "):
+        _build("mlp", widht=3, depht=2)
+    assert model_errors(ModelSpec(factory="resnet")) == [
+        "model.factory: unknown built-in model 'resnet'; built-ins are mlp, mnist_convnet, tiny, "
+        "or give an import path 'package.module:function'"
+    ]
+
+
+def test_a_rejected_value_names_its_keyword():
+    with pytest.raises(ModelError) as info:
+        _build("tiny", hidden=-3)
+    assert (
+        str(info.value)
+        == "model.kwargs.hidden: factory 'tiny' rejected its arguments: hidden must be >= 1, got -3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "field"),
+    [
+        ("mlp", {"width": 10**10}, "model.kwargs.width"),
+        ("mlp", {"depth": 10**6, "width": 10**5}, "model.kwargs.width"),
+        ("tiny", {"hidden": 10**12}, "model.kwargs.hidden"),
+        ("mnist_convnet", {"image_size": 10**6}, "model.kwargs.image_size"),
+    ],
+)
+def test_builtins_that_cannot_fit_in_memory_are_refused_before_allocating(factory, kwargs, field):
+    # Each of these would ask for terabytes; the check runs before the first tensor is made.
+    with pytest.raises(ModelError) as info:
+        _build(factory, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{field}: factory {factory!r} rejected its arguments: ")
+    assert "weights) needs about" in message and "this machine has" in message
+
+
+def test_a_real_ctrl_c_while_building_still_interrupts(tmp_path):
+    """SIGINT during a slow factory ends the command as an interrupt (130), not a model error."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slow_factory.py").write_text(
+        "import time, pathlib\n"
+        "def build():\n"
+        "    pathlib.Path('building').write_text('')\n"
+        "    time.sleep(60)\n"
+    )
+    (tmp_path / "spec.yaml").write_text(
+        "checkpoints: {uri: c}\nmodel: {factory: 'slow_factory:build'}\n"
+        "data: {kind: gaussian, dim: 4}\noutput: {uri: o}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probeserve", "validate", "spec.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "building").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "model.factory" not in err

@@ -3,6 +3,8 @@ streaming versus in-memory, early stopping, float16 input and bad input."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -11,7 +13,7 @@ from sklearn.datasets import load_digits, make_classification
 from sklearn.linear_model import LogisticRegression
 
 from probeserve.errors import DataError, ProbeserveError
-from probeserve.probe import in_memory, resolve_device, train_probe
+from probeserve.probe import BudgetError, ProbeData, in_memory, resolve_device, train_probe, train_probes
 from probeserve.spec import ProbeSpec
 
 
@@ -179,17 +181,25 @@ class _CountingSource:
 
 def test_streaming_gives_the_in_memory_answer() -> None:
     x, y, xv, yv = _split(*_blobs(1400, 40, 3, seed=3), 1000)
-    common = dict(patience=None, max_epochs=200, tolerance=1e-9, l2=1e-3, batch_size=256)
+    common = dict(patience=None, max_epochs=200, tolerance=1e-9, l2=1e-3, batch_size=100)
 
     resident = _CountingSource(x, y, 100)
     in_mem = train_probe(resident, in_memory(xv, yv), None, num_classes=3, spec=ProbeSpec(**common))
-    assert resident.passes == 2  # the scan, then the copy into memory
+    assert resident.passes == 1  # kept while it was checked: read once
+    assert in_mem.train_resident
 
+    # room for the parameters, buffers and chunks in flight, not for the 168 KB train split
     streamed_source = _CountingSource(x, y, 100)
     streamed = train_probe(
-        streamed_source, in_memory(xv, yv), None, num_classes=3, spec=ProbeSpec(memory_bytes=1, **common)
+        streamed_source,
+        in_memory(xv, yv),
+        None,
+        num_classes=3,
+        spec=ProbeSpec(memory_bytes=300_000, **common),
     )
+    assert not streamed.train_resident
     assert streamed_source.passes > streamed.epochs  # every function evaluation read the source
+    assert streamed.peak_bytes <= 300_000 < in_mem.peak_bytes
 
     assert streamed.objective == pytest.approx(in_mem.objective, rel=1e-5)
     np.testing.assert_allclose(
@@ -288,6 +298,232 @@ def test_feature_count_mismatch_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several probes trained together
+
+
+def _data(x, y, n_train, n_val, num_classes, batch_size=128, **kw) -> ProbeData:
+    tr, va = slice(0, n_train), slice(n_train, n_train + n_val)
+    te = slice(n_train + n_val, None)
+    return ProbeData(
+        in_memory(x[tr], y[tr], batch_size=batch_size),
+        in_memory(x[va], y[va], batch_size=batch_size),
+        in_memory(x[te], y[te], batch_size=batch_size),
+        num_classes,
+        **kw,
+    )
+
+
+def _alone(data: ProbeData, spec: ProbeSpec, l2: float, device: str = "cpu"):
+    return train_probe(
+        data.train,
+        data.val,
+        data.test,
+        num_classes=data.num_classes,
+        spec=spec.model_copy(update={"l2": l2}),
+        device=device,
+    )
+
+
+def _assert_same_probe(together, alone) -> None:
+    assert together.objective == pytest.approx(alone.objective, rel=1e-5)
+    assert (together.epochs, together.best_epoch) == (alone.epochs, alone.best_epoch)
+    assert together.evaluations == alone.evaluations
+    assert together.test_error == pytest.approx(alone.test_error, abs=1e-9)
+    assert together.val_loss == pytest.approx(alone.val_loss, rel=1e-5)
+    np.testing.assert_allclose(together.weight, alone.weight, rtol=0, atol=1e-3 * np.abs(alone.weight).max())
+
+
+def test_stacked_l2_heads_equal_training_each_alone() -> None:
+    # one [K*C, D] weight for the whole grid; each head keeps its own L-BFGS and early stopping
+    x, y = _blobs(1600, 60, 5, seed=11)
+    data = _data(x, y, 1000, 300, 5)
+    spec = ProbeSpec(patience=4, max_epochs=300, tolerance=1e-9)
+    l2s = [1e-6, 1e-4, 1e-2, 1e-1]
+    (together,) = train_probes([data], spec=spec, l2s=l2s)
+    for l2, result in zip(l2s, together, strict=True):
+        assert result.l2 == l2
+        _assert_same_probe(result, _alone(data, spec, l2))
+    # the heads stopped at different epochs: each dropped out of the stack on its own
+    assert len({r.epochs for r in together}) > 1
+
+
+def test_layers_trained_together_equal_training_each_alone() -> None:
+    # different data, feature counts and class counts; the budget holds the small layer's
+    # train split but streams the large one's
+    small = _data(*_blobs(900, 20, 3, seed=12), 600, 150, 3)
+    large = _data(*_blobs(2600, 120, 4, seed=13), 2000, 300, 4)
+    spec = ProbeSpec(patience=5, max_epochs=200, tolerance=1e-9, batch_size=128, memory_bytes=2_000_000)
+    l2s = [1e-4, 1e-2]
+    outcomes = train_probes([small, large], spec=spec, l2s=l2s)
+    assert [r.train_resident for r in outcomes[0]] == [True, True]
+    assert [r.train_resident for r in outcomes[1]] == [False, False]
+    assert all(r.peak_bytes <= spec.memory_bytes for rs in outcomes for r in rs)
+    for data, results in zip([small, large], outcomes, strict=True):
+        for l2, result in zip(l2s, results, strict=True):
+            roomy = spec.model_copy(update={"memory_bytes": 1 << 30})
+            _assert_same_probe(result, _alone(data, roomy, l2))
+
+
+def test_a_data_set_with_bad_data_fails_alone() -> None:
+    x, y = _blobs(900, 20, 3, seed=14)
+    bad_y = y.copy()
+    bad_y[700] = 7  # in the val split
+    good, bad = _data(x, y, 600, 150, 3), _data(x, bad_y, 600, 150, 3)
+    spec = ProbeSpec(patience=5, max_epochs=100)
+    outcomes = train_probes([bad, good], spec=spec, l2s=[1e-3, 1e-2])
+    assert all(isinstance(o, DataError) and "val split: label 7" in str(o) for o in outcomes[0])
+    for l2, result in zip([1e-3, 1e-2], outcomes[1], strict=True):
+        _assert_same_probe(result, _alone(good, spec, l2))
+
+
+def test_a_budget_too_small_for_the_parameters_is_one_clear_error() -> None:
+    x, y = _blobs(300, 40, 3, seed=15)
+    with pytest.raises(
+        BudgetError, match=r"^probe.memory_bytes: 10000 \(9.8 KiB\) cannot hold the parameters"
+    ):
+        train_probe(in_memory(x, y), None, None, num_classes=3, spec=ProbeSpec(memory_bytes=10_000))
+    # a budget that holds one probe's fixed memory but not two: the second fails alone, and
+    # says so; the first is trained
+    import threading
+
+    first = _data(x, y, 200, 50, 3, batch_size=64)
+    reader = _FailingSource(x[:200], y[:200], fail_on_pass=0, batch_size=20)
+    second = ProbeData(reader, None, None, 3)
+    spec = ProbeSpec(memory_bytes=170_000, batch_size=64, max_epochs=30)
+    threads = threading.active_count()
+    ok, too_many = train_probes([first, second], spec=spec)
+    assert ok[0].peak_bytes <= spec.memory_bytes
+    assert isinstance(too_many[0], BudgetError)
+    assert "resources.probes_per_call" in str(too_many[0])
+    # refused at its first chunk, while its reader was ahead: the read was closed, the
+    # reading thread is gone, although the error is still held
+    assert reader.passes == reader.closed == 1
+    assert threading.active_count() == threads
+
+
+def test_known_feature_counts_reserve_memory_before_reading() -> None:
+    x, y = _blobs(300, 40, 3, seed=16)
+    data = _data(x, y, 200, 50, 3, n_features=39)  # a manifest that disagrees with the shards
+    (outcome,) = train_probes([data], spec=ProbeSpec())[0]
+    assert isinstance(outcome, DataError)
+    assert "train split: a chunk has 40 features, expected 39" in str(outcome)
+
+
+class _FailingSource:
+    """Yields `chunks` chunks of a split, then raises OSError on pass `fail_on_pass`; records
+    whether each pass's generator was closed."""
+
+    def __init__(self, x, y, *, fail_on_pass: int, batch_size: int = 100) -> None:
+        self.x, self.y, self.fail_on_pass, self.batch_size = x, y, fail_on_pass, batch_size
+        self.passes = 0
+        self.closed = 0
+
+    def __call__(self):
+        self.passes += 1
+        this_pass = self.passes
+        try:
+            for start in range(0, len(self.x), self.batch_size):
+                if this_pass == self.fail_on_pass and start > 0:
+                    raise OSError("connection reset while reading part-00003")
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+        finally:
+            self.closed += 1
+
+
+def test_a_read_error_on_the_prefetch_thread_fails_the_probe_and_stops_the_thread() -> None:
+    import threading
+
+    x, y = _blobs(1000, 30, 3, seed=17)
+    source = _FailingSource(x, y, fail_on_pass=4)
+    before = threading.active_count()
+    with pytest.raises(OSError, match="connection reset while reading part-00003"):
+        train_probe(source, None, None, num_classes=3, spec=ProbeSpec(memory_bytes=200_000, batch_size=100))
+    assert source.passes == 4 and source.closed == 4  # streamed: read again, each pass closed
+    assert threading.active_count() == before
+
+
+def test_a_streamed_pass_stopped_early_releases_its_reader() -> None:
+    # the consumer leaves after one block while the reader waits for a chunk buffer to come
+    # back: closing must not wait for it forever
+    import threading
+
+    from probeserve import probe as engine
+
+    x, y = _blobs(5000, 16, 3, seed=20)
+    spec = ProbeSpec(batch_size=100)
+    data = engine._Data(
+        ProbeData(in_memory(x, y, batch_size=100), None, None, 3),
+        heads=1,
+        spec=spec,
+        device="cpu",
+        ledger=engine._Ledger(spec.memory_bytes),
+    )
+    data.scan(data.train, keep=False)
+    assert not data.train.resident
+    threads = threading.active_count()
+
+    def consume_one_block() -> None:
+        blocks = data.train.blocks()
+        next(blocks)
+        time.sleep(0.3)  # the reader fills its queue and waits for a buffer
+        blocks.close()
+
+    worker = threading.Thread(target=consume_one_block, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "closing a streamed pass hung"
+    assert threading.active_count() == threads
+
+
+def test_torch_tensor_chunks_give_the_numpy_answer() -> None:
+    x, y = _blobs(900, 25, 4, seed=18)
+    spec = ProbeSpec(patience=None, tolerance=1e-9)
+    as_numpy = train_probe(in_memory(x, y, batch_size=200), None, None, num_classes=4, spec=spec)
+
+    def tensors():
+        for start in range(0, len(x), 200):
+            yield torch.from_numpy(x[start : start + 200]).half(), torch.from_numpy(y[start : start + 200])
+
+    as_torch = train_probe(tensors, None, None, num_classes=4, spec=spec)
+    half = train_probe(
+        in_memory(x.astype(np.float16), y, batch_size=200), None, None, num_classes=4, spec=spec
+    )
+    assert as_torch.objective == half.objective
+    assert as_torch.objective == pytest.approx(as_numpy.objective, rel=1e-2)
+
+
+def test_bfloat16_compute_moves_the_optimum_little() -> None:
+    x, y = _blobs(3000, 60, 5, seed=19)
+    data = _data(x, y, 2000, 500, 5, batch_size=256)
+    f32 = train_probes([data], spec=ProbeSpec(patience=None, tolerance=1e-9, l2=1e-3))[0][0]
+    bf16 = train_probes(
+        [data], spec=ProbeSpec(patience=None, tolerance=1e-9, l2=1e-3, compute_dtype="bfloat16")
+    )[0][0]
+    assert bf16.compute_dtype == "bfloat16" and bf16.weight.dtype == np.float32
+    assert bf16.objective == pytest.approx(f32.objective, rel=5e-3)
+    assert abs(bf16.test_error - f32.test_error) <= 0.01
+    # the held features take half the bytes
+    held = 2000 * 60 + 500 * 60 + 500 * 60
+    assert f32.peak_bytes - bf16.peak_bytes >= held * 2 * 0.9
+
+
+def test_compute_dtype_changes_the_spec_hash_only_when_set() -> None:
+    from probeserve.spec import spec_from_dict
+
+    base = {
+        "checkpoints": {"uri": "x"},
+        "model": {"factory": "mlp"},
+        "data": {"kind": "gaussian"},
+        "output": {"uri": "o"},
+    }
+    # the hash this spec had before `probe.compute_dtype` existed: runs recorded then keep
+    # their run name (a branch that adds a field without this care changes it, and fails here)
+    assert spec_from_dict(base).hash() == "85939bc4532e37e0"
+    as_bf16 = spec_from_dict({**base, "probe": {"compute_dtype": "bfloat16"}})
+    assert as_bf16.hash() != spec_from_dict(base).hash()
+
+
+# ---------------------------------------------------------------------------------------------
 # Devices
 
 
@@ -316,3 +552,149 @@ def test_cuda_matches_cpu() -> None:
     assert on_gpu.objective == pytest.approx(on_cpu.objective, rel=1e-5)
     assert on_gpu.test_error == pytest.approx(on_cpu.test_error, abs=0.005)
     np.testing.assert_allclose(on_gpu.weight, on_cpu.weight, atol=2e-3 * np.abs(on_cpu.weight).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none on this machine")
+def test_cuda_groups_streaming_and_bfloat16_match_cpu() -> None:
+    # the CUDA paths: stacked heads, a streamed split (pinned buffers, copies on a side stream),
+    # and bfloat16 products with a float32 output
+    from probeserve.probe import _fast_bf16_mm
+
+    small = _data(*_blobs(1500, 40, 3, seed=21), 1000, 250, 3, batch_size=200)
+    large = _data(*_blobs(6000, 300, 5, seed=22), 5000, 500, 5, batch_size=200)
+    spec = ProbeSpec(patience=None, max_epochs=150, tolerance=1e-9, batch_size=200, memory_bytes=12_000_000)
+    l2s = [1e-4, 1e-2]
+    on_cpu = train_probes([small, large], spec=spec, l2s=l2s)
+    on_gpu = train_probes([small, large], spec=spec, l2s=l2s, device="cuda")
+    assert [r.train_resident for r in on_gpu[1]] == [False, False]  # streamed to the GPU
+    for cpu_results, gpu_results in zip(on_cpu, on_gpu, strict=True):
+        for a, b in zip(cpu_results, gpu_results, strict=True):
+            assert b.device.startswith("cuda:")
+            assert b.objective == pytest.approx(a.objective, rel=1e-4)
+            assert b.test_error == pytest.approx(a.test_error, abs=0.005)
+
+    assert _fast_bf16_mm(resolve_device("cuda"))  # the tensor-core path, not the emulation
+    bf16 = spec.model_copy(update={"compute_dtype": "bfloat16", "memory_bytes": 1 << 30})
+    on_gpu16 = train_probes([small, large], spec=bf16, l2s=l2s, device="cuda")
+    for cpu_results, gpu_results in zip(on_cpu, on_gpu16, strict=True):
+        for a, b in zip(cpu_results, gpu_results, strict=True):
+            assert b.objective == pytest.approx(a.objective, rel=5e-3)
+            assert abs(b.test_error - a.test_error) <= 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep's probes trained together (resources.probes_per_call)
+
+
+def _sweep_helpers():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_sweep import tiny_spec, write_checkpoints
+
+    return tiny_spec, write_checkpoints
+
+
+def _rows(uri) -> dict:
+    from probeserve import results
+
+    return {(r["checkpoint"], r["layer"]): r for r in results.load(uri).to_pylist()}
+
+
+def test_probes_per_call_gives_the_rows_of_one_probe_per_call(tmp_path) -> None:
+    from probeserve import results
+    from probeserve.runners.local import run_local
+
+    tiny_spec, write_checkpoints = _sweep_helpers()
+    spec = tiny_spec(tmp_path, resources={"device": "cpu", "probes_per_call": 3})
+    write_checkpoints(spec)
+    summary = run_local(spec)
+    assert summary.ok == 8 and not summary.failed
+    alone = tiny_spec(tmp_path, output={"uri": str(tmp_path / "alone")})
+    run_local(alone)
+    together, one_by_one = _rows(spec.output.uri), _rows(alone.output.uri)
+    assert together.keys() == one_by_one.keys() and len(together) == 8
+    for key, row in together.items():
+        assert row["status"] == "ok"
+        for col in results.METRICS:
+            assert row[col] == pytest.approx(one_by_one[key][col], abs=1e-6), (key, col)
+    # four layers per checkpoint in calls of three: the first three rows share one call's time
+    for ckpt in {k[0] for k in together}:
+        seconds = [together[(ckpt, layer)]["seconds"] for layer in ("input", "fc1", "act", "fc2")]
+        assert seconds[0] == seconds[1] == seconds[2] != seconds[3]
+    assert run_local(spec).skipped_done == 8
+
+
+def _extracted(tmp_path, **over):
+    from probeserve.sweep import Sweep, extract_missing
+
+    tiny_spec, write_checkpoints = _sweep_helpers()
+    spec = tiny_spec(tmp_path, **over)
+    write_checkpoints(spec, steps=(0,))
+    sweep = Sweep(spec)
+    items = sweep.plan().pending()
+    assert extract_missing(sweep, items, device="cpu") == {}
+    return spec, sweep, items
+
+
+def test_an_item_with_damaged_shards_fails_alone_in_its_group(tmp_path) -> None:
+    import os
+
+    from probeserve.sweep import probe_and_commit_group
+
+    spec, sweep, items = _extracted(tmp_path)
+    fc1 = next(i for i in items if i.layer == "fc1")
+    key = sweep.manifest(fc1.checkpoint, "fc1")["splits"]["train"]["shards"][0]
+    with open(os.path.join(spec.output.uri, key), "r+b") as f:
+        f.truncate(100)
+    rows = probe_and_commit_group(sweep, items, device="cpu")
+    assert [r["layer"] for r in rows] == [i.layer for i in items]
+    by_layer = {r["layer"]: r for r in rows}
+    assert by_layer["fc1"]["status"] == "failed"
+    assert (
+        by_layer["fc1"]["error"].startswith("layer fc1: ")
+        and "part-00000.parquet" in by_layer["fc1"]["error"]
+    )
+    assert {r["status"] for layer, r in by_layer.items() if layer != "fc1"} == {"ok"}
+    assert set(_rows(spec.output.uri)) == {(fc1.checkpoint.key, i.layer) for i in items}
+    assert not list((tmp_path / "out").rglob("running/**/*.json"))
+
+
+def test_a_group_skips_items_already_committed(tmp_path) -> None:
+    from probeserve import results
+    from probeserve.sweep import probe_and_commit, probe_and_commit_group
+
+    spec, sweep, items = _extracted(tmp_path)
+    ckpt = items[0].checkpoint
+    probe_and_commit(sweep, items[0], device="cpu")
+    first = results.read_row(sweep.output, spec.run, ckpt.key, ckpt.step, items[0].layer)
+    rows = probe_and_commit_group(sweep, items, device="cpu")
+    assert rows[0] == first  # read back, not trained again
+    assert results.read_row(sweep.output, spec.run, ckpt.key, ckpt.step, items[0].layer) == first
+    assert [r["status"] for r in rows] == ["ok"] * len(items)
+    assert len(_rows(spec.output.uri)) == len(items)
+
+
+def test_items_that_do_not_fit_together_are_trained_alone(tmp_path) -> None:
+    from probeserve.sweep import _probe_data, probe_and_commit_group
+
+    # 256 features: each probe reserves ~125 KB of solver state; 1 MB holds one probe with
+    # its buffers and streamed chunks, not four
+    spec, sweep, items = _extracted(
+        tmp_path,
+        model={"factory": "tiny", "kwargs": {"input_dim": 256, "hidden": 256, "num_classes": 2}},
+        data={"kind": "gaussian", "dim": 256, "train_size": 600, "val_size": 200, "test_size": 200},
+        layers={"include": ["input", "fc1", "act"]},
+        probe={"max_epochs": 50, "l2": 1e-3, "batch_size": 64, "memory_bytes": 1_000_000},
+    )
+    together = train_probes(
+        [_probe_data(sweep, i.checkpoint, i.layer)[1] for i in items], spec=spec.probe, device="cpu"
+    )
+    assert any(isinstance(o, BudgetError) for (o,) in together)  # the premise
+    rows = probe_and_commit_group(sweep, items, device="cpu")
+    assert [r["status"] for r in rows] == ["ok"] * len(items)
+    for row, (outcome,) in zip(rows, together, strict=True):
+        if not isinstance(outcome, Exception):
+            assert row["test_error"] == pytest.approx(outcome.test_error, abs=1e-9)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -14,12 +17,12 @@ import pytest
 
 from probeserve import results
 from probeserve.runners.local import run_local
-from probeserve.storage import open_storage
+from probeserve.storage import is_temp_name, open_storage
 from probeserve.sweep import RUNNING_DIR
 
 sys.path.insert(0, os.path.dirname(__file__))
-from rayhead import RAY_CLI, ray_head
-from test_sweep import tiny_spec, write_checkpoints
+from rayhead import RAY_CLI, free_port, ray_head
+from test_sweep import PROBESERVE, acme_folder, tiny_spec, write_checkpoints
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -78,6 +81,27 @@ def test_ray_gives_the_same_answers_as_in_process(cluster, tmp_path):
     wait_cpus_free()
 
 
+def test_ray_trains_several_probes_of_a_checkpoint_per_call(cluster, tmp_path):
+    from probeserve.runners.ray import run_ray
+
+    spec = tiny_spec(tmp_path, resources={"device": "cpu", "probes_per_call": 4})
+    write_checkpoints(spec)
+    summary = run_ray(spec, max_actors=1)
+    assert summary.ok == 8 and not summary.failed
+    together = rows_by_item(spec.output.uri)
+    # one call per checkpoint: its four rows share the call's wall time
+    for ckpt in {key for key, _ in together}:
+        assert len({r["seconds"] for (c, _), r in together.items() if c == ckpt}) == 1
+    local = tiny_spec(tmp_path, output={"uri": str(tmp_path / "local")})
+    run_local(local)
+    alone = rows_by_item(local.output.uri)
+    assert together.keys() == alone.keys()
+    for key in together:
+        for col in results.METRICS:
+            assert together[key][col] == pytest.approx(alone[key][col], abs=1e-6), (key, col)
+    wait_cpus_free()
+
+
 def test_killed_probe_actor_is_restarted_and_each_item_commits_once(cluster, tmp_path):
     from probeserve.runners.ray import run_ray
 
@@ -112,10 +136,8 @@ def test_killed_probe_actor_is_restarted_and_each_item_commits_once(cluster, tmp
     rows = results.load(spec.output.uri).to_pylist()
     assert len(rows) == 4 and len({(r["checkpoint"], r["layer"]) for r in rows}) == 4
     assert all(r["status"] == "ok" for r in rows)
-    leftovers = [
-        p for p in (tmp_path / "out").rglob("*") if p.is_file() and ".tmp-" in p.name and "results" in str(p)
-    ]
-    assert not [p for p in leftovers if not p.name.startswith(".")], "a partial file is visible"
+    names = [p.name for p in (tmp_path / "out" / "results").rglob("*") if p.is_file()]
+    assert all(n.endswith(".parquet") or is_temp_name(n) for n in names), "a partial file is visible"
     assert [o.key for o in out.list(RUNNING_DIR + "/")] == []
     wait_cpus_free()
 
@@ -254,27 +276,140 @@ def test_entrypoint_with_missing_spec_file():
     assert "spec file not found: no/such/spec.yaml" in proc.stderr
 
 
+def readme_ray_job_lines() -> list[str]:
+    """The README's shell block that submits a Ray job, as commands (continuations joined)."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if "ray job submit" in b]
+    commands = block.replace("\\\n", " ").splitlines()
+    return [re.sub(r"\s+#.*$", "", c).strip() for c in commands if c.strip()]
+
+
 @pytest.mark.skipif(not os.path.exists(RAY_CLI), reason="ray CLI not installed beside this python")
-def test_ray_job_submit_against_a_head_started_with_ray_start(tmp_path):
+def test_the_readme_ray_job_lines_work_as_written(tmp_path):
+    # the README's block, line by line, in a folder laid out like the repository, against a
+    # head of this test's own (its address instead of the default one; `ray stop` would stop
+    # every Ray on the machine, so the test stops its head itself)
+    lines = readme_ray_job_lines()
+    assert lines[0] == "export RAY_AUTH_MODE=token" and lines[2].startswith("ray start --head")
+    train, submit, status = lines[3], lines[4], lines[5]
+    assert submit.startswith("ray job submit --address http://127.0.0.1:8265 --working-dir . -- ")
+    assert status == "probeserve status probes/gaussian-mlp" and lines[-1] == "ray stop"
+    shutil.copytree(os.path.join(REPO, "jobs"), tmp_path / "clone" / "jobs")
+    clone = tmp_path / "clone"
+    with ray_head(tmp_path) as head:
+        env = {**head.env, "PATH": os.path.dirname(sys.executable) + os.pathsep + head.env["PATH"]}
+
+        def sh(line: str) -> subprocess.CompletedProcess:
+            line = line.replace("http://127.0.0.1:8265", head.address)
+            return subprocess.run(
+                ["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=400
+            )
+
+        def submitted(line: str) -> subprocess.CompletedProcess:
+            for _attempt in range(60):  # the head's job agent starts a while after its dashboard
+                job = sh(line)
+                if "No available agent" not in job.stdout + job.stderr:
+                    return job
+                time.sleep(3)
+            raise AssertionError("the head's job agent never came up")
+
+        assert sh(train + " --steps 0").returncode == 0  # one checkpoint is enough here
+        relative = submitted(submit.split(" --set ")[0])  # the spec's own paths: relative
+        said = relative.stdout + relative.stderr
+        assert relative.returncode != 0, said[-3000:]
+        assert (
+            "error: checkpoints.uri: 'ckpts/gaussian-mlp' is a relative path, and this Ray job runs" in said
+        )
+        assert "Traceback" not in said and not (clone / "probes").exists()
+        job = submitted(submit)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        shown = sh(status)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[2].split() == ["gaussian-mlp", "1", "10", "10", "0", "0", "0"]
+    rows = results.load(str(clone / "probes" / "gaussian-mlp")).to_pylist()
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_ray_job_refuses_a_relative_local_path(tmp_path):
+    folder = acme_folder(tmp_path)  # checkpoints.uri: ckpts, output.uri: out
+    env = {
+        **os.environ,
+        "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}),
+    }
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "jobs", "sweep.py"), "spec.json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: checkpoints.uri: 'ckpts' is a relative path, and this Ray job runs in Ray's temporary copy of "
+        f"the working folder ({folder}), where it would vanish; give an absolute path (--set "
+        "checkpoints.uri=$PWD/ckpts on the ray job submit line) or s3://bucket/prefix"
+    ]
+    assert not (folder / "out").exists()
+
+
+def isolated_ray_env(tmp_root: str, **extra: str) -> dict[str, str]:
+    """An environment whose Ray keeps its temp folder (ray_current_cluster, sessions) in `tmp_root`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH")}
+    return {**env, "RAY_TMPDIR": tmp_root, **extra}
+
+
+def test_a_stale_ray_current_cluster_is_never_joined(tmp_path):
+    # `ray start --head` stopped with SIGTERM leaves its address in Ray's temp folder; a bare
+    # ray.init() then retried that dead GCS for 14 minutes
     spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
     write_checkpoints(spec, steps=(0,))
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec.model_dump(mode="json")))
-    with ray_head(tmp_path) as head:
-        submit = [RAY_CLI, "job", "submit", f"--address={head.address}", "--working-dir", REPO, "--"]
-        for _attempt in range(60):  # the head's job agent starts a while after its dashboard
-            job = subprocess.run(
-                [*submit, "python", "jobs/sweep.py", str(path)],
-                env=head.env,
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=400,
+    ray_tmp = tempfile.mkdtemp(prefix="pr-", dir="/tmp")  # Ray's socket paths stay under 108 bytes
+    try:
+        os.makedirs(os.path.join(ray_tmp, "ray"))
+        dead = f"127.0.0.1:{free_port()}"
+        with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(dead)
+        env = isolated_ray_env(ray_tmp)
+        run = [PROBESERVE, "run", str(path)]
+        # naming the stale cluster (--address auto) fails within seconds, saying what is wrong
+        auto = subprocess.run(
+            [*run, "--address", "auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert auto.returncode == 2
+        assert auto.stderr.strip().splitlines()[-1] == (
+            f"error: --address auto: cannot connect to a Ray cluster: nothing answers at {dead}, the address in "
+            "Ray's ray_current_cluster file (Connection refused); that cluster is gone: start one with "
+            "`ray start --head`, or leave out --address to start a local Ray"
+        )
+        # without --address: a fresh local Ray, not the leftover
+        proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Token authentication is enabled" not in proc.stderr  # Ray's notice, on every run before
+        assert len(results.load(spec.output.uri).to_pylist()) == 2
+        # nothing pending: no Ray is started at all
+        sessions = {p for p in os.listdir(os.path.join(ray_tmp, "ray")) if p.startswith("session_2")}
+        again = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0 and "2 already done" in again.stdout
+        assert {p for p in os.listdir(os.path.join(ray_tmp, "ray")) if p.startswith("session_2")} == sessions
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_model_beside_the_spec_is_importable_in_local_ray_workers(tmp_path):
+    folder = acme_folder(tmp_path, steps=(0, 10))
+    ray_tmp = tempfile.mkdtemp(prefix="pr-", dir="/tmp")
+    try:
+        env = isolated_ray_env(ray_tmp)
+        for args in (["run", "spec.json"], ["watch", "spec.json", "--once", "--set", "run=acme-watched"]):
+            proc = subprocess.run(
+                [PROBESERVE, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=300
             )
-            if "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(3)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-    rows = results.load(spec.output.uri).to_pylist()
-    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+            assert proc.returncode == 0, (args, proc.stderr[-3000:])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rows = results.load(str(folder / "out")).to_pylist()
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}

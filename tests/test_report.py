@@ -188,3 +188,57 @@ def test_plots_and_report_on_s3(s3_server, tmp_path, monkeypatch):
     assert not external_refs(page)
     with pytest.raises(ProbeserveError, match="no such run"):
         report.build_report(spec.output.uri, run="other")
+
+
+def test_report_of_hostile_names_is_text_never_markup(tmp_path):
+    """Layer names full of $, backslashes, braces, tags and quotes: plots draw, the page escapes."""
+    from html.parser import HTMLParser
+
+    from test_plots import HOSTILE_NAMES, synthetic_table
+
+    out_uri = str(tmp_path / "out")
+    storage = open_storage(out_uri)
+    table = synthetic_table(3, len(HOSTILE_NAMES), run="t", layers=HOSTILE_NAMES, failed=frozenset({(1, 7)}))
+    for row in table.to_pylist():
+        results.commit(storage, row)
+    page = report.build_report(out_uri)
+
+    class Collect(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[str] = []
+            self.cells: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.cells.append(data)
+
+    parsed = Collect()
+    parsed.feed(page)
+    assert "script" not in parsed.tags and page.count("data:image/png;base64,") == 3
+    for name in HOSTILE_NAMES:
+        assert name in parsed.cells, name  # a cell holding exactly the name, as text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+
+
+def test_report_run_errors_name_python_arguments_and_the_cli_its_flag(sweep_out, capsys):
+    from probeserve.plots import ChoiceError
+
+    with pytest.raises(ChoiceError) as e:
+        report.build_report(sweep_out, run="nope")
+    assert str(e.value).startswith("run='nope': no such run under ") and "--run" not in str(e.value)
+    assert main(["report", sweep_out, "--out", "x.html", "--run", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: --run nope: no such run under ")
+
+
+def test_report_counts_probes_that_hit_max_epochs(sweep_out, tmp_path):
+    out_uri = str(tmp_path / "out")
+    shutil.copytree(sweep_out, out_uri)
+    row = next(r for r in results.load(out_uri).to_pylist() if r["status"] == "ok")
+    row.update(hit_max_epochs=True)
+    results.commit(open_storage(out_uri), row)
+    page = report.build_report(out_uri)
+    assert "1 of 8 probes hit probe.max_epochs before early stopping or converging" in page
+    assert '<th class="">hit_max_epochs</th>' in page

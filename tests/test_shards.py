@@ -26,7 +26,8 @@ from probeserve.shards import (
     shard_schema,
     table_x,
 )
-from probeserve.storage import LocalStorage
+from probeserve.staging import LOCK_NAME
+from probeserve.storage import LocalStorage, is_temp_name
 
 D = 24
 META = {
@@ -146,7 +147,8 @@ def test_parts_are_bounded_and_rows_consecutive(storage, staging):
         for bx, by in parts:
             w.write(bx, by)
             assert len(os.listdir(staging)) == 1  # one private folder ...
-            assert len(os.listdir(os.path.join(staging, os.listdir(staging)[0]))) <= 1  # ... holding one part
+            held = os.listdir(os.path.join(staging, os.listdir(staging)[0]))
+            assert len([n for n in held if n != LOCK_NAME]) <= 1  # ... holding one part (and its lock)
     infos = w.close()
     assert [i.rows for i in infos] == [100] * 12 + [34]
     assert (
@@ -219,7 +221,7 @@ def test_abort_keeps_only_complete_parts(storage, staging):
     got_x, _, rows = read_all(storage, [ShardInfo(k, 0, 0) for k in keys])
     assert np.array_equal(rows, np.arange(200)) and got_x.tobytes() == x[:200].tobytes()
     assert os.listdir(staging) == []
-    assert not any(".tmp-" in name for _, _, files in os.walk(storage.root) for name in files)
+    assert not any(is_temp_name(name) for _, _, files in os.walk(storage.root) for name in files)
 
 
 class FailingStorage(LocalStorage):

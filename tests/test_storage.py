@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from probeserve.errors import StorageError
-from probeserve.storage import LocalStorage, S3Storage, open_storage, redact
+from probeserve.storage import LocalStorage, S3Storage, is_temp_name, open_storage, redact, temp_name
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -102,11 +102,41 @@ def test_keys_with_dotdot_are_refused(storage):
         storage.publish_bytes("../escape", b"x")
 
 
-def test_local_tmp_files_are_invisible(tmp_path):
+def test_only_probeserve_temp_files_are_invisible(tmp_path):
     s = LocalStorage(str(tmp_path))
     s.publish_bytes("x/real", b"1")
-    (tmp_path / "x" / ".half.tmp-123").write_bytes(b"partial")
-    assert [o.key for o in s.list("")] == ["x/real"]
+    # ours: today's, and an older version's leftover (`.{name}.tmp-` and a UUID's hex digits)
+    for name in (temp_name(), ".real.tmp-" + "0123456789abcdef" * 2):
+        assert is_temp_name(name)
+        (tmp_path / "x" / name).write_bytes(b"partial")
+    # names a user, a layer or a checkpoint folder can have: listed like any other
+    users = [
+        "x/blk.tmp-proj.parquet",
+        "x/.half.tmp-123",
+        "x/plain.tmp-" + "a" * 32,
+        "step=6.tmp-x/model.safetensors",
+    ]
+    for key in users:
+        assert not is_temp_name(key.rsplit("/", 1)[-1])
+        s.publish_bytes(key, b"2")
+    assert [o.key for o in s.list("")] == sorted(["x/real", *users])
+    assert [o.key for o in s.list("step=6.tmp-x/")] == ["step=6.tmp-x/model.safetensors"]
+
+
+def test_long_names_that_fit_are_written(tmp_path):
+    # the temporary name has a fixed length: a name near the file system's limit (255 bytes)
+    # is written, where `.{name}.tmp-{32 hex}` beside it was too long
+    s = LocalStorage(str(tmp_path))
+    key = "results/" + "x" * 240 + ".parquet"
+    s.publish_bytes(key, b"1")
+    assert s.create_only("ledger/" + "y" * 250, b"2") is True
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"3")
+    s.publish_file("acts/" + "z" * 250, str(staged))
+    assert sorted(o.key for o in s.list("")) == sorted(
+        ["results/" + "x" * 240 + ".parquet", "ledger/" + "y" * 250, "acts/" + "z" * 250]
+    )
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no staging file left
 
 
 def test_local_os_errors_name_the_path(tmp_path):

@@ -295,7 +295,7 @@ def test_cli_run_plan_query(tmp_path, capsys):
     )
     assert json.loads(capsys.readouterr().out) == [{"n": 4}]
     assert main(["query", out, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith('"run","step","layer"')
+    assert capsys.readouterr().out.startswith('"run","spec_hash","checkpoint","step","layer"')  # every column
     assert main(["query", out, "--sql", "SELEC nonsense"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --sql:") and len(err.strip().splitlines()) == 1
@@ -508,3 +508,77 @@ def test_extraction_does_not_fault_its_activation_memory_in_again_every_pass(tmp
     control, tuned = statistics.median(counts["control"][1:]), statistics.median(counts["tuned"][1:])
     assert control > 5000, counts  # the faults this guards against do happen here
     assert tuned < control / 4, counts
+
+
+# ---- a user's own model, kept beside the spec ----
+
+PROBESERVE = os.path.join(os.path.dirname(sys.executable), "probeserve")  # the installed script
+
+ACME_ZOO = '''
+"""A user's model, kept in the folder they run probeserve from."""
+from torch import nn
+
+
+class Zoo(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.input_shape = (6,)
+        self.fc1 = nn.Linear(6, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def build(hidden=12):
+    return Zoo(hidden)
+'''
+
+
+def acme_folder(root, steps=(0,)):
+    """A folder as a user keeps it: `acme_nets/zoo.py`, a spec that names it with relative
+    paths only, and checkpoints of that model (`tiny` has the same weights)."""
+    (root / "acme_nets").mkdir(parents=True)
+    (root / "acme_nets" / "__init__.py").write_text("")
+    (root / "acme_nets" / "zoo.py").write_text(ACME_ZOO)
+    spec = {
+        "run": "acme",
+        "checkpoints": {"uri": "ckpts"},
+        "model": {"factory": "acme_nets.zoo:build", "kwargs": {"hidden": 12}},
+        "layers": {"include": ["input", "fc2"]},
+        "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
+        "probe": {"max_epochs": 50, "l2": 1e-3},
+        "resources": {"device": "cpu", "torch_threads": 1},
+        "output": {"uri": "out"},
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    write_checkpoints(tiny_spec(root), steps=steps)
+    return root
+
+
+def test_a_model_beside_the_spec_is_importable_from_every_command(tmp_path):
+    # as the user met it: the installed `probeserve` script, started in the folder that holds
+    # acme_nets/ (Python puts the script's own folder on the path, not this one)
+    folder = acme_folder(tmp_path)
+    commands = [
+        ["validate", "spec.json"],
+        ["layers", "spec.json"],
+        ["plan", "spec.json"],
+        ["run", "spec.json", "--runner", "local"],
+        ["watch", "spec.json", "--runner", "local", "--once", "--set", "run=acme-watched"],
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for args in commands:
+        proc = subprocess.run(
+            [PROBESERVE, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, (args, proc.stderr[-2000:])
+        assert "cannot import" not in proc.stderr
+    rows = results.load(str(folder / "out")).to_pylist()
+    assert sorted((r["run"], r["layer"], r["status"]) for r in rows) == [
+        ("acme", "fc2", "ok"),
+        ("acme", "input", "ok"),
+        ("acme-watched", "fc2", "ok"),
+        ("acme-watched", "input", "ok"),
+    ]

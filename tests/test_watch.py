@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from probeserve.watch import (
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import S3Server
 from rayhead import RAY_CLI, ray_head
-from test_sweep import write_checkpoints
+from test_sweep import acme_folder, tiny_spec, write_checkpoints
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -494,9 +495,19 @@ def test_a_sweep_that_fails_here_is_retried_and_its_error_is_kept(s3_bucket, end
     write_checkpoints(spec, steps=(0,))
     key = "step=000000000/model.safetensors"
     other = spec.model_copy(update={"probe": spec.probe.model_copy(update={"l2": 0.5})})
-    Sweep(other).record_spec()  # the run name is taken by another spec: every sweep fails
+
+    class RunNameTakenMeanwhile(LocalSubmitter):
+        """After the daemon recorded its spec, another spec takes the run name: every sweep fails."""
+
+        def submit(self, checkpoint, spec, *, submission_id):
+            record = {"spec_hash": other.hash(), "spec": other.model_dump(mode="json")}
+            open_storage(spec.output.uri).publish_bytes(
+                results.run_key("w", "spec.json"), json.dumps(record).encode()
+            )
+            return super().submit(checkpoint, spec, submission_id=submission_id)
+
     caplog.set_level(logging.WARNING, logger="probeserve")
-    report = Watcher(spec, LocalSubmitter("local"), max_attempts=2).scan()
+    report = Watcher(spec, RunNameTakenMeanwhile("local"), max_attempts=2).scan()
     assert report.taken_over == [key] and report.failed == [key]
     entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
     assert entry.status == "failed" and entry.gen == 2
@@ -633,7 +644,7 @@ def test_a_job_that_ends_without_its_rows_is_resubmitted_then_given_up(s3_bucket
     assert report.done == [] and report.taken_over == [key] and len(client.jobs) == 2
     verb = "succeeded" if end == "SUCCEEDED" else "died"
     assert any(
-        f"{verb} without committing (every layer: the sweep never started)" in r.message
+        f"{verb} without committing input, fc1, act, fc2" in r.message  # the daemon recorded the layers
         for r in caplog.records
     )
     client.jobs[submission_id("w", key, 2)]["status"] = end
@@ -725,3 +736,153 @@ def test_watch_submits_ray_jobs_through_a_real_job_api(s3_bucket, endpoint, tmp_
     ]
     out = open_storage(spec.output.uri)
     assert not [o.key for o in out.list("activations/")]  # the daemon's default: shards deleted
+
+
+# ---- what a user meets from the command line ----
+
+PROBESERVE = os.path.join(os.path.dirname(sys.executable), "probeserve")  # the installed script
+
+
+def test_a_daemon_whose_spec_cannot_work_stops_at_once_and_claims_nothing(
+    s3_bucket, endpoint, tmp_path, capsys
+):
+    spec = s3_spec(s3_bucket, layers={"include": ["input"]})
+    write_checkpoints(spec, steps=(0, 1))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    other = spec.model_copy(update={"probe": spec.probe.model_copy(update={"l2": 0.5})})
+    Sweep(other).record_spec()  # the run name is bound to another spec
+    assert main(["watch", str(path), "--runner", "local"]) == 2  # not a loop of failing scans
+    err = capsys.readouterr().err
+    assert "different spec" in err and "Traceback" not in err
+    assert ledger_states(spec) == {}  # no checkpoint claimed, so none ends failed for good
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            {**spec.model_dump(mode="json"), "run": "x", "model": {"factory": "tiny", "kwargs": {"hiden": 3}}}
+        )
+    )
+    assert main(["watch", str(bad), "--runner", "local"]) == 2
+    assert "model.kwargs" in capsys.readouterr().err
+
+
+def test_status_counts_every_checkpoint_of_a_run_made_by_watch(tmp_path):
+    # `status` and the report read the run's recorded spec: it must say what the daemon covers,
+    # not `steps: [N]`, the restriction of the daemon's first sweep
+    spec = tiny_spec(tmp_path, layers={"include": ["input", "fc2"]})
+    write_checkpoints(spec, steps=(0, 10, 20))
+    (tmp_path / "spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+
+    def cli(*args):
+        proc = subprocess.run([PROBESERVE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    cli("watch", "spec.json", "--runner", "local", "--once")
+    assert cli("status", "out").splitlines()[2].split() == ["t", "3", "6", "6", "0", "0", "0"]
+    recorded = json.loads((tmp_path / "out" / "runs" / "t" / "spec.json").read_text())
+    assert recorded["spec"]["checkpoints"]["steps"] is None
+    write_checkpoints(spec, steps=(30,))  # a new checkpoint the daemon has not seen yet: pending
+    assert cli("status", "out").splitlines()[2].split() == ["t", "4", "8", "6", "0", "0", "2"]
+    # a record an older daemon made (its first sweep's `steps: [0]`) still counts every
+    # checkpoint with rows, and the daemon's next start records what it covers
+    recorded["spec"]["checkpoints"]["steps"] = [0]
+    (tmp_path / "out" / "runs" / "t" / "spec.json").write_text(json.dumps(recorded))
+    assert cli("status", "out").splitlines()[2].split() == ["t", "3", "6", "6", "0", "0", "0"]
+    cli("watch", "spec.json", "--runner", "local", "--once")
+    assert cli("status", "out").splitlines()[2].split() == ["t", "4", "8", "8", "0", "0", "0"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_daemon_started_before_the_checkpoint_prefix_exists_waits_without_backoff(where, tmp_path, request):
+    layers = {"include": ["input"]}
+    if where == "s3":
+        request.getfixturevalue("endpoint")  # the daemon and this test find the server through the env
+        bucket = request.getfixturevalue("s3_bucket")
+        spec = tiny_spec(
+            tmp_path,
+            layers=layers,
+            checkpoints={"uri": f"s3://{bucket}/not/yet"},
+            output={"uri": f"s3://{bucket}/out"},
+        )
+    else:
+        spec = tiny_spec(tmp_path, layers=layers, checkpoints={"uri": str(tmp_path / "not" / "yet")})
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    log = tmp_path / "watch.log"
+    with open(log, "w") as sink:
+        daemon = subprocess.Popen(
+            [PROBESERVE, "watch", str(path), "--runner", "local", "--interval", "0.3"],
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait(lambda: "scan" in log.read_text() or "waiting" in log.read_text(), 120, "its first scan")
+        time.sleep(3)  # ten scans or so of a prefix that does not exist yet
+        write_checkpoints(spec, steps=(0,))
+        _wait(lambda: ledger_states(spec) == {"step=000000000/model.safetensors": ("done", 1)}, 120, "done")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+    text = log.read_text()
+    assert "scan failed" not in text, text[-3000:]
+    assert text.count("waiting for the first checkpoint") == 1, text[-3000:]
+
+
+class KeepingJobClient(FakeJobClient):
+    """Also keeps each job's working folder, as Ray's job agent keeps its copy of it."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        sid = super().submit_job(
+            entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata
+        )
+        self.jobs[sid]["copy"] = shutil.copytree(runtime_env["working_dir"], self.root / sid)
+        return sid
+
+
+def test_ray_jobs_carry_the_model_beside_the_spec_and_absolute_paths(tmp_path, monkeypatch):
+    from probeserve.spec import load_spec
+
+    folder = acme_folder(tmp_path / "user")  # acme_nets/zoo.py and relative paths, as a user has them
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))  # what the CLI does for the daemon
+    try:
+        client = KeepingJobClient(tmp_path)
+        w = Watcher(load_spec("spec.json"), RayJobSubmitter("http://127.0.0.1:8265", client=client))
+        key = "step=000000000/model.safetensors"
+        assert w.scan().submitted == [key]
+        ((sid, job),) = client.jobs.items()
+        assert job["files"] == ["acme_nets/__init__.py", "acme_nets/zoo.py", "jobs/sweep.py", "spec.yaml"]
+        assert f"uri: {folder / 'out'}" in job["spec"] and f"uri: {folder / 'ckpts'}" in job["spec"]
+        # what the cluster does with it: the entrypoint, in Ray's copy of the working folder
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(
+            {"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}
+        )
+        argv = [sys.executable, *job["entrypoint"].split()[1:], "--runner", "local"]
+        proc = subprocess.run(argv, cwd=job["copy"], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client.jobs[sid]["status"] = "SUCCEEDED"
+        assert w.scan().done == [key]
+        rows = results.load(str(folder / "out")).to_pylist()
+        assert sorted((r["layer"], r["status"]) for r in rows) == [("fc2", "ok"), ("input", "ok")]
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "acme_nets"]:
+            del sys.modules[name]
+
+
+def test_a_relative_data_path_is_refused_before_anything_is_submitted_as_a_ray_job(tmp_path, monkeypatch):
+    from probeserve.errors import SpecError
+
+    spec = tiny_spec(tmp_path, data={"kind": "idx", "path": "fashion-mnist"})  # relative, and in the hash
+    write_checkpoints(spec, steps=(0,))
+    client = FakeJobClient()
+    w = Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client))
+    with pytest.raises(SpecError, match=r"data.path: 'fashion-mnist' is a relative path, which a Ray job"):
+        w.scan()
+    assert client.jobs == {} and ledger_states(spec) == {}

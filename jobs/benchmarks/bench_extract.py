@@ -99,7 +99,8 @@ def main() -> None:
 
         def plain() -> None:
             # what running the checkpoint over the data costs anyway: load it, one forward pass
-            model = fast.prepare(probeserve.sweep._load_model(sweep, ckpt, "cpu"), [])
+            model, _ = probeserve.sweep._load_model(sweep, ckpt, "cpu")
+            model = fast.prepare(model, [])
             with torch.inference_mode(), fast.autocast():
                 for split in SPLITS:
                     for x, _ in ds.batches(split, spec.resources.extract_batch_size):

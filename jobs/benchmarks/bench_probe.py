@@ -15,7 +15,9 @@ Both fit multinomial logistic regression on the same data, in one process, on th
 Targets: test error within 0.005 of scikit-learn's, and at least 5x faster. Wall times are
 taken once each, so on a shared machine they move with whatever else runs there.
 
-    python jobs/benchmarks/bench_probe.py [--idx-dir DIR] [--probe patience=10 ...]
+    python jobs/benchmarks/bench_probe.py [--idx-dir DIR] [--probe patience=10 ...] [--skip-sklearn]
+
+`--skip-sklearn` prints probeserve's line alone (scikit-learn's fit takes minutes).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--idx-dir", default=DEFAULT_IDX_DIR, type=Path)
     parser.add_argument("--probe", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--skip-sklearn", action="store_true", help="probeserve's figures only")
     args = parser.parse_args()
 
     import torch
@@ -97,6 +100,8 @@ def main() -> None:
         f"patience {spec.patience}, tolerance {spec.tolerance})"
     )
 
+    if args.skip_sklearn:
+        return
     started, started_cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

@@ -5,6 +5,8 @@
    fixed start-up (ray.init, worker processes importing torch) is reported apart.
 2. A demo-like sweep (mnist_convnet on Fashion-MNIST) on local Ray versus in-process.
 3. Scaling: the same sweep with 1, 2 and 4 probe actors.
+4. What the Ray workers keep once the demo-like sweep has finished: the resident memory of
+   each idle worker (Linux), so that a worker that ran an extraction shows next to fresh ones.
 
     python jobs/benchmarks/bench_ray.py [--skip-demo] [--skip-scaling]
 """
@@ -112,6 +114,40 @@ def demo_like(root: str, *, actors_list: tuple[int, ...], compare_local: bool) -
     print("3. scaling with probe actors on this machine")
     for n in actors_list:
         print(f"   {n} actor(s): {t[n]:6.1f} s  ({items / t[n] * 60:5.1f} items/min)")
+    idle_workers_memory()
+
+
+def idle_workers_memory() -> None:
+    """Resident memory of this driver's idle Ray workers (descendants titled ray::IDLE)."""
+    if not os.path.isdir("/proc/self"):
+        print("4. idle worker memory: needs Linux's /proc; skipped")
+        return
+    time.sleep(5.0)  # let workers that are to exit do so
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {pid for pid, ppid in parent.items() if ppid in mine} - mine
+        mine |= new
+        grew = bool(new)
+    sizes = []
+    for pid in mine - {os.getpid()}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/status") as f:
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if title.startswith("ray::IDLE"):
+            sizes.append(rss / 1024)
+    print("4. idle Ray workers once the sweeps have finished (resident MiB, largest first)")
+    print("   " + (", ".join(f"{s:.0f}" for s in sorted(sizes, reverse=True)) or "none"))
 
 
 def main() -> None:

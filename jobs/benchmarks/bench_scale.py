@@ -25,7 +25,6 @@ pydantic (the GPU machine of this project), install the bundle first
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -36,12 +35,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import probeserve.sweep
 from probeserve.checkpoints import save_checkpoint
@@ -50,7 +48,7 @@ from probeserve.probe import in_memory, train_probe
 from probeserve.shards import ShardWriter, iter_chunks
 from probeserve.spec import ProbeSpec, spec_from_dict
 from probeserve.storage import LocalStorage
-from probeserve.sweep import SPLITS, FastPath, Sweep, _batches, extract
+from probeserve.sweep import SPLITS, FastPath, Sweep, extract
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shards import checksum  # the sibling benchmark's byte-reading checksum
@@ -61,81 +59,11 @@ GiB = 1024**3
 # --- synthetic images --------------------------------------------------------------------
 
 
-class SyntheticImages:
-    """Seeded synthetic images generated on the device, shaped like the spec's data.
-
-    Each class has a smooth random template (8x8, upsampled to the image size); an example is
-    its class's template plus noise, so probes learn something. The same (split, batch) gives
-    the same images every call, with no I/O and no decoding: it measures the compute ceiling.
-
-    This is the benchmark's stand-in for `data.kind: synthetic_images` (probeserve/images.py,
-    built beside this benchmark): `_data_spec` uses that kind where the spec knows it.
-    """
-
-    def __init__(
-        self, shape: tuple[int, ...], num_classes: int, sizes: dict[str, int], seed: int = 0
-    ) -> None:
-        self.input_shape = tuple(shape)
-        self.num_classes = num_classes
-        self.class_names = None
-        self.source = f"synthetic images {list(shape)}, {num_classes} classes"
-        self._sizes = sizes
-        self._seed = seed
-        g = torch.Generator().manual_seed(seed)
-        self._templates = torch.randn(num_classes, shape[0], 8, 8, generator=g)
-        self._on: dict[str, torch.Tensor] = {}
-
-    def size(self, split: str) -> int:
-        return self._sizes[split]
-
-    def labels(self, split: str) -> np.ndarray:
-        offset = SPLITS.index(split) * 7919
-        return (np.arange(self._sizes[split], dtype=np.int64) * 7919 + offset) % self.num_classes
-
-    def batches(
-        self, split: str, batch_size: int, *, device: str | torch.device = "cpu"
-    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        device = torch.device(device)
-        templates = self._on.setdefault(str(device), self._templates.to(device))
-        labels = self.labels(split)
-        for start in range(0, len(labels), batch_size):
-            y = labels[start : start + batch_size]
-            g = torch.Generator(device=device).manual_seed(
-                self._seed * 1_000_003 + SPLITS.index(split) * 7 + start
-            )
-            x = F.interpolate(
-                templates[torch.from_numpy(y).to(device)], size=self.input_shape[1:], mode="bilinear"
-            )
-            x.add_(torch.randn(x.shape, generator=g, device=device), alpha=0.5)
-            yield x, y
-
-
-def _data_spec(
-    shape: list[int], num_classes: int, sizes: dict[str, int]
-) -> tuple[dict, SyntheticImages | None]:
-    """`data.kind: synthetic_images` where the spec has it; else a placeholder and our own."""
-    from probeserve import spec as spec_module
-
-    if hasattr(spec_module, "SyntheticImagesData"):
-        data = {"kind": "synthetic_images", "shape": shape, "num_classes": num_classes}
-        data |= {f"{s}_size": n for s, n in sizes.items()}
-        return data, None
-    # HOOK(images): until probeserve/images.py is merged, the sweep is given this benchmark's
-    # own generator in place of the dataset the spec names (the spec's data is a placeholder).
-    return {"kind": "gaussian", "dim": 2}, SyntheticImages(tuple(shape), num_classes, sizes)
-
-
-@contextlib.contextmanager
-def _dataset(ds: SyntheticImages | None):
-    if ds is None:
-        yield
-        return
-    saved = Sweep.__dict__["dataset"]
-    Sweep.dataset = property(lambda self: ds)  # every Sweep made inside run_local too
-    try:
-        yield
-    finally:
-        Sweep.dataset = saved
+def _data_spec(shape: list[int], num_classes: int, sizes: dict[str, int]) -> dict:
+    """`data.kind: synthetic_images`: seeded images generated on the device, no I/O and no
+    decoding, so the figures are the compute ceiling."""
+    data = {"kind": "synthetic_images", "shape": shape, "num_classes": num_classes}
+    return data | {f"{s}_size": n for s, n in sizes.items()}
 
 
 # --- measurements ----------------------------------------------------------------------
@@ -171,7 +99,7 @@ def forward_figures(args: argparse.Namespace, tmp: str, device: torch.device) ->
     shape = [3, args.image_size, args.image_size]
     n_val = max(args.batch_size, args.images // 8)
     sizes = {"train": args.images, "val": n_val, "test": n_val}
-    data, ds = _data_spec(shape, args.classes, sizes)
+    data = _data_spec(shape, args.classes, sizes)
     spec = spec_from_dict(
         {
             "run": "bench-forward",
@@ -192,74 +120,73 @@ def forward_figures(args: argparse.Namespace, tmp: str, device: torch.device) ->
     torch.manual_seed(0)
     save_checkpoint(build_model(spec.model), spec.checkpoints.uri, 0)
     out: dict[str, Any] = {}
-    with _dataset(ds):
-        sweep = Sweep(spec)
-        ckpt = sweep.discover().complete[0]
-        points = sweep.points
-        total = sum(sweep.dataset.size(s) for s in SPLITS)
-        out["gmacs"] = _gmacs(sweep.build_model().eval(), sweep.dataset.input_shape)
-        out["points"] = len(points)
-        out["features"] = sum(sweep.reducer(p).n_features for p in points)
-        fast = FastPath.for_device(spec.resources, device)
-        padded = dataclasses.replace(fast, compile=True)  # one batch shape: one compilation
-        model = fast.prepare(probeserve.sweep._load_model(sweep, ckpt, str(device)), [])
+    sweep = Sweep(spec)
+    ckpt = sweep.discover().complete[0]
+    points = sweep.points
+    total = sum(sweep.dataset.size(s) for s in SPLITS)
+    out["gmacs"] = _gmacs(sweep.build_model().eval(), sweep.dataset.input_shape)
+    out["points"] = len(points)
+    out["features"] = sum(sweep.reducer(p).n_features for p in points)
+    fast = FastPath.for_device(spec.resources, device)
+    padded = dataclasses.replace(fast, compile=True)  # one batch shape: one compilation
+    model = fast.prepare(probeserve.sweep._load_model(sweep, ckpt, str(device))[0], [])
 
-        def plain(m: torch.nn.Module, fp: FastPath) -> Callable[[], int]:
-            # the same images, generated the same way, as extraction reads them
-            def run() -> int:
-                with torch.inference_mode(), fp.autocast():
-                    for split in SPLITS:
-                        for x, _ in _batches(sweep.dataset, split, args.batch_size, device):
-                            m(fp.input(x, args.batch_size))
-                return total
+    def plain(m: torch.nn.Module, fp: FastPath) -> Callable[[], int]:
+        # the same images, generated the same way, as extraction reads them
+        def run() -> int:
+            with torch.inference_mode(), fp.autocast():
+                for split in SPLITS:
+                    for x, _ in sweep.dataset.batches(split, args.batch_size, device=device):
+                        m(fp.input(x, args.batch_size))
+            return total
 
-            return run
+        return run
 
-        plain(model, fast)()  # warm-up (allocator, kernels)
-        out["eager"] = _rate(plain(model, fast), device, args.repeats)
-        out["compiled"] = None
-        if args.compile:
-            try:
-                t0 = time.perf_counter()
-                compiled = torch.compile(model)
-                plain(compiled, padded)()  # compiles, then runs once
-                out["compile_seconds"] = time.perf_counter() - t0
-                out["compiled"] = _rate(plain(compiled, padded), device, args.repeats)
-            except Exception as e:  # no C++ compiler, no Triton, ...
-                out["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-
-        def extraction(fp: FastPath) -> Callable[[], int]:
-            def run() -> int:
-                errors = extract(sweep, ckpt, [p.name for p in points], device=str(device), fast=fp)
-                assert not errors, errors
-                return total
-
-            return run
-
-        def clear() -> None:  # the last run's shards, untimed
-            shutil.rmtree(f"{tmp}/forward-out/activations", ignore_errors=True)
-
-        extraction(fast)()  # warm-up
-        out["extract"] = _rate(extraction(fast), device, args.repeats, setup=clear)
-        if args.profile:  # where one extraction's time goes, by function (cProfile)
-            import cProfile
-            import io
-            import pstats
-
-            clear()
-            profiler = cProfile.Profile()
-            profiler.runcall(extraction(fast))
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
-            out["profile"] = text.getvalue()
-        if args.compile and out["compiled"] is not None:
+    plain(model, fast)()  # warm-up (allocator, kernels)
+    out["eager"] = _rate(plain(model, fast), device, args.repeats)
+    out["compiled"] = None
+    if args.compile:
+        try:
             t0 = time.perf_counter()
-            extraction(padded)()  # warm-up: compiles the regions between the points
-            out["extract_compile_seconds"] = time.perf_counter() - t0
-            out["extract_compiled"] = _rate(extraction(padded), device, args.repeats, setup=clear)
-        shutil.rmtree(f"{tmp}/forward-out", ignore_errors=True)
-        out["images"] = total
-        out["fast_path"] = fast.describe()
+            compiled = torch.compile(model)
+            plain(compiled, padded)()  # compiles, then runs once
+            out["compile_seconds"] = time.perf_counter() - t0
+            out["compiled"] = _rate(plain(compiled, padded), device, args.repeats)
+        except Exception as e:  # no C++ compiler, no Triton, ...
+            out["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+    def extraction(fp: FastPath) -> Callable[[], int]:
+        def run() -> int:
+            errors = extract(sweep, ckpt, [p.name for p in points], device=str(device), fast=fp)
+            assert not errors, errors
+            return total
+
+        return run
+
+    def clear() -> None:  # the last run's shards, untimed
+        shutil.rmtree(f"{tmp}/forward-out/activations", ignore_errors=True)
+
+    extraction(fast)()  # warm-up
+    out["extract"] = _rate(extraction(fast), device, args.repeats, setup=clear)
+    if args.profile:  # where one extraction's time goes, by function (cProfile)
+        import cProfile
+        import io
+        import pstats
+
+        clear()
+        profiler = cProfile.Profile()
+        profiler.runcall(extraction(fast))
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        out["profile"] = text.getvalue()
+    if args.compile and out["compiled"] is not None:
+        t0 = time.perf_counter()
+        extraction(padded)()  # warm-up: compiles the regions between the points
+        out["extract_compile_seconds"] = time.perf_counter() - t0
+        out["extract_compiled"] = _rate(extraction(padded), device, args.repeats, setup=clear)
+    shutil.rmtree(f"{tmp}/forward-out", ignore_errors=True)
+    out["images"] = total
+    out["fast_path"] = fast.describe()
     return out
 
 
@@ -394,7 +321,7 @@ def end_to_end(args: argparse.Namespace, tmp: str, device: torch.device) -> dict
 
     shape = [3, args.image_size, args.image_size]
     sizes = {"train": args.e2e_train, "val": args.e2e_val, "test": args.e2e_val}
-    data, ds = _data_spec(shape, args.classes, sizes)
+    data = _data_spec(shape, args.classes, sizes)
     spec = spec_from_dict(
         {
             "run": "bench-scale",
@@ -420,10 +347,9 @@ def end_to_end(args: argparse.Namespace, tmp: str, device: torch.device) -> dict
     )
     torch.manual_seed(0)
     save_checkpoint(build_model(spec.model), spec.checkpoints.uri, 0)
-    with _dataset(ds):
-        t0 = time.perf_counter()
-        summary = run_local(spec)
-        seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = run_local(spec)
+    seconds = time.perf_counter() - t0
     rows = results.load(spec.output.uri).to_pylist()
     sweep = Sweep(spec)
     ckpt = sweep.discover().complete[0]

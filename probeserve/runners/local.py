@@ -2,7 +2,8 @@
 
 It is the reference the Ray runner is checked against, and what runs where there is no
 cluster. Each item is committed as soon as it finishes, so killing the process loses at most
-the item in progress; the next run does only what is missing.
+the items in progress (one, or the `resources.probes_per_call` items of a checkpoint trained
+together); the next run does only what is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from dataclasses import dataclass, field
 from probeserve.probe import resolve_device
 from probeserve.progress import Progress
 from probeserve.spec import SweepSpec
-from probeserve.sweep import Item, Plan, Sweep, configure_torch, extract_missing, probe_and_commit
+from probeserve.sweep import (
+    Item,
+    Plan,
+    Sweep,
+    configure_torch,
+    extract_missing,
+    probe_and_commit_group,
+    probes_per_call,
+    start_cleanup,
+)
 
 log = logging.getLogger("probeserve")
 
@@ -55,6 +65,7 @@ def start(spec: SweepSpec) -> tuple[Sweep, Plan, RunSummary]:
     sweep = Sweep(spec)
     plan = sweep.plan()  # resolves data, model and layers: a bad spec stops here
     sweep.record_spec()  # ...so only a spec that works gets bound to the run name
+    start_cleanup(sweep, plan)  # what dead processes left: staging folders, markers, shards
     summary = RunSummary(skipped_done=plan.counts()["ok"])
     summary.incomplete = [c.key for c in plan.discovery.incomplete]
     summary.rejected = list(plan.discovery.rejected)
@@ -89,8 +100,10 @@ def run_local(spec: SweepSpec) -> RunSummary:
         device,
     )
     progress = Progress(len(pending))
+    per_call = probes_per_call(spec, device)
     for items in group_by_checkpoint(pending):
         failed = extract_missing(sweep, items, device=device)
+        ready: list[Item] = []
         for item in items:
             if item.layer in failed:
                 summary.record(
@@ -98,6 +111,12 @@ def run_local(spec: SweepSpec) -> RunSummary:
                     progress,
                 )
                 continue
-            summary.record(probe_and_commit(sweep, item, device=device), progress)
+            ready.append(item)
+            if len(ready) == per_call:
+                for row in probe_and_commit_group(sweep, ready, device=device):
+                    summary.record(row, progress)
+                ready = []
+        for row in probe_and_commit_group(sweep, ready, device=device):  # what is left
+            summary.record(row, progress)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -1,8 +1,9 @@
 """The Ray runner: the same work functions as the in-process runner, fanned out on Ray.
 
 Per checkpoint, one extraction task (on a GPU when the cluster has one) runs the single
-forward pass and writes the shards; then each pending (checkpoint, layer) goes to a probe
-actor, which streams that layer's shards, trains the probe and commits the row itself. Only
+forward pass and writes the shards; then the pending (checkpoint, layer) items go to probe
+actors, one or several of one checkpoint per call (`resources.probes_per_call`, trained
+together on the actor's device); each item commits its own row. Only
 small things travel through Ray (the spec, checkpoint keys, result rows); activations go
 through object storage.
 
@@ -19,6 +20,7 @@ This is the only module that imports ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -37,7 +39,9 @@ from probeserve.sweep import (
     configure_torch,
     describe_error,
     extract_missing,
-    probe_and_commit,
+    probe_and_commit_group,
+    probes_per_call,
+    release_freed_memory,
 )
 
 log = logging.getLogger("probeserve")
@@ -70,11 +74,15 @@ def _device(spec: SweepSpec, gpus: float) -> str:
 def _extract(spec: SweepSpec, items: list[Item], gpus: float) -> dict[str, str]:
     configure_torch(spec)
     sweep = _worker_sweep(spec)
-    return extract_missing(sweep, items, device=_device(spec, gpus))
+    try:
+        return extract_missing(sweep, items, device=_device(spec, gpus))
+    finally:  # the worker waits to be reused: it should not hold the extraction's peak heap
+        release_freed_memory()
 
 
 class _ProbeActor:
-    """Trains probes, one (checkpoint, layer) per call, and commits each row itself."""
+    """Trains probes, one or several (checkpoint, layer) items of one checkpoint per call
+    (`resources.probes_per_call`, trained together), and commits each item's row itself."""
 
     def __init__(self, spec: SweepSpec, gpus: float) -> None:
         self.spec = spec
@@ -84,41 +92,123 @@ class _ProbeActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def probe(self, item: Item) -> dict[str, Any]:
-        return probe_and_commit(_worker_sweep(self.spec), item, device=_device(self.spec, self.gpus))
+    def probe(self, items: list[Item]) -> list[dict[str, Any]]:
+        return probe_and_commit_group(_worker_sweep(self.spec), items, device=_device(self.spec, self.gpus))
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast: ray.init keeps retrying an address nobody listens on."""
+def _check_reachable(address: str, timeout: float = 5.0, *, given: str | None = None) -> None:
+    """Fail fast: ray.init keeps retrying an address nobody listens on. `given` is what the
+    user wrote, when `address` was resolved from it (`auto`)."""
     import socket
 
+    given = given or address
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
-        raise ProbeserveError(f"--address {address}: expected auto, host:port or ray://host:port")
+        raise ProbeserveError(
+            f"--address {given}: expected auto, host:port or ray://host:port, got {address}"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
+        why = e.strerror or str(e)
+        if given == address:
+            raise ProbeserveError(
+                f"--address {given}: cannot connect to a Ray cluster: nothing answers at {host}:{port} ({why})"
+            ) from None
+        source = "$RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "Ray's ray_current_cluster file"
         raise ProbeserveError(
-            f"--address {address}: cannot connect to a Ray cluster: nothing answers at {host}:{port} ({e.strerror or e})"
+            f"--address {given}: cannot connect to a Ray cluster: nothing answers at {host}:{port}, the address "
+            f"in {source} ({why}); that cluster is gone: start one with `ray start --head`, or leave out "
+            "--address to start a local Ray"
         ) from None
 
 
+def _auto_address() -> str:
+    """The cluster `--address auto` means: $RAY_ADDRESS, else the one `ray start` recorded.
+
+    Resolved here so that it can be checked: a cluster started with `ray start --head` and
+    then killed leaves its address in Ray's temp folder (`ray_current_cluster`), and
+    ray.init retries a dead address for many minutes.
+    """
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    recorded = None
+    try:  # Ray's own reader, so that RAY_TMPDIR and friends are honoured as Ray does
+        from ray._private.services import find_bootstrap_address
+
+        recorded = find_bootstrap_address(None)
+    except Exception:  # a Ray whose internals moved: fall back to the documented default
+        path = os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray", "ray_current_cluster")
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                recorded = f.read().strip()
+    if not recorded:
+        raise ProbeserveError(
+            "--address auto: no Ray cluster to join (no RAY_ADDRESS, and no `ray start` on this machine); "
+            "start one with `ray start --head`, or leave out --address to start a local Ray"
+        )
+    return recorded
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that it turned token authentication on for a new local cluster.
+
+    Ray 2.60 turns it on by default for a cluster `ray.init` starts and says so, as a warning,
+    on every run; for the local Ray probeserve starts (and stops) itself it says nothing the
+    user can act on. Only that one message is dropped: every other warning of Ray's passes.
+    (Setting RAY_AUTH_MODE=token ourselves would silence it too, but set after Ray is
+    imported it leaves Ray's cached config behind and the new GCS refuses the driver.)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice() -> None:
+    notices = logging.getLogger(_TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in notices.filters):
+        notices.addFilter(_DropTokenAuthNotice())
+
+
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` ("auto", "ray://host:port", host:port), or start a local one."""
+    """Join the cluster at `address` ("auto", "ray://host:port", host:port), or start a local one.
+
+    Without an address this always starts a fresh local Ray (`address="local"`), never joins
+    one: a bare `ray.init()` joins whatever $RAY_ADDRESS or Ray's `ray_current_cluster` file
+    names, which may be another user's cluster or, after a `ray start --head` that was
+    killed, a dead one that ray.init retries for about 14 minutes. Every address is checked
+    for a listener first, so a failure to connect comes within seconds.
+
+    The local Ray's workers can import what this process can from its working folder (a
+    `model.factory` such as `acme_nets.zoo:build` kept beside the spec): Ray puts a driver's
+    working folder on its workers' path itself, and nothing else is needed. A runtime_env
+    that does the same (`env_vars` PYTHONPATH) keeps Ray from using its pre-started workers
+    and makes start-up slower (`jobs/benchmarks/bench_ray_start.py`).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if address not in (None, "auto", "local"):
-        _check_reachable(address)
+    local = address is None or address == "local"
+    if address is not None and not local:
+        # "auto" goes to ray.init as it is (Ray then also turns on token authentication when
+        # a token is there), but what it resolves to is checked here first
+        _check_reachable(_auto_address() if address == "auto" else address, given=address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
+    if local:
         kwargs["include_dashboard"] = False
+        _quiet_token_notice()
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address="local" if local else address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise ProbeserveError(f"cannot start a local Ray: {first}") from None
         raise ProbeserveError(f"--address {address}: cannot connect to a Ray cluster: {first}") from None
 
 
@@ -168,11 +258,21 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
 
 def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | None = None) -> RunSummary:
     """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
-    import ray
-
     t0 = time.perf_counter()
     sweep, plan, summary = start(spec)
     pending = plan.pending()
+    if not pending:  # nothing to do: no Ray to start (a local one takes seconds)
+        log.info(
+            "run %s: %d checkpoint(s), %d layer(s), nothing pending, %d already done",
+            spec.run,
+            len(plan.discovery.complete),
+            len(sweep.points),
+            summary.skipped_done,
+        )
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    import ray
+
     connect(address)
     extract_gpus, probe_gpus, n_actors = plan_resources(spec)
     if max_actors is not None:
@@ -193,10 +293,6 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         extract_gpus,
     )
     progress = Progress(len(pending))
-    if not pending:
-        summary.seconds = time.perf_counter() - t0
-        return summary
-
     extract_task = ray.remote(_extract).options(
         num_cpus=1, num_gpus=extract_gpus, max_retries=EXTRACT_RETRIES, retry_exceptions=False
     )
@@ -217,7 +313,20 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
     todo = deque(group_by_checkpoint(pending))
     extracting: dict[Any, list[Item]] = {}  # ref -> items of one checkpoint
     ready: deque[Item] = deque()  # extracted, waiting for an actor
-    probing: dict[Any, tuple[Any, Item]] = {}  # ref -> (actor, item)
+    probing: dict[Any, tuple[Any, list[Item]]] = {}  # ref -> (actor, items of one checkpoint)
+    per_call = probes_per_call(spec, _device(spec, probe_gpus))
+
+    def next_call() -> list[Item]:
+        """The next ready items to train together: of one checkpoint, at most `per_call`, and
+        spread over the actors free to take them rather than piled on the first one."""
+        key = ready[0].checkpoint.key
+        same = 0
+        while same < len(ready) and ready[same].checkpoint.key == key:
+            same += 1
+        free = len(idle) + n_actors - len(actors)
+        size = max(1, min(per_call, -(-same // max(1, free))))
+        return [ready.popleft() for _ in range(min(size, same))]
+
     open_items: dict[str, int] = {}  # checkpoint -> items not yet finished
 
     def finish(row: dict[str, Any]) -> None:
@@ -234,13 +343,13 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                 open_items[items[0].checkpoint.key] = len(items)
                 extracting[extract_task.remote(spec, items, extract_gpus)] = items
             while ready and (idle or len(actors) < n_actors):
+                call = next_call()
                 if idle:
                     actor = idle.popleft()[0]
                 else:
                     actor = actor_cls.remote(spec, probe_gpus)
                     actors.append(actor)
-                item = ready.popleft()
-                probing[actor.probe.remote(item)] = (actor, item)
+                probing[actor.probe.remote(call)] = (actor, call)
             while idle and extracting and time.monotonic() - idle[0][1] > IDLE_RELEASE_S:
                 actor = idle.popleft()[0]
                 actors.remove(actor)
@@ -275,9 +384,9 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                         else:
                             ready.append(item)
                 else:
-                    actor, item = probing.pop(ref)
+                    actor, call = probing.pop(ref)
                     try:
-                        row = ray.get(ref)
+                        rows = ray.get(ref)
                     except ray.exceptions.RayError as e:
                         if isinstance(e, ray.exceptions.RayTaskError):
                             why = f"probe raised: {describe_error(e)}"  # the actor itself is fine
@@ -288,11 +397,16 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
                             ray.kill(actor, no_restart=True)
                             actors.remove(actor)
                             actor = None
-                        failed_row = sweep.failed_row(item.checkpoint, item.layer, item.layer_index, why, 0.0)
-                        row = commit_unless_done(sweep, failed_row)
+                        rows = [
+                            commit_unless_done(
+                                sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, why, 0.0)
+                            )
+                            for i in call
+                        ]
                     if actor is not None:
                         idle.append((actor, time.monotonic()))
-                    finish(row)
+                    for row in rows:
+                        finish(row)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
