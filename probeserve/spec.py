@@ -227,7 +227,7 @@ class ModelSpec(_Strict):
     """How to build the model the checkpoints belong to (weights are loaded into it)."""
 
     factory: str = Field(
-        description="a built-in name (mlp, mnist_convnet, tiny) or 'package.module:function'"
+        description="a built-in name (mini_inception, mlp, mnist_convnet, tiny) or 'package.module:function'"
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
     strict: bool = Field(default=True, description="every weight must match a parameter and back")
@@ -239,7 +239,7 @@ class ModelSpec(_Strict):
         module, sep, attr = v.partition(":")
         if not v.strip():
             raise ValueError(
-                "empty; give a built-in model (mlp, mnist_convnet, tiny) or 'package.module:function'"
+                "empty; give a built-in model (mini_inception, mlp, mnist_convnet, tiny) or 'package.module:function'"
             )
         if sep and not (_DOTTED.match(module) and _DOTTED.match(attr)):
             raise ValueError(f"{v!r} is not of the form 'package.module:function'")

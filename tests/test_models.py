@@ -315,7 +315,7 @@ def test_every_unknown_keyword_is_named_with_a_suggestion():
     with pytest.raises(ModelError, match=r"^model.kwargs.widht: .*; model.kwargs.depht: "):
         _build("mlp", widht=3, depht=2)
     assert model_errors(ModelSpec(factory="resnet")) == [
-        "model.factory: unknown built-in model 'resnet'; built-ins are mlp, mnist_convnet, tiny, "
+        "model.factory: unknown built-in model 'resnet'; built-ins are mini_inception, mlp, mnist_convnet, tiny, "
         "or give an import path 'package.module:function'"
     ]
 

@@ -14,7 +14,9 @@ names torchvision's Inception v3 has too) and 1000 classes, on synthetic images:
    the time of the two matrix products an epoch needs;
 4. seconds per checkpoint end to end through the service's own path (spec -> run_local ->
    committed rows);
-5. peak host memory (and GPU memory on a GPU).
+5. image decoding (`data.kind: images`, real JPEGs) with N decode workers against N times
+   one worker (`bench_images.measure`; the CPU target: >= 0.8x);
+6. peak host memory (and GPU memory on a GPU).
 
 `--full` is the issue's GPU size: Inception v3 at 299x299, 1.28M synthetic training samples,
 bf16, channels-last. It needs torchvision and CUDA, and runs unattended; on a machine without
@@ -44,7 +46,7 @@ import torch
 import probeserve.sweep
 from probeserve.checkpoints import save_checkpoint
 from probeserve.models import MINI_INCEPTION_POINTS, build_model
-from probeserve.probe import in_memory, train_probe
+from probeserve.probe import ProbeData, in_memory, train_probe, train_probes
 from probeserve.shards import ShardWriter, iter_chunks
 from probeserve.spec import ProbeSpec, spec_from_dict
 from probeserve.storage import LocalStorage
@@ -235,25 +237,6 @@ def shard_figures(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
 
 def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Probe epoch seconds and achieved TFLOP/s, one probe and several, and the two products."""
-    # HOOK(probe engine): jobs/benchmarks/bench_probe_scale.py (built beside this benchmark)
-    # trains several probes together on one device; where it is present and offers
-    # `scale_figures`, its figures are used. Otherwise each probe is timed alone with
-    # `train_probe`, and "several" are trained one after another.
-    try:
-        import bench_probe_scale  # type: ignore[import-not-found]
-    except ImportError:
-        bench_probe_scale = None
-    if bench_probe_scale is not None and hasattr(bench_probe_scale, "scale_figures"):
-        return {
-            "engine": "bench_probe_scale.scale_figures",
-            **bench_probe_scale.scale_figures(
-                rows=args.probe_rows,
-                features=args.features,
-                classes=args.classes,
-                probes=args.probes,
-                device=str(device),
-            ),
-        }
     n, d, c = args.probe_rows, args.features, args.classes
     # one data set, made on the device (1.28M x 1000 at full size), used by every probe
     g = torch.Generator(device=device).manual_seed(0)
@@ -297,19 +280,35 @@ def probe_figures(args: argparse.Namespace, device: torch.device) -> dict[str, A
     short_s, short_epochs = min(train(0, e) for _ in range(2))
     long_s, long_epochs = min(train(0, 3 * e) for _ in range(2))
     epoch_s = max(1e-9, (long_s - short_s) / max(1, long_epochs - short_epochs))
+    # several probes together: the probe engine (probe.train_probes) stacks one head per l2
+    # value on the same data, so they share every read of it and each product is one wide
+    # matrix product (the layers of a checkpoint train together the same way, each with its
+    # own data, in `resources.probes_per_call`)
+    xs, ys, xv, yv = sets[0]
+    spec = ProbeSpec(max_epochs=e, patience=None, tolerance=1e-12, memory_bytes=args.probe_memory_gib * GiB)
+    l2s = [float(v) for v in torch.logspace(-6, -1, args.probes).tolist()]
     t0 = time.perf_counter()
-    epochs = sum(train(0, e)[1] for _ in range(args.probes))
+    (outcomes,) = train_probes(
+        [ProbeData(in_memory(xs, ys), in_memory(xv, yv), None, c)], spec=spec, device=str(device), l2s=l2s
+    )
     several_s = time.perf_counter() - t0
+    failed = [r for r in outcomes if isinstance(r, Exception)]
+    if failed:
+        raise failed[0]
+    solve_s = max(1e-9, outcomes[0].solve_seconds)
+    # per head: the two train products of every gradient evaluation, the val logits of every epoch
+    flops = sum(4 * n * d * c * r.evaluations + 2 * (n // 4) * d * c * r.epochs for r in outcomes)
     flop_epoch = 4 * n * d * c + 2 * (n // 4) * d * c  # the two train products, the val logits
     return {
-        "engine": "train_probe, one after another (the probe engine is not on this branch)",
+        "engine": "train_probe alone; probe.train_probes for several",
         "rows": n,
         "epoch_seconds": epoch_s,
         "one_tflops": flop_epoch / epoch_s / 1e12,
-        "several": args.probes,
+        "several": len(outcomes),
         "several_seconds": several_s,
-        "several_epochs": epochs,
-        "several_tflops": flop_epoch * epochs / several_s / 1e12,
+        "several_solve_seconds": solve_s,
+        "several_epochs": sum(r.epochs for r in outcomes),
+        "several_tflops": flops / solve_s / 1e12,
         "two_products_seconds": min(products),
     }
 
@@ -502,6 +501,8 @@ def main() -> None:
     )
     ap.add_argument("--e2e-train", type=int, default=None, help="end to end: training samples")
     ap.add_argument("--e2e-val", type=int, default=None, help="end to end: val and test samples each")
+    ap.add_argument("--decode-images", type=int, default=200, help="JPEGs per decoding pass")
+    ap.add_argument("--decode-workers", type=int, default=2, help="N, the decode workers compared with one")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
     ap.add_argument(
         "--profile", type=int, default=0, help="also profile one extraction: print its N costliest functions"
@@ -513,8 +514,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--only",
-        default="forward,shards,probes,e2e",
-        help="comma-separated sections to run (forward, shards, probes, e2e); --full needs two runs for all",
+        default="forward,shards,probes,e2e,decode",
+        help="comma-separated sections to run (forward, shards, probes, e2e, decode); --full needs two runs for all",
     )
     args = ap.parse_args()
 
@@ -547,7 +548,7 @@ def main() -> None:
     if full and device.type != "cuda":
         sys.exit("--full needs a CUDA device (it is sized for one H200); run without --full on a CPU")
     sections = set(args.only.split(","))
-    unknown = sections - {"forward", "shards", "probes", "e2e"}
+    unknown = sections - {"forward", "shards", "probes", "e2e", "decode"}
     if unknown:
         sys.exit(f"--only: unknown section(s) {sorted(unknown)}")
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-scale-", dir=args.tmp)
@@ -615,7 +616,8 @@ def main() -> None:
                 f"epoch alone: {p['two_products_seconds']:.3f} s (epoch = {p['epoch_seconds'] / p['two_products_seconds']:.2f}x)"
             )
             print(
-                f"   {p['several']} probes: {p['several_epochs']} epochs in {p['several_seconds']:.2f} s, set-up included: "
+                f"   {p['several']} probes together (l2 values stacked): {p['several_epochs']} probe epochs in "
+                f"{p['several_solve_seconds']:.2f} s of solving ({p['several_seconds']:.2f} s with set-up): "
                 f"{_flops(p['several_tflops'] * 1e12)}"
             )
         if "e2e" in sections:
@@ -632,7 +634,18 @@ def main() -> None:
                     for g in GPUS
                 )
             )
-        mem = f"5. peak memory: host {_peak_host_gib():.2f} GiB (max RSS)"
+        if "decode" in sections:
+            from bench_images import measure  # the sibling benchmark: seeded JPEGs, decode workers
+
+            workers = args.decode_workers
+            d = measure(n_images=args.decode_images, workers=workers, repeat=3)
+            print(
+                f"5. image decoding ({d['images']} JPEGs of about 500x375 to {d['image_size']}x{d['image_size']}, "
+                f"{d['cpus']} CPUs): 1 worker {d['one_worker_img_s']:,.0f} img/s, {workers} workers "
+                f"{d['n_workers_img_s']:,.0f} img/s = {d['ratio']:.2f}x of {workers} x 1 worker (target >= 0.8x); "
+                f"CPU ms per image {d['one_worker_cpu_ms']:.2f} / {d['n_workers_cpu_ms']:.2f}"
+            )
+        mem = f"6. peak memory: host {_peak_host_gib():.2f} GiB (max RSS)"
         if device.type == "cuda":
             mem += f", GPU {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB (max allocated)"
         print(mem)
