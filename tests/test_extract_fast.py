@@ -679,6 +679,53 @@ def test_shard_parts_go_to_s3_and_back_in_parallel_parts(s3_bucket, s3_server, t
     assert np.array_equal(np.concatenate([c for _, c in got]), y)
 
 
+class _Remote:
+    """A storage that is not local, so `iter_chunks` fetches each part ahead (`download`)."""
+
+    def __init__(self, local: LocalStorage) -> None:
+        self._local = local
+
+    def __getattr__(self, name: str):
+        return getattr(self._local, name)
+
+
+def test_prefetched_parts_are_staged_in_a_locked_folder_and_a_vanished_part_is_named(tmp_path, monkeypatch):
+    from probeserve import staging
+    from probeserve.shards import ShardMissing
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    local = LocalStorage(str(tmp_path / "out"))
+    x = np.arange(600 * 8, dtype=np.float32).reshape(600, 8)
+    y = np.arange(600) % 3
+    meta = {"probeserve.layer": "l", "probeserve.split": "train"}
+    with ShardWriter(
+        local, "acts/l/train", n_features=8, dtype="float32", metadata=meta, max_bytes=8192
+    ) as w:
+        w.write(x, y)
+    keys = [i.key for i in w.close()]
+    assert len(keys) >= 3
+    remote = _Remote(local)
+
+    chunks = iter_chunks(remote, keys, batch_rows=100)
+    first, _ = next(chunks)
+    # parts are fetched into a staging folder a later run can prove dead (staging.py), not
+    # into a folder of another name that nothing would ever remove after a kill
+    folders = [p.name for p in scratch.iterdir()]
+    assert len(folders) == 1 and folders[0].startswith(
+        f"probeserve-stage-{staging.this_host()}-{os.getpid()}-"
+    )
+    rest = [c for c, _ in chunks]
+    assert np.concatenate([first, *rest]).tobytes() == x.tobytes()
+    assert list(scratch.iterdir()) == []  # gone once read
+
+    os.unlink(tmp_path / "out" / keys[1])  # deleted by another run after it was listed
+    with pytest.raises(ShardMissing, match="shard is gone"):
+        list(iter_chunks(remote, keys, batch_rows=100))
+    assert list(scratch.iterdir()) == []
+
+
 # --- torchvision and CUDA: where they are --------------------------------------------------
 
 
