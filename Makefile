@@ -55,9 +55,11 @@ format: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_shards.py
+	$(BIN)/python jobs/benchmarks/bench_shards.py --readers --features 1024
 	$(BIN)/python jobs/benchmarks/bench_extract.py
 	$(BIN)/python jobs/benchmarks/bench_reducers.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
+	$(BIN)/python jobs/benchmarks/bench_probe.py lbfgs
 	$(BIN)/python jobs/benchmarks/bench_probe_scale.py
 	$(BIN)/python jobs/benchmarks/bench_ray.py
 	$(BIN)/python jobs/benchmarks/bench_scale.py
