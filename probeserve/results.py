@@ -104,6 +104,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
         "the probe ran probe.max_epochs epochs without early stopping or converging: its "
         "errors may still fall with more epochs; null when failed",
     ),
+    ("precision", pa.string(), "precision of the extraction's forward pass: fp32, bf16 or fp16"),
 ]
 MAX_SKIPPED = 100  # names of undecodable examples kept in a row (the manifest keeps more)
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])

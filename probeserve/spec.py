@@ -227,7 +227,7 @@ class ModelSpec(_Strict):
     """How to build the model the checkpoints belong to (weights are loaded into it)."""
 
     factory: str = Field(
-        description="a built-in name (mlp, mnist_convnet, tiny) or 'package.module:function'"
+        description="a built-in name (mini_inception, mlp, mnist_convnet, tiny) or 'package.module:function'"
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
     strict: bool = Field(default=True, description="every weight must match a parameter and back")
@@ -239,7 +239,7 @@ class ModelSpec(_Strict):
         module, sep, attr = v.partition(":")
         if not v.strip():
             raise ValueError(
-                "empty; give a built-in model (mlp, mnist_convnet, tiny) or 'package.module:function'"
+                "empty; give a built-in model (mini_inception, mlp, mnist_convnet, tiny) or 'package.module:function'"
             )
         if sep and not (_DOTTED.match(module) and _DOTTED.match(attr)):
             raise ValueError(f"{v!r} is not of the form 'package.module:function'")
@@ -507,6 +507,18 @@ class ResourcesSpec(_Strict):
         default=4, gt=0, description="checkpoints extracted but not fully probed; bounds memory and storage"
     )
     torch_threads: int | None = Field(default=None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="extraction's forward pass: fp32, or autocast to bf16 / fp16 (reducers still run in "
+        "float32); recorded in every row, and part of the spec hash when not fp32",
+    )
+    channels_last: bool = Field(
+        default=False, description="run conv models on NHWC (channels-last) tensors during extraction"
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model's blocks between probe points during extraction (hooks stay eager)",
+    )
     probes_per_call: int | None = Field(
         default=None,
         gt=0,
@@ -638,6 +650,8 @@ class SweepSpec(_Strict):
                 del keep[section][name]
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
+        if self.resources.precision != "fp32":  # so is a bf16/fp16 forward; fp32 specs keep their hash
+            keep["resources.precision"] = self.resources.precision
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

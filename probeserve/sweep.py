@@ -50,7 +50,7 @@ from probeserve.errors import (
 )
 from probeserve.markers import HEARTBEAT_S, STALE_BEATS, Heartbeat, marker_state  # noqa: F401
 from probeserve.spec import SweepSpec, dump_spec
-from probeserve.storage import Storage, join, open_storage
+from probeserve.storage import LocalStorage, Storage, join, open_storage
 
 log = logging.getLogger("probeserve")
 
@@ -230,6 +230,7 @@ class Sweep:
         from probeserve.models import user_code
 
         model = self.build_model().eval()
+        self._module_names = [name for name, _ in model.named_modules()]  # for select's errors
         try:
             with user_code(self.spec.model.factory, "running the model's forward pass"):
                 return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
@@ -245,7 +246,12 @@ class Sweep:
     def points(self):  # -> list[ProbePoint], the selected ones in forward order
         from probeserve.layers import select_probe_points
 
-        return select_probe_points(self.all_points, self.spec.layers.include, self.spec.layers.exclude)
+        return select_probe_points(
+            self.all_points,
+            self.spec.layers.include,
+            self.spec.layers.exclude,
+            modules=getattr(self, "_module_names", ()),
+        )
 
     def point(self, layer: str):
         for p in self.points:
@@ -411,6 +417,7 @@ class Sweep:
             status="failed",
             error=error,
             seconds=seconds,
+            precision=self.spec.resources.precision,
         )
 
 
@@ -438,88 +445,271 @@ def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> tuple[torch.nn.M
     return model.eval().to(device), casts
 
 
-def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> dict[str, str]:
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_WRITE_AHEAD = 2  # batches whose shard writes may wait behind the forward pass
+
+
+@dataclass
+class FastPath:
+    """How extraction runs the model on its device: the `resources` choices (precision,
+    channels-last, compile) and what the device itself decides.
+
+    On a GPU, the reduced rows of every layer are copied into pinned host memory without
+    blocking (`stage`), and the float16 overflow check of all layers is read once per batch
+    with them, so the next batch's forward pass is queued while they travel; the writer
+    thread (`shards.WriteQueue`) waits for the copies and writes. On a CPU the rows are
+    already in host memory, the overflow check runs inside each hook on data still in cache
+    (`shards.cast_rows`), and shards are written on the forward pass's thread unless they
+    go to remote storage.
+    """
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    pinned: bool = False  # stage rows in pinned host memory with asynchronous copies
+    deferred_check: bool = False  # float16 overflow read once per batch, not in each hook
+    write_thread: bool = True
+
+    @classmethod
+    def for_device(
+        cls, resources: Any, device: str | torch.device, *, remote_output: bool = False
+    ) -> FastPath:
+        """The spec's choices on `device`. The writer thread is used where it pays: on a GPU
+        (the forward pass is queued on the device while the host writes) and for remote
+        output (uploads wait on the network); on a CPU writing local files it gained nothing
+        measurable, since the two compete for the same cores (docs/performance.md)."""
+        dev = torch.device(device)
+        gpu = dev.type == "cuda"
+        return cls(
+            dev,
+            precision=resources.precision,
+            channels_last=resources.channels_last,
+            compile=resources.compile,
+            pinned=gpu,
+            deferred_check=gpu,
+            write_thread=gpu or remote_output,
+        )
+
+    def prepare(self, model: torch.nn.Module, points: list) -> torch.nn.Module:
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.compile:
+            from probeserve.layers import compile_regions
+
+            compile_regions(model, points)
+        return model
+
+    def autocast(self) -> Any:
+        """The forward pass's precision."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
+
+    def full_precision(self) -> Any:
+        """For the hooks: reducers compute in float32 whatever the forward pass does."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
+    def input(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.compile and len(x) < batch_size:
+            # a compiled region is specialised to its input shapes: pad the last batch of a
+            # split to the same size (one compilation) and drop the padding's rows after it
+            pad = x.new_zeros((batch_size - len(x), *x.shape[1:]))
+            x = torch.cat([x, pad]).contiguous(memory_format=_memory_format(x))
+        return x
+
+    def stage(
+        self, rows: dict[str, torch.Tensor], overflow: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+        """Host copies of `rows`, each layer's overflow value, and what to call before reading them."""
+        if not self.pinned:
+            return rows, dict(overflow), None
+        host = {}
+        for name, t in rows.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
+        worst = {}
+        names = [n for n in rows if n in overflow]
+        if names:
+            values = torch.stack([overflow[n] for n in names])
+            values_host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values_host.copy_(values, non_blocking=True)
+            worst = {n: values_host[i] for i, n in enumerate(names)}
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, worst, copied.synchronize
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "pinned_staging": self.pinned,
+            "deferred_overflow_check": self.deferred_check,
+            "write_thread": self.write_thread,
+        }
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _write_job(writer: Any, x: Any, y: np.ndarray, layer: str, worst: Any) -> Any:
+    def job() -> None:
+        try:
+            if worst is not None:
+                value = float(worst)
+                if value > 0:
+                    from probeserve.shards import overflow_error
+
+                    raise overflow_error(layer, value)
+            writer.write(x, y)
+        except BaseException:
+            writer.abort()
+            raise
+
+    return job
+
+
+def _fail_job(writer: Any, error: BaseException) -> Any:
+    def job() -> None:
+        writer.abort()
+        raise error
+
+    return job
+
+
+def _close_job(writer: Any, done: dict[str, list], split: str) -> Any:
+    def job() -> None:
+        done[split] = writer.close()  # an error aborts the writer and fails the layer
+
+    return job
+
+
+def extract(
+    sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu", fast: FastPath | None = None
+) -> dict[str, str]:
     """One forward pass over every split; shards and a manifest for each layer.
 
     Returns {layer: error} for layers that could not be extracted (the others have their
     manifests). A problem with the checkpoint itself raises: it concerns every layer.
+    `fast` overrides the fast-path choices `FastPath.for_device` makes from the spec.
     """
     from probeserve.layers import ActivationCapture, InplaceModified
-    from probeserve.shards import ShardWriter, cast_rows
+    from probeserve.shards import ShardWriter, WriteQueue, cast_rows, float16_overflow
 
     spec = sweep.spec
     t0 = time.perf_counter()
     keep_freed_memory()
+    remote = not isinstance(sweep.output, LocalStorage)
+    fast = fast or FastPath.for_device(spec.resources, device, remote_output=remote)
     model, casts = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
+    model = fast.prepare(model, points)
     reducers = {p.name: sweep.reducer(p) for p in points}
     ds = sweep.dataset
+    batch_size = spec.resources.extract_batch_size
     errors: dict[str, str] = {}
     shards: dict[str, dict[str, list]] = {p.name: {} for p in points}
     counts: dict[str, list[int]] = {}
     skipped: dict[str, list[str]] = {}
-    for split in SPLITS:
-        writers = {}
-        for p in points:
-            if p.name in errors:
-                continue
-            meta = {
-                "probeserve.layer": p.name,
-                "probeserve.layer_index": str(p.index),
-                "probeserve.shape": json.dumps(list(reducers[p.name].shape)),
-                "probeserve.reducer": json.dumps(reducers[p.name].describe()),
-                "probeserve.checkpoint": ckpt.key,
-                "probeserve.step": str(ckpt.step),
-                "probeserve.split": split,
-                "probeserve.spec_hash": sweep.spec_hash,
-                "probeserve.run": spec.run,
-            }
-            try:
-                writers[p.name] = ShardWriter(
-                    sweep.output,
-                    join(layer_prefix(spec.run, ckpt, p.name), split),
-                    n_features=reducers[p.name].n_features,
-                    dtype=spec.output.dtype,
-                    metadata=meta,
-                    max_bytes=spec.output.max_shard_bytes,
-                )
-            except Exception as e:  # this layer alone fails
-                errors[p.name] = f"layer {p.name}: {describe_error(e)}"
-        labels = []
-
-        def reduce(name: str, t: torch.Tensor, writers: dict = writers) -> torch.Tensor:
-            # in the hook: only the reduced rows outlive the layer, as in a plain forward pass
-            if name not in writers:
-                return t.new_empty(0)  # failed already: nothing to keep
-            return cast_rows(reducers[name](t), spec.output.dtype, name)
-
-        with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
-            for x, y in ds.batches(split, spec.resources.extract_batch_size, device=device):
-                x = x.to(device)
-                model(x)
+    check_later = fast.deferred_check and spec.output.dtype == "float16"
+    created: list[Any] = []  # every writer, so that none is left open whatever happens
+    with (
+        contextlib.ExitStack() as cleanup,
+        WriteQueue(max_batches=_WRITE_AHEAD, threaded=fast.write_thread) as queue,
+    ):
+        # runs after the queue has stopped: a writer whose layer failed, or that an error
+        # left behind, drops its unfinished part (closed writers are not touched)
+        cleanup.callback(lambda: [w.abort() for w in created])
+        for split in SPLITS:
+            writers = {}
+            for p in points:
+                if p.name in errors or p.name in queue.failures:
+                    continue
+                meta = {
+                    "probeserve.layer": p.name,
+                    "probeserve.layer_index": str(p.index),
+                    "probeserve.shape": json.dumps(list(reducers[p.name].shape)),
+                    "probeserve.reducer": json.dumps(reducers[p.name].describe()),
+                    "probeserve.checkpoint": ckpt.key,
+                    "probeserve.step": str(ckpt.step),
+                    "probeserve.split": split,
+                    "probeserve.spec_hash": sweep.spec_hash,
+                    "probeserve.run": spec.run,
+                }
                 try:
-                    acts = capture.take()
-                except InplaceModified:  # once per point at most: it is copied from now on
-                    model(x)
-                    acts = capture.take()
-                labels.append(y)
-                for name, writer in list(writers.items()):
+                    writers[p.name] = ShardWriter(
+                        sweep.output,
+                        join(layer_prefix(spec.run, ckpt, p.name), split),
+                        n_features=reducers[p.name].n_features,
+                        dtype=spec.output.dtype,
+                        metadata=meta,
+                        max_bytes=spec.output.max_shard_bytes,
+                    )
+                    created.append(writers[p.name])
+                except Exception as e:  # this layer alone fails
+                    errors[p.name] = f"layer {p.name}: {describe_error(e)}"
+            labels = []
+            overflow: dict[str, torch.Tensor] = {}  # this batch's, when checked once per batch
+
+            def reduce(
+                name: str, t: torch.Tensor, writers: dict = writers, overflow: dict = overflow
+            ) -> torch.Tensor:
+                # in the hook: only the reduced rows outlive the layer, as in a plain forward pass
+                if name not in writers or name in queue.failures:
+                    return t.new_empty(0)  # failed already: nothing to keep
+                with fast.full_precision():
+                    r = reducers[name](t)
+                    if check_later:
+                        out = r.to(torch.float16).contiguous()
+                        overflow[name] = float16_overflow(r, out)
+                        return out
+                    return cast_rows(r, spec.output.dtype, name)
+
+            with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
+                for x, y in ds.batches(split, batch_size, device=fast.device):
+                    n = len(y)
+                    x = fast.input(x, batch_size)
+                    overflow.clear()
+                    with fast.autocast():
+                        model(x)
                     try:
-                        if name in capture.failures:
-                            raise capture.failures[name]
-                        writer.write(acts[name], y)
-                    except Exception as e:
-                        errors[name] = f"layer {name}: {describe_error(e)}"
-                        writer.abort()
-                        del writers[name]
-        for name, writer in writers.items():
-            try:
-                shards[name][split] = writer.close()
-            except Exception as e:
-                errors[name] = f"layer {name}: {describe_error(e)}"
-        y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-        counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
-        skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
+                        acts = capture.take()
+                    except InplaceModified:  # once per point at most: it is copied from now on
+                        overflow.clear()
+                        with fast.autocast():
+                            model(x)
+                        acts = capture.take()
+                    labels.append(y)
+                    live = [name for name in writers if name not in queue.failures]
+                    failed = {name: capture.failures[name] for name in live if name in capture.failures}
+                    rows = {name: acts[name][:n] for name in live if name not in failed}
+                    host, worst, ready = fast.stage(rows, overflow)
+                    jobs = [
+                        (
+                            name,
+                            _fail_job(writers[name], failed[name])
+                            if name in failed
+                            else _write_job(writers[name], host[name], y, name, worst.get(name)),
+                        )
+                        for name in live
+                    ]
+                    queue.put(jobs, ready)  # waits while earlier batches are still being written
+            queue.put([(name, _close_job(writer, shards[name], split)) for name, writer in writers.items()])
+            y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+            counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
+            skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
+        queue.drain()
+    for name, e in queue.failures.items():
+        errors.setdefault(name, f"layer {name}: {describe_error(e)}")
     n_skipped = sum(len(v) for v in skipped.values())
     if n_skipped:
         log.warning("%s: %d undecodable image(s) left out of the probe data", ckpt.key, n_skipped)
@@ -544,6 +734,8 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             "skipped": {s: names[:MAX_SKIPPED_NAMES] for s, names in skipped.items()},
             "class_counts": counts,
             "extract_seconds": seconds,
+            "precision": fast.precision,
+            "extraction": fast.describe(),
             # with false, the shards go once the item is committed: a manifest of a committed
             # item that says false was left by a run killed before it deleted them
             "keep_activations": spec.output.keep_activations,
@@ -682,6 +874,7 @@ def _probe_row(
         hit_max_epochs=hit_max_epochs(
             epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
         ),
+        precision=manifest.get("precision", "fp32"),  # manifests before the field: fp32
     )
 
 
