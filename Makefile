@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check probeserve tests jobs
 	$(BIN)/ruff format --check probeserve tests jobs
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format probeserve tests jobs

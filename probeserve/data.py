@@ -29,7 +29,7 @@ import gzip as gzip_lib
 import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from probeserve.errors import DataError, StorageError
 from probeserve.results import read_parquet_bytes
 from probeserve.spec import DataSpec, GaussianData, IdxData, ImagesData, ParquetData, SyntheticImagesData
 from probeserve.storage import Storage, open_storage, redact, temp_name
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    import pyarrow as pa
 
 SPLITS = ("train", "val", "test")
 # Labels are class indices and a probe has an output for every index up to the largest, so a
@@ -414,7 +417,7 @@ def _load_idx(spec: IdxData, *, s3_endpoint: str | None) -> ProbeDataset:
 # --- parquet -------------------------------------------------------------------------------
 
 
-def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Table
+def _read_parquet_table(uri: str, *, s3_endpoint: str | None) -> pa.Table:
     """One Parquet file, or every .parquet file under a folder or key prefix, in key order."""
     import pyarrow as pa
 
@@ -452,7 +455,7 @@ def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Tab
         ) from None
 
 
-def _column(table, field: str, name: str):  # -> pyarrow.Array
+def _column(table: pa.Table, field: str, name: str) -> pa.Array:
     if name not in table.column_names:
         raise DataError(
             f"data.{field}: no column {name!r}; available columns: {', '.join(table.column_names)}"

@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     return found if found is not None else _first_tensor(list(kwargs.values()))
 
 
-def _batched(t: torch.Tensor | None, batch_size: int) -> bool:
+def _batched(t: torch.Tensor | None, batch_size: int) -> TypeGuard[torch.Tensor]:
     return t is not None and t.dim() >= 1 and t.shape[0] == batch_size
 
 

@@ -143,7 +143,9 @@ class MLP(nn.Module):
         for key, layer in self.hidden.items():
             k = int(key)
             if k == self.skip_to:
+                assert skip_source is not None  # skip_from < skip_to, checked at construction
                 h = torch.cat([h, skip_source], dim=1)
+            assert isinstance(layer, nn.ModuleDict)
             h = layer["act"](layer["linear"](h))
             if k == self.skip_from:
                 skip_source = h
@@ -200,6 +202,7 @@ def mlp(
         raise ValueError("skip_from and skip_to go together: set both or neither")
     if skip_from is not None:
         _check_int("skip_from", skip_from, minimum=0)
+        assert skip_to is not None  # the two go together, checked above
         _check_int("skip_to", skip_to, minimum=1)
         if not skip_from < skip_to <= depth:
             raise ValueError(
@@ -535,6 +538,7 @@ class MiniInception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | InceptionOutputs:
         x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
+        block: nn.Module
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a):
             x = block(x)
         for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):

@@ -16,6 +16,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -717,7 +718,9 @@ def _overlap(checkpoints_uri: str, output_uri: str) -> str | None:
     return "inside" if not ckpt[1] or out[1].startswith(ckpt[1] + "/") else None
 
 
-def _format_validation_error(err: ValidationError, overridden: list[str] = (), data: Any = None) -> list[str]:
+def _format_validation_error(
+    err: ValidationError, overridden: Sequence[str] = (), data: Any = None
+) -> list[str]:
     # The tag of the `data` union (`data.gaussian.dim`) is pydantic's, not a field the user wrote.
     data_kind = (
         data.get("data", {}).get("kind")
@@ -960,9 +963,8 @@ def _plain(value: Any, path: list[int | str]) -> Any:
                 )
             out[k] = _plain(v, [*path, k])
         return out
-    what = {bytes: "binary data (!!binary)", set: "a set (!!set)"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    tags: dict[type, str] = {bytes: "binary data (!!binary)", set: "a set (!!set)"}
+    what = tags.get(type(value), f"a {type(value).__name__}")
     raise SpecError(
         [f"{field_path(path)}: {what} is not a spec value; use numbers, text, lists and mappings only"]
     )
@@ -999,7 +1001,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def spec_from_dict(data: Any, *, source: str = "spec", overrides: list[str] = ()) -> SweepSpec:
+def spec_from_dict(data: Any, *, source: str = "spec", overrides: Sequence[str] = ()) -> SweepSpec:
     """Validate a plain mapping (with optional overrides) into a `SweepSpec`.
 
     Besides the fields' own rules, sizes are checked against this machine's memory
@@ -1029,7 +1031,7 @@ def spec_from_dict(data: Any, *, source: str = "spec", overrides: list[str] = ()
     return spec
 
 
-def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> SweepSpec:
+def load_spec(path: str | os.PathLike[str], *, overrides: Sequence[str] = ()) -> SweepSpec:
     """Read a YAML or JSON spec file; raise `SpecError` listing every problem with its field."""
     p = Path(path)
     if p.is_dir():

@@ -24,10 +24,13 @@ import stat as stat_mode
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from probeserve.errors import StorageError
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    from boto3.s3.transfer import TransferConfig
 
 # Local writes go to a temporary name beside the target (a rename is atomic only within one
 # file system): `.probeserve-tmp-` and a UUID's 32 hex digits. It is fixed-length, so a long
@@ -403,7 +406,7 @@ class S3Storage:
         )
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
-    def _transfer(self):  # -> boto3.s3.transfer.TransferConfig
+    def _transfer(self) -> TransferConfig:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(

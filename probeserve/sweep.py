@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +51,11 @@ from probeserve.errors import (
 from probeserve.markers import HEARTBEAT_S, STALE_BEATS, Heartbeat, marker_state  # noqa: F401
 from probeserve.spec import SweepSpec, dump_spec
 from probeserve.storage import LocalStorage, Storage, join, open_storage
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    from probeserve.data import Dataset
+    from probeserve.layers import ProbePoint
+    from probeserve.probe import ProbeData
 
 log = logging.getLogger("probeserve")
 
@@ -209,7 +214,7 @@ class Sweep:
         )
 
     @cached_property
-    def dataset(self):  # -> probeserve.data.Dataset
+    def dataset(self) -> Dataset:
         from probeserve.data import load_dataset
 
         # images: the run's frozen example index, once record_spec has published it
@@ -225,7 +230,7 @@ class Sweep:
         return torch.zeros((2, *self.dataset.input_shape))
 
     @cached_property
-    def all_points(self):  # -> list[ProbePoint]
+    def all_points(self) -> list[ProbePoint]:
         from probeserve.layers import discover_probe_points
         from probeserve.models import user_code
 
@@ -243,7 +248,7 @@ class Sweep:
             ) from None
 
     @cached_property
-    def points(self):  # -> list[ProbePoint], the selected ones in forward order
+    def points(self) -> list[ProbePoint]:  # the selected ones, in forward order
         from probeserve.layers import select_probe_points
 
         return select_probe_points(
@@ -493,7 +498,7 @@ class FastPath:
 
     def prepare(self, model: torch.nn.Module, points: list) -> torch.nn.Module:
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented; torch's stubs omit it
         if self.compile:
             from probeserve.layers import compile_regions
 
@@ -708,8 +713,8 @@ def extract(
             counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
             skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
         queue.drain()
-    for name, e in queue.failures.items():
-        errors.setdefault(name, f"layer {name}: {describe_error(e)}")
+    for name, failure in queue.failures.items():
+        errors.setdefault(name, f"layer {name}: {describe_error(failure)}")
     n_skipped = sum(len(v) for v in skipped.values())
     if n_skipped:
         log.warning("%s: %d undecodable image(s) left out of the probe data", ckpt.key, n_skipped)
@@ -801,7 +806,7 @@ def probes_per_call(spec: SweepSpec, device: str) -> int:
 CUDA_PROBES_PER_CALL = 8
 
 
-def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str):  # -> (manifest, probe.ProbeData)
+def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str) -> tuple[dict[str, Any], ProbeData]:
     """A layer's shards as the probe trainer reads them, with its manifest."""
     from probeserve.probe import ProbeData
     from probeserve.shards import iter_chunks
@@ -1099,11 +1104,11 @@ def _probe_retrying(
                 outcome = e
         if not isinstance(outcome, Exception):
             return outcome, False
-        e, outcome = outcome, None
-        if not isinstance(e, ShardMissing):
-            log_failure(f"probe {ckpt.key} {item.layer}", e)
+        err, outcome = outcome, None
+        if not isinstance(err, ShardMissing):
+            log_failure(f"probe {ckpt.key} {item.layer}", err)
             return sweep.failed_row(
-                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+                ckpt, item.layer, item.layer_index, describe_error(err), time.perf_counter() - t0
             ), False
         done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
         if done is not None and done["status"] == "ok":
@@ -1111,15 +1116,15 @@ def _probe_retrying(
             return done, True
         if not reread and sweep.manifest(ckpt, item.layer) is not None:
             # a new manifest (another run extracted the layer again) lists other parts
-            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, err)
             reread = True
             continue
         if extractions == REEXTRACT_TRIES:
-            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            log_failure(f"probe {ckpt.key} {item.layer}", err)
             return sweep.failed_row(
-                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+                ckpt, item.layer, item.layer_index, describe_error(err), time.perf_counter() - t0
             ), False
-        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, err)
         extractions += 1
         reread = False
         try:

@@ -32,7 +32,7 @@ import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from probeserve.images.decode import IMAGE_EXTENSIONS
 from probeserve.results import read_parquet_bytes
 from probeserve.spec import ImagesData
 from probeserve.storage import Storage, open_storage, redact
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    import pyarrow as pa
 
 log = logging.getLogger("probeserve")
 
@@ -93,7 +96,7 @@ class ImageIndex:
         """What goes in the manifest and the log: layout, uri and each split's source."""
         return {"layout": self.layout, "uri": redact(self.uri), "splits": self.sources}
 
-    def to_table(self):  # -> pyarrow.Table
+    def to_table(self) -> pa.Table:
         import pyarrow as pa
 
         columns: dict[str, list[Any]] = {
