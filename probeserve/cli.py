@@ -479,7 +479,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
-        print(f"no results yet under {args.results}", file=sys.stderr)
+        scope = f"run {args.run!r} under {args.results}" if args.run else args.results  # as plot says
+        print(f"no results yet for {scope}", file=sys.stderr)
     con = duckdb.connect()
     con.register("results", table)
     con.execute("SET python_enable_replacements = false")  # never: it reads Python variables by name

@@ -43,6 +43,12 @@ if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
     import pyarrow as pa
 
 SPLITS = ("train", "val", "test")
+# Labels are class indices and a probe has an output for every index up to the largest, so a
+# label sets the class count. Past this one it is not a class index but a mistake (a hash, an
+# id, a timestamp in the label column): a label of 3e9 made arrays of 3e9 counts (24 GB) and
+# the run was killed for memory. Every array per class is well within memory below it, and
+# labels fit the int32 of the shards and the result rows.
+MAX_CLASSES = 1 << 24
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # the Debian package's location
 
 # The IDX files of a dataset folder; each may also carry a ".gz" suffix.
@@ -115,6 +121,11 @@ class ProbeDataset:
                 raise DataError(
                     f"{source}: label {int(labels.min())} in the {split} split; "
                     "labels must be class indices >= 0"
+                )
+            if labels.max() >= MAX_CLASSES:
+                raise DataError(
+                    f"{source}: label {int(labels.max())} in the {split} split; labels must be class "
+                    f"indices below {MAX_CLASSES} (a probe has an output for every index up to the largest)"
                 )
             self._inputs[split] = inputs
             self._labels[split] = labels.astype(np.int64, copy=False)

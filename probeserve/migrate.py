@@ -106,6 +106,13 @@ def migrate_output(out: Storage, *, force: bool = False) -> Migration:
         return report
     if results.written_by_newer(info):
         raise ProbeserveError(f"{out.uri}: {results.layout_problem(info)}; this probeserve cannot migrate it")
+    if info is None and not _written_by_probeserve(out):
+        # a mistyped path, a data folder, a home folder: "migrating" it wrote layout.json
+        # into it and said it was done (exit 0)
+        raise ProbeserveError(
+            f"{out.uri}: not an output of probeserve (nothing under {', '.join(d + '/' for d in _OUTPUT_DIRS)}); "
+            "give the output.uri of a spec"
+        )
     if not force:
         busy = live_work(out)
         if busy:
@@ -138,7 +145,7 @@ def live_work(out: Storage, *, now: float | None = None) -> list[str]:
         try:
             info = json.loads(out.read_bytes(obj.key, max_bytes=1 << 20))
             host, pid = info.get("host"), int(info.get("pid"))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):  # OverflowError: "pid": 1e999
             continue  # not a marker probeserve wrote whole: nothing to ask it
         if host == here:
             if _pid_alive(pid):
@@ -159,14 +166,20 @@ def live_work(out: Storage, *, now: float | None = None) -> list[str]:
     return found
 
 
+_OUTPUT_DIRS = (results.RUNS_DIR, *results.PER_CHECKPOINT_DIRS)
+
+
+def _written_by_probeserve(out: Storage) -> bool:
+    """Whether anything is under the folders a run or a watch daemon writes."""
+    return any(next(iter(out.list(top + "/")), None) is not None for top in _OUTPUT_DIRS)
+
+
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    # staging's: a pid too large for kill(2) counts as alive there instead of raising
+    # OverflowError (a marker with pid 2**31 made migrate end in a traceback)
+    from probeserve.staging import pid_alive
+
+    return pid_alive(pid)
 
 
 # ---------------------------------------------------------------------------- results

@@ -290,6 +290,18 @@ def read_layout(storage: Storage) -> dict[str, Any] | None:
     info = read_json(storage, LAYOUT_KEY)
     if not isinstance(info, dict):
         raise Damaged(f"{storage.uri_for(LAYOUT_KEY)}: damaged (not a JSON object)")
+    # A layout that is not a whole number may be a newer probeserve's (`written_by_newer`);
+    # a missing one, or one of this probeserve's layouts with columns that are not a list of
+    # names, is damage: checked here, so `run` and `migrate` name the file instead of failing
+    # with a traceback (`"columns": 5`) or calling it newer (`{}`)
+    layout, columns = info.get("layout"), info.get("columns", [])
+    if layout is None or isinstance(layout, bool):
+        raise Damaged(
+            f'{storage.uri_for(LAYOUT_KEY)}: damaged ("layout" is {json.dumps(layout)}, not a number)'
+        )
+    if isinstance(layout, int) and layout <= LAYOUT:
+        if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+            raise Damaged(f'{storage.uri_for(LAYOUT_KEY)}: damaged ("columns" is not a list of column names)')
     return info
 
 

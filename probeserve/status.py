@@ -13,6 +13,7 @@ counts as pending, and the row says how many of those there are. Status only rea
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -22,7 +23,7 @@ from probeserve.checkpoints import discover
 from probeserve.errors import ProbeserveError
 from probeserve.markers import marker_state
 from probeserve.spec import CheckpointsSpec, StorageSpec
-from probeserve.storage import Storage, open_storage
+from probeserve.storage import Storage, StorageError, open_storage
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,7 +66,17 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
     # first run of a few steps, or a record made by an older watch daemon's first sweep,
     # `steps: [N]`) still counts all of them.
     with_rows = {key for key, _ in status}
-    every = discover(ckpt_storage, checkpoints.model_copy(update={"steps": None})).complete
+    try:
+        every = discover(ckpt_storage, checkpoints.model_copy(update={"steps": None})).complete
+    except StorageError as e:
+        uri = checkpoints.uri
+        if "://" in uri or os.path.isabs(uri):
+            raise
+        # a relative path is relative to the folder the run ran in, which status cannot know
+        raise StorageError(
+            f"{e} (the run recorded checkpoints.uri {uri!r}, a path relative to the folder it ran in: "
+            "run status from that folder)"
+        ) from None
     ckpts = [
         c for c in every if checkpoints.steps is None or c.step in checkpoints.steps or c.key in with_rows
     ]

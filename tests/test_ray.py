@@ -234,6 +234,9 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "cannot connect to a Ray cluster" in proc.stderr and "127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # refused before the run recorded its spec: the run name is not bound to it, so the same
+    # run with a corrected spec is not refused as "made with a different spec" next
+    assert not os.path.exists(os.path.join(spec.output.uri, "runs")), os.listdir(spec.output.uri)
 
 
 GPU_CHECK = """

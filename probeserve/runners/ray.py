@@ -124,6 +124,11 @@ def _check_reachable(address: str, timeout: float = 5.0, *, given: str | None = 
         ) from None
 
 
+def check_address(address: str) -> None:
+    """That something listens at `address` ("auto": at what it resolves to); see `connect`."""
+    _check_reachable(_auto_address() if address == "auto" else address, given=address)
+
+
 def _auto_address() -> str:
     """The cluster `--address auto` means: $RAY_ADDRESS, else the one `ray start` recorded.
 
@@ -198,7 +203,7 @@ def connect(address: str | None) -> None:
     if address is not None and not local:
         # "auto" goes to ray.init as it is (Ray then also turns on token authentication when
         # a token is there), but what it resolves to is checked here first
-        _check_reachable(_auto_address() if address == "auto" else address, given=address)
+        check_address(address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if local:
         kwargs["include_dashboard"] = False
@@ -259,6 +264,10 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
 def run_ray(spec: SweepSpec, *, address: str | None = None) -> RunSummary:
     """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
     t0 = time.perf_counter()
+    if address is not None and address != "local":
+        # before the run records its spec: a mistyped address is bad input (exit 2), and a
+        # run name bound to this spec would refuse the corrected spec that follows it
+        check_address(address)
     sweep, plan, summary = start(spec)
     pending = plan.pending()
     if not pending:  # nothing to do: no Ray to start (a local one takes seconds)
