@@ -41,6 +41,9 @@ MiB = 1024**2
 # The most threads `resources.torch_threads` may ask for. torch starts them all at once, and
 # asking for 100,000 crashed the process (segmentation fault); no machine has more cores.
 MAX_TORCH_THREADS = 1024
+# The most decode processes `data.num_workers` may start: each is a Python process with its
+# own buffers, and a typo (80000) would start that many before anything failed.
+MAX_DECODE_WORKERS = 256
 # torch's seed range (`torch.Generator.manual_seed` refuses anything outside it).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -373,7 +376,10 @@ class ImagesData(_DataCommon):
     mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN), min_length=3, max_length=3)
     std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD), min_length=3, max_length=3)
     num_workers: int | None = Field(
-        default=None, ge=0, description="decode processes; default min(8, CPUs); 0 decodes in this process"
+        default=None,
+        ge=0,
+        le=MAX_DECODE_WORKERS,
+        description="decode processes; default min(8, CPUs); 0 decodes in this process",
     )
     image_column: str = Field(
         default="image", description="parquet: encoded image bytes, or a struct with 'bytes'"
