@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check probeserve tests jobs
 	$(BIN)/ruff format --check probeserve tests jobs
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format probeserve tests jobs
@@ -55,13 +56,17 @@ format: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_shards.py
+	$(BIN)/python jobs/benchmarks/bench_shards.py --readers --features 1024
 	$(BIN)/python jobs/benchmarks/bench_extract.py
 	$(BIN)/python jobs/benchmarks/bench_reducers.py
 	$(BIN)/python jobs/benchmarks/bench_probe.py
+	$(BIN)/python jobs/benchmarks/bench_probe.py lbfgs
 	$(BIN)/python jobs/benchmarks/bench_probe_scale.py
 	$(BIN)/python jobs/benchmarks/bench_ray.py
+	$(BIN)/python jobs/benchmarks/bench_scale.py
 	$(BIN)/python jobs/benchmarks/bench_images.py
 	$(BIN)/python jobs/benchmarks/bench_science.py
+	$(BIN)/python jobs/benchmarks/bench_watch_memory.py
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache

@@ -14,6 +14,10 @@ file. In a local folder only regular files are read, and symbolic links that lea
 a training job, and must not make probeserve read files elsewhere on the machine. Tensors
 whose dtype the model would cast lossily (integers or booleans into floating-point weights)
 are refused; float-to-float casts are allowed and reported.
+
+Discovery and markers need no torch, and the watch daemon, `probeserve status` and the report
+use only them; so torch is imported inside the functions that write or load tensors, and
+importing this module does not load it.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from probeserve.errors import CheckpointError, StorageError
 from probeserve.spec import CheckpointsSpec
 from probeserve.staging import StagingDir
 from probeserve.storage import LocalStorage, NotAFile, Storage, join, open_storage
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MARKER = "COMPLETE"
 # torch.load(weights_only=True) had code-execution bypasses before 2.6 and again before 2.10.
@@ -108,11 +114,13 @@ def _leaves(storage: Storage, key: str) -> str | None:
     return None if real is None else f"a symbolic link to {real}, outside checkpoints.uri"
 
 
-def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = None) -> Discovery:
-    """One full, paginated listing of the prefix, sorted by (step, key)."""
+def discover(
+    storage: Storage, spec: CheckpointsSpec, *, now: float | None = None, page_size: int = 1000
+) -> Discovery:
+    """One full listing of the prefix, `page_size` keys per request, sorted by (step, key)."""
     if not storage.root_exists():
         raise StorageError(f"checkpoints.uri: {storage.uri} does not exist")
-    objects = {o.key: o for o in storage.list("")}
+    objects = {o.key: o for o in storage.list("", page_size=page_size)}
     step_re = re.compile(spec.step_regex)
     now = time.time() if now is None else now
     found = Discovery()
@@ -163,6 +171,8 @@ def discover(storage: Storage, spec: CheckpointsSpec, *, now: float | None = Non
 
 
 def _state_dict(obj: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
+
     sd = obj.state_dict() if isinstance(obj, torch.nn.Module) else dict(obj)
     # safetensors refuses tensors that share memory; a copy per tensor makes each its own
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -204,6 +214,8 @@ def save_checkpoint(
 
 
 def _torch_is_safe() -> bool:
+    import torch
+
     version = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
     return version >= MIN_SAFE_TORCH
 
@@ -293,6 +305,8 @@ def _expected_sha256(storage: Storage, ckpt: Checkpoint, spec: CheckpointsSpec) 
 
 
 def _load_file(path: str, where: str) -> dict[str, torch.Tensor]:
+    import torch
+
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
@@ -381,6 +395,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _kind(dtype: torch.dtype) -> str:
+    import torch
+
     if dtype == torch.bool:
         return "bool"
     if dtype.is_complex:
@@ -402,6 +418,8 @@ def check_dtypes(
     checkpoint, so they are refused, naming the tensor and both dtypes. A float into another
     float (float64, float16, bfloat16 into float32) keeps the value up to rounding; an integer
     into another integer keeps it when it fits (BatchNorm's int64 `num_batches_tracked`)."""
+    import torch
+
     casts: dict[str, str] = {}
     for name, target in model_state.items():  # in the model's order
         tensor = state.get(name)

@@ -13,8 +13,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from probeserve.errors import ProbeserveError, SpecError
+from probeserve.runners.base import run_spec  # here too: demo.py imports it from this module
 
 log = logging.getLogger("probeserve")
 
@@ -234,26 +236,25 @@ def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> l
 
 def activation_bytes(spec) -> int:
     """Bytes of activation shards stored for the spec's run (one listing of its prefix)."""
+    from probeserve import layout
     from probeserve.results import open_output
-    from probeserve.storage import join
-    from probeserve.sweep import ACTIVATIONS_DIR
 
     out = open_output(spec.output.uri, s3_endpoint=spec.storage.resolved_endpoint(), must_exist=False)
-    return sum(o.size for o in out.list(join(ACTIVATIONS_DIR, spec.run) + "/"))
+    return sum(o.size for o in out.list(layout.activations_prefix(spec.run)))
 
 
 def print_run_summary(spec, summary, rows: list[dict]) -> None:
     """What a run did, what it keeps, and which probes hit their epoch cap (after the table)."""
+    from probeserve import layout
     from probeserve.storage import redact
-    from probeserve.sweep import ACTIVATIONS_DIR
 
     uri = redact(spec.output.uri.rstrip("/"))
     print(
         f"\nrun {spec.run}: {summary.ok} item(s) done now, {summary.skipped_done} already done, "
-        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {uri}/results/"
+        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {uri}/{layout.results_prefix()}"
     )
     kept = activation_bytes(spec)
-    where = f"{uri}/{ACTIVATIONS_DIR}/{spec.run}/"
+    where = f"{uri}/{layout.activations_prefix(spec.run)}"
     if spec.output.keep_activations:
         print(
             f"kept {_human_bytes(kept)} of activations in {where} (output.keep_activations: true; "
@@ -277,22 +278,9 @@ def print_run_summary(spec, summary, rows: list[dict]) -> None:
         )
 
 
-def run_spec(spec, *, runner: str, address: str | None, max_actors: int | None = None):
-    """Run a spec with the chosen runner: Ray (local cluster unless an address is given) or in-process."""
-    if runner == "local":
-        if address:
-            raise ProbeserveError("--address goes with the ray runner, not --runner local")
-        from probeserve.runners.local import run_local
-
-        return run_local(spec)
-    from probeserve.runners.ray import run_ray
-
-    return run_ray(spec, address=address, max_actors=max_actors)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    summary = run_spec(spec, runner=args.runner, address=args.address, max_actors=args.max_actors)
+    summary = run_spec(spec, runner=args.runner, address=args.address)
     rows = print_results_table(spec.output.uri, spec.run, spec.storage.resolved_endpoint())
     print_run_summary(spec, summary, rows)
     for ckpt, layer, error in summary.failed:
@@ -461,7 +449,7 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
     import re
     from urllib.parse import urlsplit
 
-    from probeserve import results
+    from probeserve import layout
     from probeserve.spec import check_uri
 
     try:
@@ -484,7 +472,7 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
         folder, name = os.path.split(os.path.abspath(path))
         if name in ("", ".", ".."):
             raise ProbeserveError(f"--out {out!r}: names no file; give {_GOOD_OUT}")
-    results_dir = results.output_root(results_uri).rstrip("/") + "/" + results.RESULTS_DIR
+    results_dir = layout.output_root(results_uri).rstrip("/") + "/" + layout.RESULTS_DIR
     if results_dir.startswith("file://"):
         results_dir = urlsplit(results_dir).path
     if "://" not in results_dir:
@@ -507,7 +495,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
-        print(f"no results yet under {args.results}", file=sys.stderr)
+        scope = f"run {args.run!r} under {args.results}" if args.run else args.results  # as plot says
+        print(f"no results yet for {scope}", file=sys.stderr)
     con = duckdb.connect()
     con.register("results", table)
     con.execute("SET python_enable_replacements = false")  # never: it reads Python variables by name
@@ -553,13 +542,14 @@ def _publish(where: tuple[str, str], data: bytes, *, s3_endpoint: str | None) ->
 def cmd_watch(args: argparse.Namespace) -> int:
     import signal
 
+    from probeserve.ledger import Ledger
     from probeserve.storage import open_storage
-    from probeserve.watch import LocalSubmitter, RayJobSubmitter, Watcher, ledger_rows
+    from probeserve.watch import LocalSubmitter, RayJobSubmitter, Watcher
 
     spec = _spec(args)
     if args.status:
         storage = open_storage(spec.output.uri, s3_endpoint=spec.storage.resolved_endpoint())
-        rows = ledger_rows(storage, spec.run, page_size=args.page_size)
+        rows = Ledger(storage, spec.run, page_size=args.page_size).rows()
         if not rows:
             print(f"the ledger of run {spec.run} in {spec.output.uri} is empty")
         else:
@@ -574,7 +564,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
         policy=args.policy,
         claim_timeout=args.claim_timeout,
         max_attempts=args.max_attempts,
-        keep_activations=args.keep_activations,
         page_size=args.page_size,
         health_file=args.health_file,
     )
@@ -658,6 +647,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, quick=args.quick, runner=args.runner)
 
 
+class _SetField(argparse.Action):
+    """A flag that is shorthand for `--set FIELD=VALUE`: it overrides that spec field, in its
+    place among the `--set`s, and nothing else. Settings live in the spec; such a flag says in
+    its help which field it overrides."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, field: str, **kwargs: Any) -> None:
+        self.field = field
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        value = self.const if self.nargs == 0 else values
+        overrides = list(getattr(namespace, "set", None) or [])
+        namespace.set = [*overrides, f"{self.field}={value}"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from probeserve import __version__
 
@@ -711,7 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="ray",
         help="ray, or local: in this process, no Ray (default: %(default)s)",
     )
-    r.add_argument("--max-actors", type=int, help="at most this many probe actors")
+    r.add_argument(
+        "--max-actors",
+        action=_SetField,
+        field="resources.max_actors",
+        type=int,
+        metavar="N",
+        help="shorthand for --set resources.max_actors=N: at most N probe actors (overrides the spec)",
+    )
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser(
@@ -791,7 +808,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="claim generations before a dying job ends failed (default: %(default)s)",
     )
     w.add_argument(
-        "--keep-activations", action="store_true", help="keep activation shards (default: delete once probed)"
+        "--keep-activations",
+        action=_SetField,
+        field="output.keep_activations",
+        const="true",
+        nargs=0,
+        help="shorthand for --set output.keep_activations=true: keep activation shards once probed "
+        "(overrides the spec; the daemon does what the spec's output.keep_activations says)",
     )
     w.add_argument("--health-file", help="touched after every successful scan, for a liveness check")
     w.add_argument(

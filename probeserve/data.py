@@ -29,7 +29,7 @@ import gzip as gzip_lib
 import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -39,7 +39,16 @@ from probeserve.results import read_parquet_bytes
 from probeserve.spec import DataSpec, GaussianData, IdxData, ImagesData, ParquetData, SyntheticImagesData
 from probeserve.storage import Storage, open_storage, redact, temp_name
 
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    import pyarrow as pa
+
 SPLITS = ("train", "val", "test")
+# Labels are class indices and a probe has an output for every index up to the largest, so a
+# label sets the class count. Past this one it is not a class index but a mistake (a hash, an
+# id, a timestamp in the label column): a label of 3e9 made arrays of 3e9 counts (24 GB) and
+# the run was killed for memory. Every array per class is well within memory below it, and
+# labels fit the int32 of the shards and the result rows.
+MAX_CLASSES = 1 << 24
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # the Debian package's location
 
 # The IDX files of a dataset folder; each may also carry a ".gz" suffix.
@@ -113,6 +122,11 @@ class ProbeDataset:
                 raise DataError(
                     f"{source}: label {int(labels.min())} in the {split} split; "
                     "labels must be class indices >= 0"
+                )
+            if labels.max() >= MAX_CLASSES:
+                raise DataError(
+                    f"{source}: label {int(labels.max())} in the {split} split; labels must be class "
+                    f"indices below {MAX_CLASSES} (a probe has an output for every index up to the largest)"
                 )
             self._inputs[split] = inputs
             self._labels[split] = labels.astype(np.int64, copy=False)
@@ -404,7 +418,7 @@ def _load_idx(spec: IdxData, *, s3_endpoint: str | None) -> ProbeDataset:
 # --- parquet -------------------------------------------------------------------------------
 
 
-def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Table
+def _read_parquet_table(uri: str, *, s3_endpoint: str | None) -> pa.Table:
     """One Parquet file, or every .parquet file under a folder or key prefix, in key order."""
     import pyarrow as pa
 
@@ -442,7 +456,7 @@ def _read_parquet_table(uri: str, *, s3_endpoint: str | None):  # -> pyarrow.Tab
         ) from None
 
 
-def _column(table, field: str, name: str):  # -> pyarrow.Array
+def _column(table: pa.Table, field: str, name: str) -> pa.Array:
     if name not in table.column_names:
         raise DataError(
             f"data.{field}: no column {name!r}; available columns: {', '.join(table.column_names)}"

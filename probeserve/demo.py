@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ def train_and_checkpoint(spec, steps: tuple[int, ...], *, quick: bool) -> None:
     ds = load_dataset(spec.data.model_copy(update={"train_size": 4000 if quick else 20000}))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = 0
-    batches = iter(())
+    batches: Iterator[tuple[torch.Tensor, np.ndarray]] = iter(())
     model.train()
     while True:
         if step in steps:

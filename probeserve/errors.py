@@ -42,3 +42,10 @@ class DataError(ProbeserveError):
 
 class ModelError(ProbeserveError):
     """The model factory cannot be imported or called, or weights do not fit it."""
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a result row: the message of a user error, type and message otherwise."""
+    if isinstance(e, ProbeserveError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"

@@ -15,9 +15,11 @@ Conventions worth knowing:
 
 - A module called several times in one forward pass (a shared block) is probed at its
   first call only.
-- A module whose output is a tuple or list is probed at its first tensor element; a module
-  whose output holds no tensor, or one whose leading dimension is not the batch, is not a
-  probe point.
+- A module whose output is a tuple, list, named tuple or mapping is probed at its first
+  tensor (depth first); a module whose output holds no tensor, or one whose leading dimension
+  is not the batch, is not a probe point.
+- Discovery and extraction run the model in eval mode, so a module that runs only in
+  training mode (Inception's auxiliary head) is not a probe point.
 - A module named `input` is not a probe point (the name means the model input); a warning
   says so.
 - A container module that is called (an `nn.Sequential` block) is a probe point of its own
@@ -32,9 +34,9 @@ import fnmatch
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,7 @@ INPUT = "input"
 _INPUT_SUFFIX = ":in"
 _MAX_NAMES_IN_ERROR = 40
 _MAX_PROJECTION_BYTES = 1024**3
+_MAX_NESTING = 4  # how deep `_first_tensor` looks into nested outputs
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,20 @@ class ProbePoint:
     n_features: int  # prod(shape)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
+    """The first tensor in a module's output: itself, or the first found depth first in a
+    tuple, list, named tuple or mapping (Inception's `InceptionOutputs`, a dict of outputs)."""
     if isinstance(value, torch.Tensor):
         return value
+    if depth >= _MAX_NESTING:
+        return None
+    if isinstance(value, Mapping):
+        value = list(value.values())
     if isinstance(value, (tuple, list)):
         for item in value:
-            if isinstance(item, torch.Tensor):
-                return item
+            found = _first_tensor(item, depth + 1)
+            if found is not None:
+                return found
     return None
 
 
@@ -76,7 +86,7 @@ def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     return found if found is not None else _first_tensor(list(kwargs.values()))
 
 
-def _batched(t: torch.Tensor | None, batch_size: int) -> bool:
+def _batched(t: torch.Tensor | None, batch_size: int) -> TypeGuard[torch.Tensor]:
     return t is not None and t.dim() >= 1 and t.shape[0] == batch_size
 
 
@@ -150,18 +160,29 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-def select_probe_points(points: list[ProbePoint], include: list[str], exclude: list[str]) -> list[ProbePoint]:
+def select_probe_points(
+    points: list[ProbePoint], include: list[str], exclude: list[str], *, modules: Collection[str] = ()
+) -> list[ProbePoint]:
     """The points matching any `include` pattern and no `exclude` pattern, in forward order.
 
     Patterns are exact names or `fnmatch` globs (`*` also matches `.`, so `hidden.*` takes
     every hidden sub-module). An include pattern that matches nothing is an error, since it
-    is almost always a typo; an exclude pattern that matches nothing is not.
+    is almost always a typo; an exclude pattern that matches nothing is not. `modules`, the
+    model's module names, lets that error say when the pattern names a module that exists
+    but did not run in the eval-mode pass (an auxiliary head).
     """
     names = [p.name for p in points]
     for pattern in include:
         if not any(_matches(n, pattern) for n in names):
+            idle = [m for m in modules if m and _matches(m, pattern)]
             close = difflib.get_close_matches(pattern, names, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
+            if idle:
+                hint = (
+                    f" Module {idle[0]!r} exists but did not run in the eval-mode forward pass that "
+                    "extraction uses (a head that runs only in training, such as Inception's AuxLogits, "
+                    "is not a probe point)." + hint
+                )
             raise LayerError(
                 f"layers.include: {pattern!r} matches no probe point.{hint} "
                 f"Available ({len(names)}): {_name_list(names)}"
@@ -228,6 +249,11 @@ class Reducer:
             "in_shape": list(self.in_shape),
             "out_shape": list(self.shape),
         }
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor stored NHWC (channels_last) rather than in its plain NCHW order."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _largest_divisor_at_most(d: int, s: int) -> int:
@@ -299,7 +325,13 @@ class _AvgPool(Reducer):
             # [B*C, H*W] @ [H*W, gh*gw], one GEMM that reads the activation once: faster
             # than avg_pool2d or adaptive_avg_pool2d on CPU, even or uneven windows
             # (jobs/benchmarks/bench_reducers.py)
-            x = x.reshape(b * x.shape[1], -1) @ self._kron(x.device)
+            if _is_channels_last(x):  # NHWC storage: [gh*gw, H*W] @ [B, H*W, C], no copy of x
+                pooled = torch.matmul(
+                    self._kron(x.device).T, x.permute(0, 2, 3, 1).reshape(b, -1, x.shape[1])
+                )
+                x = pooled.transpose(1, 2)  # [B, C, gh*gw], as the NCHW path gives
+            else:
+                x = x.reshape(b * x.shape[1], -1) @ self._kron(x.device)
         elif all(d % g == 0 for d, g in zip(dims, self.spatial)):
             pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(self.spatial) - 1]
             x = pool(x, tuple(d // g for d, g in zip(dims, self.spatial)))
@@ -359,15 +391,32 @@ class _Subset(Reducer):
         super().__init__(spec, point, spec.max_features)
         g = torch.Generator().manual_seed(_point_seed(spec.seed, point.name))
         self.indices = torch.randperm(point.n_features, generator=g)[: spec.max_features].sort().values
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._on_device: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
     def _reduce(self, acts: torch.Tensor) -> torch.Tensor:
-        idx = self._on_device.get(acts.device)
-        if idx is None:
-            idx = self._on_device[acts.device] = self.indices.to(acts.device)
+        if _is_channels_last(acts):
+            # [B, C, H, W] stored as NHWC (resources.channels_last): flattening it in NCHW
+            # order would copy the whole activation (7x to 33x the time of the pick itself);
+            # pick from the NHWC view instead, each index moved to where its value lies there.
+            # Same values, same order. index_select rather than gather on these scattered
+            # indices: 1.1x to 4.9x faster single-threaded (jobs/benchmarks/bench_reducers.py).
+            flat = acts.permute(0, 2, 3, 1).reshape(acts.shape[0], -1)  # a view
+            return flat.index_select(1, self._indices_on(acts.device, nhwc=True)).float()
         flat = acts.reshape(acts.shape[0], -1)
+        idx = self._indices_on(acts.device, nhwc=False)
         # gather with a broadcast index: up to 1.6x faster than index_select on CPU
         return torch.gather(flat, 1, idx.expand(flat.shape[0], -1)).float()
+
+    def _indices_on(self, device: torch.device, *, nhwc: bool) -> torch.Tensor:
+        key = (device, nhwc)
+        idx = self._on_device.get(key)
+        if idx is None:
+            idx = self.indices
+            if nhwc:  # NCHW flat index c*H*W + p (p = h*W + w) lies at p*C + c in NHWC
+                channels, plane = self.in_shape[0], math.prod(self.in_shape[1:])
+                idx = (idx % plane) * channels + idx // plane
+            idx = self._on_device[key] = idx.to(device)
+        return idx
 
 
 class _Projection(Reducer):
@@ -564,3 +613,55 @@ class ActivationCapture:
                 "(was the model run inside the capture? does its forward skip these modules for this input?)"
             )
         return {p.name: acts[p.name] for p in self.points if p.name in acts}
+
+
+# --- compiling between the probe points ---------------------------------------------------
+
+
+def compile_regions(
+    model: nn.Module, points: list[ProbePoint], compile_fn: Callable[[Callable], Callable] | None = None
+) -> list[str]:
+    """Compile the largest submodules that hold no probe point inside them; their names.
+
+    `torch.compile` of the whole model would trace the capture hooks too, and they break its
+    graph at every point (they store tensors in Python objects, read version counters). So
+    each module with parameters whose descendants hold no selected point has its `forward`
+    replaced by a compiled one, while `nn.Module.__call__`, which runs the hooks, stays eager:
+    a point's own module is compiled as a whole and its hooks fire around it. For Inception v3
+    and its 17 points that is each stem convolution and each Inception block, where nearly all
+    the work is. Module code between regions (the model's own `forward`) stays eager.
+
+    `compile_fn` defaults to `torch.compile`; call this before the first forward pass.
+    """
+    compile_fn = compile_fn or torch.compile
+    inside = {p.module for p in points if p.module}
+    done: set[int] = set()
+    compiled: list[str] = []
+
+    def has_params(m: nn.Module) -> bool:
+        return next(m.parameters(), None) is not None
+
+    def visit(name: str, module: nn.Module) -> None:
+        if id(module) in done:
+            return
+        holds_point = any(m.startswith(name + ".") for m in inside) if name else bool(inside)
+        if not holds_point:
+            done.add(id(module))
+            if has_params(module):
+                module.forward = compile_fn(module.forward)
+                compiled.append(name)
+            return
+        for child, sub in module.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    visit("", model)
+    if compiled and compile_fn is torch.compile:
+        # Dynamo keeps up to `recompile_limit` (8) compiled versions per code object, and
+        # blocks of one class share their `forward` code with different weights' shapes
+        # (Inception v3's four Mixed_6 blocks): let every region keep its own.
+        from torch import _dynamo
+
+        config = _dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 2 * len(compiled) + 8))
+    return compiled

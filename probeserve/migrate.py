@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from probeserve import results
+from probeserve import layout, results
 from probeserve.errors import ProbeserveError
 from probeserve.storage import LocalStorage, Storage, join, temp_name
 
@@ -67,7 +67,7 @@ class Migration:
 
     def lines(self) -> list[str]:
         if self.already_current:
-            return [f"{self.uri}: already in layout {results.LAYOUT} with the current columns; nothing to do"]
+            return [f"{self.uri}: already in layout {layout.LAYOUT} with the current columns; nothing to do"]
         added = f" (added, null: {', '.join(sorted(self.added_columns))})" if self.added_columns else ""
         out = [
             f"results: {self.results_moved} row(s) moved to the new layout, {self.results_rewritten} "
@@ -88,13 +88,13 @@ class Migration:
                 f"{self.uri}: NOT migrated: move the damaged file(s) out of results/ and run `probeserve migrate` again"
             )
         else:
-            out.append(f"{self.uri}: migrated to layout {results.LAYOUT}; wrote {results.LAYOUT_KEY}")
+            out.append(f"{self.uri}: migrated to layout {layout.LAYOUT}; wrote {layout.LAYOUT_KEY}")
         return out
 
 
 def migrate(uri: str, *, s3_endpoint: str | None = None, force: bool = False) -> Migration:
     """Migrate the output at `uri` (or its `results/` folder); see the module docstring."""
-    return migrate_output(results.open_output(results.output_root(uri), s3_endpoint=s3_endpoint), force=force)
+    return migrate_output(results.open_output(layout.output_root(uri), s3_endpoint=s3_endpoint), force=force)
 
 
 def migrate_output(out: Storage, *, force: bool = False) -> Migration:
@@ -106,6 +106,13 @@ def migrate_output(out: Storage, *, force: bool = False) -> Migration:
         return report
     if results.written_by_newer(info):
         raise ProbeserveError(f"{out.uri}: {results.layout_problem(info)}; this probeserve cannot migrate it")
+    if info is None and not _written_by_probeserve(out):
+        # a mistyped path, a data folder, a home folder: "migrating" it wrote layout.json
+        # into it and said it was done (exit 0)
+        raise ProbeserveError(
+            f"{out.uri}: not an output of probeserve (nothing under {', '.join(d + '/' for d in _OUTPUT_DIRS)}); "
+            "give the output.uri of a spec"
+        )
     if not force:
         busy = live_work(out)
         if busy:
@@ -120,7 +127,7 @@ def migrate_output(out: Storage, *, force: bool = False) -> Migration:
     _remove_old_markers(out, report)
     _remove_empty_old_folders(out)
     if not report.damaged:
-        out.publish_bytes(results.LAYOUT_KEY, results.layout_body())  # last: runs may write again
+        out.publish_bytes(layout.LAYOUT_KEY, results.layout_body())  # last: runs may write again
     return report
 
 
@@ -129,25 +136,25 @@ def migrate_output(out: Storage, *, force: bool = False) -> Migration:
 
 def live_work(out: Storage, *, now: float | None = None) -> list[str]:
     """Descriptions of `running/` markers and ledger claims that look live."""
-    from probeserve.watch import read_ledger
+    from probeserve.ledger import Ledger
 
     now = time.time() if now is None else now
     here = socket.gethostname()
     found = []
-    for obj in out.list(results.RUNNING_DIR + "/"):
+    for obj in out.list(layout.running_prefix()):
         try:
             info = json.loads(out.read_bytes(obj.key, max_bytes=1 << 20))
             host, pid = info.get("host"), int(info.get("pid"))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):  # OverflowError: "pid": 1e999
             continue  # not a marker probeserve wrote whole: nothing to ask it
         if host == here:
             if _pid_alive(pid):
                 found.append(f"{out.uri_for(obj.key)}: process {pid} on this machine is probing it")
         elif now - obj.mtime < LIVE_SECONDS:
             found.append(f"{out.uri_for(obj.key)}: written by {host} {now - obj.mtime:.0f} s ago")
-    runs = {o.key.split("/")[1] for o in out.list(results.LEDGER_DIR + "/") if o.key.count("/") >= 3}
+    runs = {parsed[0] for o in out.list(layout.ledger_prefix()) if (parsed := layout.parse_ledger_key(o.key))}
     for run in sorted(runs):
-        for entry in read_ledger(out, run).values():
+        for entry in Ledger(out, run).read().values():
             if entry.status in ("done", "failed"):
                 continue
             age = now - entry.last_update()
@@ -159,14 +166,20 @@ def live_work(out: Storage, *, now: float | None = None) -> list[str]:
     return found
 
 
+_OUTPUT_DIRS = (results.RUNS_DIR, *results.PER_CHECKPOINT_DIRS)
+
+
+def _written_by_probeserve(out: Storage) -> bool:
+    """Whether anything is under the folders a run or a watch daemon writes."""
+    return any(next(iter(out.list(top + "/")), None) is not None for top in _OUTPUT_DIRS)
+
+
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    # staging's: a pid too large for kill(2) counts as alive there instead of raising
+    # OverflowError (a marker with pid 2**31 made migrate end in a traceback)
+    from probeserve.staging import pid_alive
+
+    return pid_alive(pid)
 
 
 # ---------------------------------------------------------------------------- results
@@ -174,8 +187,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _migrate_results(out: Storage, report: Migration) -> None:
     for key in results.result_keys(out):
-        parts = key.split("/")
-        if len(parts) != 4:
+        parsed = layout.parse_result_key(key)
+        if parsed is None:
             continue  # not a result file probeserve wrote (results/{run}/{dir}/{layer}.parquet)
         data = out.read_bytes(key)
         try:
@@ -187,7 +200,7 @@ def _migrate_results(out: Storage, report: Migration) -> None:
             report.damaged.append(f"{out.uri_for(key)} ({e})")
             continue
         row = current.to_pylist()[0]
-        new_key = results.result_key(parts[1], row["checkpoint"], row["step"], row["layer"])
+        new_key = layout.result_key(parsed[0], row["checkpoint"], row["step"], row["layer"])
         stale = table.schema.names != results.COLUMN_NAMES or not table.schema.equals(
             results.SCHEMA, check_metadata=False
         )
@@ -226,14 +239,15 @@ def _migrate_activations(out: Storage, report: Migration) -> None:
     """Per layer folder in layout 1: copy its shards, publish the manifest that lists the new
     keys, delete the old manifest, then the old shards."""
     groups: dict[str, list[str]] = defaultdict(list)  # old layer prefix -> its keys
-    for obj in out.list(results.ACTIVATIONS_DIR + "/"):
-        parts = obj.key.split("/")
-        if len(parts) >= 5 and results.from_v1_dir(parts[2]):
-            groups["/".join(parts[:4])].append(obj.key)
+    for obj in out.list(layout.ACTIVATIONS_DIR + "/"):
+        prefix = layout.layer_prefix_of(obj.key)
+        if prefix is not None and layout.from_v1_dir(layout.checkpoint_dir_of(prefix) or ""):
+            groups[prefix].append(obj.key)
     for old_prefix, keys in sorted(groups.items()):
-        parts = old_prefix.split("/")
-        new_prefix = "/".join([parts[0], parts[1], results.from_v1_dir(parts[2]) or parts[2], parts[3]])
-        manifest_key = join(old_prefix, "manifest.json")
+        new_dir = layout.from_v1_dir(layout.checkpoint_dir_of(old_prefix) or "")
+        assert new_dir is not None  # only layout-1 folders were grouped
+        new_prefix = layout.with_checkpoint_dir(old_prefix, new_dir)
+        manifest_key = join(old_prefix, layout.MANIFEST)
         manifest = None
         if manifest_key in keys:
             with contextlib.suppress(results.Damaged):
@@ -250,7 +264,7 @@ def _migrate_activations(out: Storage, report: Migration) -> None:
                     listed.add(key)
                     moved.append(new)
                 split["shards"] = moved
-            out.publish_bytes(join(new_prefix, "manifest.json"), json.dumps(manifest, indent=1).encode())
+            out.publish_bytes(join(new_prefix, layout.MANIFEST), json.dumps(manifest, indent=1).encode())
             out.delete(manifest_key)  # no reader is left with a manifest whose shards go next
             report.layers_moved += 1
             for key in keys:
@@ -295,31 +309,28 @@ def _migrate_ledger(out: Storage, report: Migration) -> None:
     between never shows a claim without its state, which would look like a live one. One
     already at the new key (a killed migrate) is kept: claims are create-only."""
     folders: dict[tuple[str, str], list[str]] = defaultdict(list)  # (run, old folder) -> names
-    for obj in out.list(results.LEDGER_DIR + "/"):
-        parts = obj.key.split("/")
-        if len(parts) == 4 and results.from_v1_dir(parts[2]):
-            folders[(parts[1], parts[2])].append(parts[3])
+    for obj in out.list(layout.ledger_prefix()):
+        split = layout.split_checkpoint_key(obj.key)  # ledger/{run}/{dir}/{name}
+        if split is not None and split[3] and "/" not in split[3] and layout.from_v1_dir(split[2]):
+            folders[(split[1], split[2])].append(split[3])
     for (run, old_dir), names in sorted(folders.items()):
-        new_dir = results.from_v1_dir(old_dir) or old_dir
+        new_dir = layout.from_v1_dir(old_dir) or old_dir
         copy_order = sorted(names, key=lambda n: (not n.startswith("state-"), n))
         for name in copy_order:
-            old, new = (
-                join(results.LEDGER_DIR, run, old_dir, name),
-                join(results.LEDGER_DIR, run, new_dir, name),
-            )
+            old, new = layout.ledger_key(run, old_dir, name), layout.ledger_key(run, new_dir, name)
             if out.stat(new) is None:
                 _copy(out, old, new)
         for name in reversed(copy_order):
-            out.delete(join(results.LEDGER_DIR, run, old_dir, name))
+            out.delete(layout.ledger_key(run, old_dir, name))
             report.ledger_moved += 1
 
 
 def _remove_old_markers(out: Storage, report: Migration) -> None:
     """`running/` markers in layout 1 belong to runs that ended (none is live, or --force):
     nothing reads them any more."""
-    for obj in out.list(results.RUNNING_DIR + "/"):
-        parts = obj.key.split("/")
-        if len(parts) == 4 and results.from_v1_dir(parts[2]):
+    for obj in out.list(layout.running_prefix()):
+        split = layout.split_checkpoint_key(obj.key)  # running/{run}/{dir}/{layer}.json
+        if split is not None and split[3] and "/" not in split[3] and layout.from_v1_dir(split[2]):
             out.delete(obj.key)
             report.markers_removed += 1
 
@@ -329,9 +340,9 @@ def _remove_empty_old_folders(out: Storage) -> None:
     `step=...` folder is left for a reader to take for a partition. (S3 has no folders.)"""
     if not isinstance(out, LocalStorage):
         return
-    for top in results.PER_CHECKPOINT_DIRS:
+    for top in layout.PER_CHECKPOINT_DIRS:
         for dirpath, _, _ in sorted(os.walk(out.uri_for(top)), key=lambda w: -len(w[0])):
             rel = os.path.relpath(dirpath, out.root).split(os.sep)
-            if any(results.from_v1_dir(part) for part in rel):
+            if any(layout.from_v1_dir(part) for part in rel):
                 with contextlib.suppress(OSError):  # not empty: a file someone put there stays
                     os.rmdir(dirpath)

@@ -31,9 +31,10 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from probeserve.errors import ModelError
@@ -142,7 +143,9 @@ class MLP(nn.Module):
         for key, layer in self.hidden.items():
             k = int(key)
             if k == self.skip_to:
+                assert skip_source is not None  # skip_from < skip_to, checked at construction
                 h = torch.cat([h, skip_source], dim=1)
+            assert isinstance(layer, nn.ModuleDict)
             h = layer["act"](layer["linear"](h))
             if k == self.skip_from:
                 skip_source = h
@@ -199,6 +202,7 @@ def mlp(
         raise ValueError("skip_from and skip_to go together: set both or neither")
     if skip_from is not None:
         _check_int("skip_from", skip_from, minimum=0)
+        assert skip_to is not None  # the two go together, checked above
         _check_int("skip_to", skip_to, minimum=1)
         if not skip_from < skip_to <= depth:
             raise ValueError(
@@ -292,10 +296,317 @@ def tiny(*, input_dim: int = 8, hidden: int = 16, num_classes: int = 2) -> Tiny:
     return Tiny(input_dim=input_dim, hidden=hidden, num_classes=num_classes)
 
 
+# --- an Inception-shaped convnet of our own -----------------------------------------------
+
+
+class InceptionOutputs(NamedTuple):
+    """What `MiniInception` returns in training mode with its auxiliary head (as torchvision's
+    Inception v3 does): the main logits and the auxiliary head's."""
+
+    logits: torch.Tensor
+    aux_logits: torch.Tensor | None
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm, ReLU: each a module of its own (no inplace op)."""
+
+    def __init__(self, in_channels: int, out_channels: int, **conv: Any) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class _Branches(nn.Module):
+    """An Inception block: parallel branches of the same input, concatenated on channels.
+
+    Subclasses build `self.paths`: a list of (modules applied in turn, or a pooling op name)
+    whose outputs are concatenated in order."""
+
+    def _path(self, x: torch.Tensor, steps: list[Any]) -> torch.Tensor:
+        for step in steps:
+            if step == "avg":
+                x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+            elif step == "max":
+                x = F.max_pool2d(x, kernel_size=3, stride=2)
+            elif isinstance(step, tuple):  # two convolutions of the same input, concatenated
+                x = torch.cat([step[0](x), step[1](x)], 1)
+            else:
+                x = step(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._path(x, steps) for steps in self.paths()], 1)
+
+    def paths(self) -> list[list[Any]]:
+        raise NotImplementedError
+
+
+class _BlockA(_Branches):
+    """35x35 grid in Inception v3: 1x1, 5x5, double 3x3 and pooled branches."""
+
+    def __init__(self, cin: int, pool_features: int, w: float) -> None:
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, _scaled(64, w), kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, _scaled(48, w), kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(_scaled(48, w), _scaled(64, w), kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, _scaled(64, w), kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(_scaled(64, w), _scaled(96, w), kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(_scaled(96, w), _scaled(96, w), kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, _scaled(pool_features, w), kernel_size=1)
+        self.out_channels = _scaled(64, w) * 2 + _scaled(96, w) + _scaled(pool_features, w)
+
+    def paths(self) -> list[list[Any]]:
+        return [
+            [self.branch1x1],
+            [self.branch5x5_1, self.branch5x5_2],
+            [self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3],
+            ["avg", self.branch_pool],
+        ]
+
+
+class _BlockB(_Branches):
+    """Grid reduction 35 -> 17: strided 3x3, strided double 3x3, max pooling."""
+
+    def __init__(self, cin: int, w: float) -> None:
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, _scaled(384, w), kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, _scaled(64, w), kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(_scaled(64, w), _scaled(96, w), kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(_scaled(96, w), _scaled(96, w), kernel_size=3, stride=2)
+        self.out_channels = _scaled(384, w) + _scaled(96, w) + cin
+
+    def paths(self) -> list[list[Any]]:
+        return [
+            [self.branch3x3],
+            [self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3],
+            ["max"],
+        ]
+
+
+class _BlockC(_Branches):
+    """17x17 grid: 7x7 convolutions factorised into 1x7 and 7x1."""
+
+    def __init__(self, cin: int, channels_7x7: int, w: float) -> None:
+        super().__init__()
+        c7, c192 = _scaled(channels_7x7, w), _scaled(192, w)
+        row, col = {"kernel_size": (1, 7), "padding": (0, 3)}, {"kernel_size": (7, 1), "padding": (3, 0)}
+        self.branch1x1 = BasicConv2d(cin, c192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, c192, **col)
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, c192, **row)
+        self.branch_pool = BasicConv2d(cin, c192, kernel_size=1)
+        self.out_channels = 4 * c192
+
+    def paths(self) -> list[list[Any]]:
+        return [
+            [self.branch1x1],
+            [self.branch7x7_1, self.branch7x7_2, self.branch7x7_3],
+            [
+                self.branch7x7dbl_1,
+                self.branch7x7dbl_2,
+                self.branch7x7dbl_3,
+                self.branch7x7dbl_4,
+                self.branch7x7dbl_5,
+            ],
+            ["avg", self.branch_pool],
+        ]
+
+
+class _BlockD(_Branches):
+    """Grid reduction 17 -> 8: strided 3x3 after 1x1, strided 3x3 after 1x7/7x1, max pooling."""
+
+    def __init__(self, cin: int, w: float) -> None:
+        super().__init__()
+        c192 = _scaled(192, w)
+        self.branch3x3_1 = BasicConv2d(cin, c192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(c192, _scaled(320, w), kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, c192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(c192, c192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(c192, c192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(c192, c192, kernel_size=3, stride=2)
+        self.out_channels = _scaled(320, w) + c192 + cin
+
+    def paths(self) -> list[list[Any]]:
+        return [
+            [self.branch3x3_1, self.branch3x3_2],
+            [self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4],
+            ["max"],
+        ]
+
+
+class _BlockE(_Branches):
+    """8x8 grid: the expanded block, whose 3x3 branches split into parallel 1x3 and 3x1."""
+
+    def __init__(self, cin: int, w: float) -> None:
+        super().__init__()
+        c384 = _scaled(384, w)
+        row, col = {"kernel_size": (1, 3), "padding": (0, 1)}, {"kernel_size": (3, 1), "padding": (1, 0)}
+        self.branch1x1 = BasicConv2d(cin, _scaled(320, w), kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, c384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(c384, c384, **row)
+        self.branch3x3_2b = BasicConv2d(c384, c384, **col)
+        self.branch3x3dbl_1 = BasicConv2d(cin, _scaled(448, w), kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(_scaled(448, w), c384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(c384, c384, **row)
+        self.branch3x3dbl_3b = BasicConv2d(c384, c384, **col)
+        self.branch_pool = BasicConv2d(cin, _scaled(192, w), kernel_size=1)
+        self.out_channels = _scaled(320, w) + 4 * c384 + _scaled(192, w)
+
+    def paths(self) -> list[list[Any]]:
+        return [
+            [self.branch1x1],
+            [self.branch3x3_1, (self.branch3x3_2a, self.branch3x3_2b)],
+            [self.branch3x3dbl_1, self.branch3x3dbl_2, (self.branch3x3dbl_3a, self.branch3x3dbl_3b)],
+            ["avg", self.branch_pool],
+        ]
+
+
+class _AuxHead(nn.Module):
+    """The auxiliary classifier on the 17x17 grid (pooled, 1x1 conv, conv, logits).
+
+    Adaptive pooling instead of Inception v3's fixed 5x5/3 window, so that it also runs on
+    the small inputs this model is meant for."""
+
+    def __init__(self, cin: int, num_classes: int, w: float) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(5)
+        self.conv0 = BasicConv2d(cin, _scaled(128, w), kernel_size=1)
+        self.conv1 = BasicConv2d(_scaled(128, w), _scaled(768, w), kernel_size=5)
+        self.fc = nn.Linear(_scaled(768, w), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv1(self.conv0(self.pool(x))).flatten(1))
+
+
+class MiniInception(nn.Module):
+    """Inception v3's layout at a fraction of its width, for tests and CPU benchmarks.
+
+    The stem, the eleven Inception blocks (parallel branches concatenated), the auxiliary
+    head and the classifier carry torchvision's `inception_v3` module names, so the paper's
+    17 probe points select the same way on both (`jobs/examples/inception-v3.yaml`):
+    `Conv2d_1a_3x3`, `Conv2d_2a_3x3`, `Conv2d_2b_3x3`, `Conv2d_3b_1x1`, `Conv2d_4a_3x3`,
+    `Mixed_5b` ... `Mixed_7c` and `fc` (`MINI_INCEPTION_POINTS`). Every channel count is
+    torchvision's times `width`.
+
+    As in torchvision, the auxiliary head runs only in training mode, where `forward`
+    returns `InceptionOutputs(logits, aux_logits)`; in eval mode (extraction) it returns the
+    logits and the head is not a probe point.
+    """
+
+    def __init__(
+        self, *, num_classes: int, image_size: int, width: float, aux_logits: bool, dropout: float
+    ) -> None:
+        super().__init__()
+        self.input_shape = (3, image_size, image_size)
+        w = width
+        self.Conv2d_1a_3x3 = BasicConv2d(3, _scaled(32, w), kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(_scaled(32, w), _scaled(32, w), kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(_scaled(32, w), _scaled(64, w), kernel_size=3, padding=1)
+        self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.Conv2d_3b_1x1 = BasicConv2d(_scaled(64, w), _scaled(80, w), kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(_scaled(80, w), _scaled(192, w), kernel_size=3)
+        self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.Mixed_5b = _BlockA(_scaled(192, w), 32, w)
+        self.Mixed_5c = _BlockA(self.Mixed_5b.out_channels, 64, w)
+        self.Mixed_5d = _BlockA(self.Mixed_5c.out_channels, 64, w)
+        self.Mixed_6a = _BlockB(self.Mixed_5d.out_channels, w)
+        self.Mixed_6b = _BlockC(self.Mixed_6a.out_channels, 128, w)
+        self.Mixed_6c = _BlockC(self.Mixed_6b.out_channels, 160, w)
+        self.Mixed_6d = _BlockC(self.Mixed_6c.out_channels, 160, w)
+        self.Mixed_6e = _BlockC(self.Mixed_6d.out_channels, 192, w)
+        self.AuxLogits = _AuxHead(self.Mixed_6e.out_channels, num_classes, w) if aux_logits else None
+        self.Mixed_7a = _BlockD(self.Mixed_6e.out_channels, w)
+        self.Mixed_7b = _BlockE(self.Mixed_7a.out_channels, w)
+        self.Mixed_7c = _BlockE(self.Mixed_7b.out_channels, w)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.Mixed_7c.out_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | InceptionOutputs:
+        x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))
+        x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
+        block: nn.Module
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a):
+            x = block(x)
+        for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
+            x = block(x)
+        aux = self.AuxLogits(x) if self.AuxLogits is not None and self.training else None
+        for block in (self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        logits = self.fc(self.dropout(self.avgpool(x)).flatten(1))
+        return InceptionOutputs(logits, aux) if aux is not None else logits
+
+
+# The 17 probe points of the paper's Inception v3 sweep, by torchvision's module names: the
+# five stem convolutions, the eleven Inception blocks and the logits. MiniInception has them too.
+MINI_INCEPTION_POINTS = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+    "fc",
+)
+
+
+def mini_inception(
+    *,
+    num_classes: int = 1000,
+    image_size: int = 75,
+    width: float = 0.25,
+    aux_logits: bool = True,
+    dropout: float = 0.5,
+) -> MiniInception:
+    """Inception v3's layout (torchvision's module names) with every width times `width`.
+
+    `image_size` is the side of the square RGB input; 75 is the smallest that passes every
+    grid reduction (Inception v3 itself takes 299). `aux_logits` adds the auxiliary head,
+    which runs in training mode only.
+    """
+    _check_int("num_classes", num_classes, minimum=2)
+    _check_int("image_size", image_size, minimum=75)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 4:
+        raise ValueError(f"width must be a number in (0, 4], got {width!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return MiniInception(
+        num_classes=num_classes,
+        image_size=image_size,
+        width=float(width),
+        aux_logits=bool(aux_logits),
+        dropout=float(dropout),
+    )
+
+
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "mnist_convnet": mnist_convnet,
     "tiny": tiny,
+    "mini_inception": mini_inception,
 }
 
 

@@ -91,7 +91,7 @@ import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -1778,11 +1778,11 @@ def answer_probes(
         if control:
             later_heads.append(_Head(d, -1, chosen.l2, spec, _View(control=True)))
         if fractions:
-            ends[id(d)] = e = mdl_ends(fractions, d.train.n)
+            ends[id(d)] = block_ends = mdl_ends(fractions, d.train.n)
             # largest prefix first: the heads that use a stretch of the rank order are consecutive
-            for j in reversed(range(len(e) - 1)):
-                if e[j + 1] > e[j]:
-                    later_heads.append(_Head(d, j, chosen.l2, spec, _View(window=(0, e[j]))))
+            for j in reversed(range(len(block_ends) - 1)):
+                if block_ends[j + 1] > block_ends[j]:
+                    later_heads.append(_Head(d, j, chosen.l2, spec, _View(window=(0, block_ends[j]))))
     _solve(later_heads, spec)
     _sync(device)
 
@@ -1793,7 +1793,7 @@ def answer_probes(
             failed = d.error or next((r for r in grid.values() if isinstance(r, Exception)), None)
             answers.append(failed or ProbeserveError("probe did not run"))
             continue
-        answer = Answer(grid=[grid[i] for i in range(len(l2_values))], chosen_index=int(grid[-1]))  # type: ignore[arg-type]
+        answer = Answer(grid=[grid[i] for i in range(len(l2_values))], chosen_index=cast(int, grid[-1]))  # type: ignore[arg-type]
         mine = [h for h in later_heads if h.data is d]
         try:
             _answer_later(d, answer, mine, ends.get(id(d)), started=started, loaded=loaded, solved=solved)

@@ -21,11 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from probeserve import plots, results
+from probeserve import layout, plots, results
 from probeserve.errors import ProbeserveError
-from probeserve.storage import Storage, join, open_storage, redact
-
-RUNS_DIR = results.RUNS_DIR
+from probeserve.storage import Storage, open_storage, redact
 
 # Columns of the full rows table, in the order a reader scans them.
 ROW_COLUMNS = [
@@ -102,7 +100,7 @@ def html_table(
 
 
 def _runs(out: Storage, table: pa.Table) -> list[str]:
-    with_spec = {o.key.split("/")[1] for o in out.list(RUNS_DIR + "/") if o.key.endswith("/spec.json")}
+    with_spec = {r for o in out.list(layout.runs_prefix()) if (r := layout.recorded_run(o.key))}
     return sorted(with_spec | set(table.column("run").to_pylist()))
 
 
@@ -225,8 +223,8 @@ def _run_section(out: Storage, root: str, table: pa.Table, run: str, s3_endpoint
         progress = found[0] if found else None
     except (ProbeserveError, ValueError, KeyError) as e:
         progress_error = str(e)
-    spec_yaml = _read_text(out, join(RUNS_DIR, run, "spec.yaml"))
-    layers_json = _read_text(out, join(RUNS_DIR, run, "layers.json"))
+    spec_yaml = _read_text(out, layout.run_key(run, "spec.yaml"))
+    layers_json = _read_text(out, layout.run_key(run, "layers.json"))
     num_layers = len(json.loads(layers_json)) if layers_json else None
     discovered = _discovered(out, run, s3_endpoint)
 
@@ -238,7 +236,7 @@ def _run_section(out: Storage, root: str, table: pa.Table, run: str, s3_endpoint
         )
         parts.append(f'<p class="counts">{counts}</p>')
     else:
-        why = progress_error or f"no {join(RUNS_DIR, run, 'spec.json')}: this run has no recorded spec here"
+        why = progress_error or f"no {layout.run_key(run, 'spec.json')}: this run has no recorded spec here"
         parts.append(f'<p class="note">Progress unavailable: {escape(why)}</p>')
     if rows:
         try:
@@ -260,10 +258,10 @@ def _run_section(out: Storage, root: str, table: pa.Table, run: str, s3_endpoint
     parts.append(_timings_section(rows))
     parts.append("<h2>Spec</h2>")
     if spec_yaml is None:
-        parts.append(f'<p class="note">No {escape(join(RUNS_DIR, run, "spec.yaml"))} in the output.</p>')
+        parts.append(f'<p class="note">No {escape(layout.run_key(run, "spec.yaml"))} in the output.</p>')
     else:
         parts.append(
-            f'<p class="note">{escape(join(RUNS_DIR, run, "spec.yaml"))}, as resolved by the run:</p>'
+            f'<p class="note">{escape(layout.run_key(run, "spec.yaml"))}, as resolved by the run:</p>'
             f"<pre>{escape(spec_yaml)}</pre>"
         )
     parts.append(f"<h2>All rows ({len(rows)})</h2>")
@@ -286,7 +284,7 @@ def _discovered(out: Storage, run: str, s3_endpoint: str | None) -> list[tuple[i
     from probeserve.checkpoints import discover
     from probeserve.spec import SweepSpec
 
-    text = _read_text(out, join(RUNS_DIR, run, "spec.json"))
+    text = _read_text(out, layout.run_key(run, "spec.json"))
     if text is None:
         return None
     try:

@@ -24,33 +24,45 @@ watch daemon do the item again, and its new row replaces the file. Reading the w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probeserve.errors import StorageError
-from probeserve.storage import Storage, join, open_storage
+
+# The key layout is defined in probeserve/layout.py. These names of it are also found here,
+# where they used to live, for the code that still reads them from this module.
+from probeserve.layout import (  # noqa: F401
+    ACTIVATIONS_DIR,
+    LAYOUT,
+    LAYOUT_KEY,
+    LEDGER_DIR,
+    PER_CHECKPOINT_DIRS,
+    RESULTS_DIR,
+    RUNNING_DIR,
+    RUNS_DIR,
+    checkpoint_dir,
+    checkpoint_dir_of,
+    from_v1_dir,
+    layer_file,
+    layer_from_file,
+    layer_stem,
+    output_root,
+    result_key,
+    results_prefix,
+    run_key,
+    v1_checkpoint_dir,
+)
+from probeserve.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-RESULTS_DIR = "results"
-RUNS_DIR = "runs"  # runs/{run}/spec.yaml, spec.json, layers.json
-LAYOUT_KEY = "layout.json"  # {"layout": LAYOUT, "columns": [...]}: how this output's files are laid out
-LAYOUT = 2  # 1: checkpoint folders named step={step:012d}-{hash}, before layout.json existed
-ACTIVATIONS_DIR = "activations"  # activations/{run}/{checkpoint dir}/{layer}/...
-LEDGER_DIR = "ledger"  # ledger/{run}/{checkpoint dir}/claim-*.json, state-*.json (the watch daemon)
-RUNNING_DIR = "running"  # running/{run}/{checkpoint dir}/{layer}.json while an item is probed
-# every folder whose keys hold a checkpoint folder name, so every folder a layout change moves
-PER_CHECKPOINT_DIRS = (RESULTS_DIR, ACTIVATIONS_DIR, LEDGER_DIR, RUNNING_DIR)
 # The start of the `error` of an item whose worker was lost (killed, out of memory, node gone)
 # rather than one that failed on its own: the watch daemon does these again, under
 # --max-attempts, instead of recording the checkpoint as failed.
@@ -92,6 +104,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
         "the probe ran probe.max_epochs epochs without early stopping or converging: its "
         "errors may still fall with more epochs; null when failed",
     ),
+    ("precision", pa.string(), "precision of the extraction's forward pass: fp32, bf16 or fp16"),
     # issue 14: l2 chosen on validation, intervals, per-class errors, control tasks, MDL
     ("l2", pa.float64(), "the l2 of this row's probe: of probe.l2's values, the lowest val error"),
     ("l2_grid", pa.list_(pa.float64()), "probe.l2's values, all trained (stacked) on the same data"),
@@ -141,65 +154,6 @@ METRICS = [
     "val_loss",
     "test_loss",
 ]
-
-
-def checkpoint_dir(checkpoint: str, step: int) -> str:
-    """A readable, unique, path-safe folder name for a checkpoint key: `step-{step:012d}-{hash}`.
-
-    The one helper for every per-checkpoint key: results, activations, the watch ledger and
-    `running/` markers. No `=` in it: readers take `name=value` folders for hive partitions.
-    """
-    return f"step-{step:012d}-{_key_digest(checkpoint)}"
-
-
-def _key_digest(checkpoint: str) -> str:
-    return hashlib.sha1(checkpoint.encode()).hexdigest()[:8]
-
-
-_V1_DIR = re.compile(r"^step=(\d{12,})-([0-9a-f]{8})$")  # {step:012d}: more digits past 10**12
-
-
-def v1_checkpoint_dir(checkpoint: str, step: int) -> str:
-    """The folder name layout 1 gave a checkpoint (read by `probeserve migrate`)."""
-    return f"step={step:012d}-{_key_digest(checkpoint)}"
-
-
-def from_v1_dir(name: str) -> str | None:
-    """The current folder name of a layout-1 checkpoint folder name; None if it is not one.
-
-    Both layouts hash the checkpoint key the same way, so the name alone says where it goes."""
-    m = _V1_DIR.match(name)
-    return f"step-{m.group(1)}-{m.group(2)}" if m else None
-
-
-def layer_stem(layer: str) -> str:
-    """A layer name made path-safe (and reversible), for keys per layer."""
-    return quote(layer, safe="")
-
-
-def layer_file(layer: str) -> str:
-    return layer_stem(layer) + ".parquet"
-
-
-def run_key(run: str, name: str) -> str:
-    """Key of a run-level object: `runs/{run}/{name}` (spec.yaml, spec.json, layers.json)."""
-    return join(RUNS_DIR, run, name)
-
-
-def output_root(uri: str) -> str:
-    """The output URI, given either it or its `results/` folder."""
-    root = uri.rstrip("/")
-    if root.endswith("/" + RESULTS_DIR) or root == RESULTS_DIR:
-        root = root[: -len(RESULTS_DIR)].rstrip("/") or "."
-    return root
-
-
-def layer_from_file(name: str) -> str:
-    return unquote(name.removesuffix(".parquet"))
-
-
-def result_key(run: str, checkpoint: str, step: int, layer: str) -> str:
-    return join(RESULTS_DIR, run, checkpoint_dir(checkpoint, step), layer_file(layer))
 
 
 def make_row(**values: Any) -> dict[str, Any]:
@@ -323,8 +277,7 @@ def _read_file(storage: Storage, key: str) -> pa.Table:
 
 def result_keys(storage: Storage, run: str | None = None) -> list[str]:
     """Keys of the result files (of one run, or all), in either layout."""
-    prefix = join(RESULTS_DIR, run) + "/" if run else RESULTS_DIR + "/"
-    return [o.key for o in storage.list(prefix) if o.key.endswith(".parquet")]
+    return [o.key for o in storage.list(results_prefix(run)) if o.key.endswith(".parquet")]
 
 
 def _one_per_item(found: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:
@@ -374,6 +327,18 @@ def read_layout(storage: Storage) -> dict[str, Any] | None:
     info = read_json(storage, LAYOUT_KEY)
     if not isinstance(info, dict):
         raise Damaged(f"{storage.uri_for(LAYOUT_KEY)}: damaged (not a JSON object)")
+    # A layout that is not a whole number may be a newer probeserve's (`written_by_newer`);
+    # a missing one, or one of this probeserve's layouts with columns that are not a list of
+    # names, is damage: checked here, so `run` and `migrate` name the file instead of failing
+    # with a traceback (`"columns": 5`) or calling it newer (`{}`)
+    layout, columns = info.get("layout"), info.get("columns", [])
+    if layout is None or isinstance(layout, bool):
+        raise Damaged(
+            f'{storage.uri_for(LAYOUT_KEY)}: damaged ("layout" is {json.dumps(layout)}, not a number)'
+        )
+    if isinstance(layout, int) and layout <= LAYOUT:
+        if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+            raise Damaged(f'{storage.uri_for(LAYOUT_KEY)}: damaged ("columns" is not a list of column names)')
     return info
 
 
@@ -416,8 +381,7 @@ def v1_key(storage: Storage) -> str | None:
     old one (its first key answers)."""
     for top in PER_CHECKPOINT_DIRS:
         for obj in storage.list(top + "/"):
-            parts = obj.key.split("/")
-            if len(parts) > 2 and from_v1_dir(parts[2]):
+            if from_v1_dir(checkpoint_dir_of(obj.key) or ""):
                 return obj.key
     return None
 

@@ -59,9 +59,11 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -527,6 +529,99 @@ class ShardWriter:
             os.unlink(self._part_path)
 
 
+class WriteQueue:
+    """Shard writes of several layers, run in order on one background thread behind a bound.
+
+    Extraction puts each batch's writes here and goes on with the next batch's forward pass,
+    so writing to disk and uploading a finished part to S3 overlap the model's work. At most
+    `max_batches` batches wait unwritten: when storage is slower than the forward pass, `put`
+    blocks, so memory stays bounded and the model runs at the speed storage takes. Jobs run
+    one at a time in the order they were put, so each layer's writer sees its batches in
+    order. A job that raises fails its layer alone: the exception is kept in
+    `failures[layer]` and the layer's later jobs are skipped (each job cleans up after itself,
+    for instance aborts its writer). With `threaded=False` each job runs inside `put`, with
+    the same semantics and no thread.
+
+    Used as a context manager, it waits for every job on success and drops the jobs not yet
+    run on an exception.
+    """
+
+    def __init__(self, *, max_batches: int = 2, threaded: bool = True) -> None:
+        if max_batches < 1:
+            raise ValueError(f"max_batches must be at least 1, not {max_batches}")
+        self.failures: dict[str, BaseException] = {}
+        self._slots = threading.Semaphore(max_batches)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._discard = False
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="probeserve-shard-writes", daemon=True)
+            self._thread.start()
+
+    def put(self, jobs: list[tuple[str, Callable[[], Any]]], ready: Callable[[], Any] | None = None) -> None:
+        """Queue one batch: `ready()` (for instance: wait for its device-to-host copies), then
+        each `(layer, job)`; waits while `max_batches` batches are still unwritten."""
+        if self._thread is None:
+            self._execute(jobs, ready)
+            return
+        if not self._thread.is_alive():
+            raise RuntimeError("the shard writing thread has stopped")
+        self._slots.acquire()
+        self._jobs.put((jobs, ready))
+
+    def drain(self) -> None:
+        """Wait until every job put so far has run."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self.put([], done.set)
+        while not done.wait(1.0):
+            if not self._thread.is_alive():
+                raise RuntimeError("the shard writing thread has stopped")
+
+    def close(self, *, discard: bool = False) -> None:
+        """Stop the thread: after every queued job (or, with `discard`, the one running)."""
+        if self._thread is None:
+            return
+        self._discard = discard
+        self._jobs.put(None)
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> WriteQueue:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(discard=exc_type is not None)
+
+    def _execute(self, jobs: list[tuple[str, Callable[[], Any]]], ready: Callable[[], Any] | None) -> None:
+        if ready is not None:
+            try:
+                ready()
+            except Exception as e:  # the batch's data never arrived: every layer in it fails
+                for layer, _ in jobs:
+                    self.failures.setdefault(layer, e)
+                return
+        for layer, job in jobs:
+            if layer in self.failures:
+                continue
+            try:
+                job()
+            except Exception as e:
+                self.failures[layer] = e
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            try:
+                if not self._discard:
+                    self._execute(*item)
+            finally:
+                self._slots.release()
+
+
 def _shard_metadata(metadata: dict[str, str], *, n_features: int, dtype: str) -> dict[str, str]:
     own = {KEY_FORMAT_VERSION: str(FORMAT_VERSION), KEY_N_FEATURES: str(n_features), KEY_DTYPE: dtype}
     for key, value in metadata.items():
@@ -603,6 +698,28 @@ def cast_rows(t: Any, dtype: str, layer: str | None = None) -> Any:
     return out
 
 
+def float16_overflow(src: Any, out: Any) -> Any:
+    """A 0-d tensor on `src`'s device: the largest |value| of `src` whose float16 cast `out`
+    became inf while it was finite (0 if none). No synchronisation: on a GPU, extraction
+    computes it inside the hook and reads the values of all layers once per batch, together
+    with the batch's rows (`overflow_error`), instead of waiting on the device per layer."""
+    import torch
+
+    if not out.numel():
+        return torch.zeros((), device=src.device)
+    bad = torch.isinf(out) & torch.isfinite(src)
+    return torch.where(bad, src.abs(), 0).amax().float()
+
+
+def overflow_error(layer: str | None, worst: float) -> LayerError:
+    """The error for a layer whose values reached |x| = `worst` past float16's range."""
+    where = f"layer {layer!r}: " if layer else ""
+    return LayerError(
+        f"{where}activation values overflow float16 (|x| up to {worst:.4g}, float16 max is 65504); "
+        "set `output.dtype: float32` in the spec"
+    )
+
+
 def _check_float16(src: Any, out: Any, layer: str | None) -> None:
     """Raise if casting `src` to float16 turned a finite value into inf (NaN passes through)."""
     import torch
@@ -615,12 +732,7 @@ def _check_float16(src: Any, out: Any, layer: str | None) -> None:
 
     overflowed = torch.isinf(out) & torch.isfinite(src)
     if bool(overflowed.any()):
-        where = f"layer {layer!r}: " if layer else ""
-        worst = src[overflowed].abs().max().item()
-        raise LayerError(
-            f"{where}activation values overflow float16 (|x| up to {worst:.4g}, float16 max is 65504); "
-            "set `output.dtype: float32` in the spec"
-        )
+        raise overflow_error(layer, src[overflowed].abs().max().item())
 
 
 def _as_labels(y: Any, n: int) -> np.ndarray:
@@ -666,7 +778,11 @@ class _ShardFile:
                     self.data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             else:
                 self.data = source
-            self.file = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data)))
+            # Read on this thread alone (no pre-buffering on pyarrow's IO threads, no decoding
+            # threads below): a pyarrow thread must never drop the last reference to a source
+            # that wraps a Python object (results.arrow_owned says why). Our own shards are
+            # viewed in place, so the bytes are not copied into Arrow-owned memory here.
+            self.file = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data)), pre_buffer=False)
         except FileNotFoundError:
             raise StorageError(f"{self.name}: no such file") from None
         except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: mmap of an empty file
@@ -692,7 +808,7 @@ class _ShardFile:
         """(x, y, rows) of the whole shard: views of the file when it is one row group of
         ours, otherwise one copy (the row groups' pages are apart in the file)."""
         if not self.in_place:  # pyarrow decodes a fixed-size column into one array: no 2nd copy
-            return self._arrays(self.file.read(columns=[COL_ROW, COL_LABEL, COL_X]))
+            return self._arrays(self.file.read(columns=[COL_ROW, COL_LABEL, COL_X], use_threads=False))
         groups = list(self.row_groups())
         if len(groups) == 1:
             return groups[0]
@@ -707,7 +823,9 @@ class _ShardFile:
             if self.in_place:
                 yield self._group_in_place(i)
             else:
-                yield self._arrays(self.file.read_row_group(i, columns=[COL_ROW, COL_LABEL, COL_X]))
+                yield self._arrays(
+                    self.file.read_row_group(i, columns=[COL_ROW, COL_LABEL, COL_X], use_threads=False)
+                )
 
     def _check_schema(self) -> None:
         schema = self.file.metadata.schema
@@ -823,37 +941,96 @@ def iter_chunks(
     carry_y: list[np.ndarray] = []
     carried = 0
     layout = None
-    for key in keys:
-        try:
-            source = storage.uri_for(key) if isinstance(storage, LocalStorage) else storage.read_bytes(key)
-            shard = _ShardFile(source, name=storage.uri_for(key))
-        except StorageError:
-            if storage.stat(key) is None:
-                raise ShardMissing(
-                    f"{storage.uri_for(key)}: shard is gone (deleted after it was listed)"
-                ) from None
-            raise
-        if layout is None:
-            layout = (shard.n_features, shard.dtype)
-        elif (shard.n_features, shard.dtype) != layout:
-            raise StorageError(
-                f"{shard.name}: {shard.n_features} x {shard.dtype}, earlier shards are {layout}"
-            )
-        for x, y, _ in shard.row_groups():
-            start = 0
-            if carried:  # complete the chunk begun in the previous row group
-                start = min(batch_rows - carried, len(x))
-                carry_x.append(x[:start])
-                carry_y.append(y[:start])
-                carried += start
-                if carried < batch_rows:
-                    continue
-                yield np.concatenate(carry_x), np.concatenate(carry_y)
-                carry_x, carry_y, carried = [], [], 0
-            while len(x) - start >= batch_rows:
-                yield x[start : start + batch_rows], y[start : start + batch_rows]
-                start += batch_rows
-            if start < len(x):
-                carry_x, carry_y, carried = [x[start:]], [y[start:]], len(x) - start
+    with contextlib.ExitStack() as stack:
+        fetched = None if isinstance(storage, LocalStorage) else stack.enter_context(_Prefetch(storage, keys))
+        for i, key in enumerate(keys):
+            try:
+                shard = _ShardFile(storage.uri_for(key)) if fetched is None else fetched.open(i)
+            except StorageError:
+                if storage.stat(key) is None:
+                    raise ShardMissing(
+                        f"{storage.uri_for(key)}: shard is gone (deleted after it was listed)"
+                    ) from None
+                raise
+            if layout is None:
+                layout = (shard.n_features, shard.dtype)
+            elif (shard.n_features, shard.dtype) != layout:
+                raise StorageError(
+                    f"{shard.name}: {shard.n_features} x {shard.dtype}, earlier shards are {layout}"
+                )
+            for x, y, _ in shard.row_groups():
+                start = 0
+                if carried:  # complete the chunk begun in the previous row group
+                    start = min(batch_rows - carried, len(x))
+                    carry_x.append(x[:start])
+                    carry_y.append(y[:start])
+                    carried += start
+                    if carried < batch_rows:
+                        continue
+                    yield np.concatenate(carry_x), np.concatenate(carry_y)
+                    carry_x, carry_y, carried = [], [], 0
+                while len(x) - start >= batch_rows:
+                    yield x[start : start + batch_rows], y[start : start + batch_rows]
+                    start += batch_rows
+                if start < len(x):
+                    carry_x, carry_y, carried = [x[start:]], [y[start:]], len(x) - start
     if carried:
         yield np.concatenate(carry_x), np.concatenate(carry_y)
+
+
+class _Prefetch:
+    """Fetches the shards at `keys` from remote storage one ahead of the reader.
+
+    While the reader works through part i, a thread fetches part i+1, so a probe streaming
+    its shards from S3 waits for the network only when it reads faster than storage serves.
+    A storage with `download` (S3: a parallel, ranged download with the storage's transfer
+    settings) fetches into a staging folder (staging.py: named and locked, so a later run removes
+    it if this process is killed); the file is memory-mapped and unlinked at once, so the page
+    cache, not the heap, holds it, and nothing is left behind once it is read. Other storages
+    are read with `read_bytes`. At most two parts are held at a time.
+    """
+
+    def __init__(self, storage: Storage, keys: list[str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.storage = storage
+        self.keys = keys
+        self._download = callable(getattr(storage, "download", None))
+        self._staging = StagingDir() if self._download else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probeserve-shard-prefetch")
+        self._pending: dict[int, Any] = {}
+
+    def _fetch(self, i: int) -> bytes | str:
+        if not self._download:
+            return self.storage.read_bytes(self.keys[i])
+        assert self._staging is not None
+        path = os.path.join(self._staging.path, f"part-{i:06d}.parquet")
+        self.storage.download(self.keys[i], path)
+        return path
+
+    def _start(self, i: int) -> None:
+        if i < len(self.keys) and i not in self._pending:
+            self._pending[i] = self._pool.submit(self._fetch, i)
+
+    def open(self, i: int) -> _ShardFile:
+        """Part i (fetched by now, or waited for), while part i+1 is being fetched."""
+        self._start(i)
+        self._start(i + 1)
+        source = self._pending.pop(i).result()
+        try:
+            return _ShardFile(source, name=self.storage.uri_for(self.keys[i]))
+        finally:
+            if isinstance(source, str):
+                with contextlib.suppress(OSError):
+                    os.unlink(source)  # mapped already, or unreadable: either way not needed
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending = {}
+        if self._staging is not None:
+            self._staging.remove()

@@ -17,6 +17,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -41,6 +42,9 @@ MiB = 1024**2
 # The most threads `resources.torch_threads` may ask for. torch starts them all at once, and
 # asking for 100,000 crashed the process (segmentation fault); no machine has more cores.
 MAX_TORCH_THREADS = 1024
+# The most decode processes `data.num_workers` may start: each is a Python process with its
+# own buffers, and a typo (80000) would start that many before anything failed.
+MAX_DECODE_WORKERS = 256
 # torch's seed range (`torch.Generator.manual_seed` refuses anything outside it).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -228,7 +232,7 @@ class ModelSpec(_Strict):
     """How to build the model the checkpoints belong to (weights are loaded into it)."""
 
     factory: str = Field(
-        description="a built-in name (mlp, mnist_convnet, tiny) or 'package.module:function'"
+        description="a built-in name (mini_inception, mlp, mnist_convnet, tiny) or 'package.module:function'"
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
     strict: bool = Field(default=True, description="every weight must match a parameter and back")
@@ -240,7 +244,7 @@ class ModelSpec(_Strict):
         module, sep, attr = v.partition(":")
         if not v.strip():
             raise ValueError(
-                "empty; give a built-in model (mlp, mnist_convnet, tiny) or 'package.module:function'"
+                "empty; give a built-in model (mini_inception, mlp, mnist_convnet, tiny) or 'package.module:function'"
             )
         if sep and not (_DOTTED.match(module) and _DOTTED.match(attr)):
             raise ValueError(f"{v!r} is not of the form 'package.module:function'")
@@ -373,7 +377,10 @@ class ImagesData(_DataCommon):
     mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN), min_length=3, max_length=3)
     std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD), min_length=3, max_length=3)
     num_workers: int | None = Field(
-        default=None, ge=0, description="decode processes; default min(8, CPUs); 0 decodes in this process"
+        default=None,
+        ge=0,
+        le=MAX_DECODE_WORKERS,
+        description="decode processes; default min(8, CPUs); 0 decodes in this process",
     )
     image_column: str = Field(
         default="image", description="parquet: encoded image bytes, or a struct with 'bytes'"
@@ -633,11 +640,28 @@ class ResourcesSpec(_Strict):
         default=4, gt=0, description="checkpoints extracted but not fully probed; bounds memory and storage"
     )
     torch_threads: int | None = Field(default=None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="extraction's forward pass: fp32, or autocast to bf16 / fp16 (reducers still run in "
+        "float32); recorded in every row, and part of the spec hash when not fp32",
+    )
+    channels_last: bool = Field(
+        default=False, description="run conv models on NHWC (channels-last) tensors during extraction"
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model's blocks between probe points during extraction (hooks stay eager)",
+    )
     probes_per_call: int | None = Field(
         default=None,
         gt=0,
         description="probes of one checkpoint (layers) trained together in one call of a probe actor or the "
         "local runner; None: 1 on CPU, 8 on CUDA (so the GPU stays busy)",
+    )
+    max_actors: int | None = Field(
+        default=None,
+        gt=0,
+        description="Ray runner: at most this many probe actors; None: as many as the cluster's resources hold",
     )
 
     @field_validator("torch_threads")
@@ -790,6 +814,8 @@ class SweepSpec(_Strict):
                 del keep[section][name]
         keep["layers.inputs"] = self.layers.inputs
         keep["output.dtype"] = self.output.dtype  # float16 shards can change an answer
+        if self.resources.precision != "fp32":  # so is a bf16/fp16 forward; fp32 specs keep their hash
+            keep["resources.precision"] = self.resources.precision
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -879,7 +905,9 @@ def _overlap(checkpoints_uri: str, output_uri: str) -> str | None:
     return "inside" if not ckpt[1] or out[1].startswith(ckpt[1] + "/") else None
 
 
-def _format_validation_error(err: ValidationError, overridden: list[str] = (), data: Any = None) -> list[str]:
+def _format_validation_error(
+    err: ValidationError, overridden: Sequence[str] = (), data: Any = None
+) -> list[str]:
     # The tag of the `data` union (`data.gaussian.dim`) is pydantic's, not a field the user wrote.
     data_kind = (
         data.get("data", {}).get("kind")
@@ -1122,9 +1150,8 @@ def _plain(value: Any, path: list[int | str]) -> Any:
                 )
             out[k] = _plain(v, [*path, k])
         return out
-    what = {bytes: "binary data (!!binary)", set: "a set (!!set)"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    tags: dict[type, str] = {bytes: "binary data (!!binary)", set: "a set (!!set)"}
+    what = tags.get(type(value), f"a {type(value).__name__}")
     raise SpecError(
         [f"{field_path(path)}: {what} is not a spec value; use numbers, text, lists and mappings only"]
     )
@@ -1161,7 +1188,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def spec_from_dict(data: Any, *, source: str = "spec", overrides: list[str] = ()) -> SweepSpec:
+def spec_from_dict(data: Any, *, source: str = "spec", overrides: Sequence[str] = ()) -> SweepSpec:
     """Validate a plain mapping (with optional overrides) into a `SweepSpec`.
 
     Besides the fields' own rules, sizes are checked against this machine's memory
@@ -1191,7 +1218,7 @@ def spec_from_dict(data: Any, *, source: str = "spec", overrides: list[str] = ()
     return spec
 
 
-def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> SweepSpec:
+def load_spec(path: str | os.PathLike[str], *, overrides: Sequence[str] = ()) -> SweepSpec:
     """Read a YAML or JSON spec file; raise `SpecError` listing every problem with its field."""
     p = Path(path)
     if p.is_dir():

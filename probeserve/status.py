@@ -6,23 +6,24 @@ output location: the run's spec (`runs/{run}/spec.json`) says where the checkpoi
 are done or failed, and `running/...` objects which are being probed right now.
 
 A running marker whose probe died (kill -9, a lost node) stays until a run removes it, so
-status judges each one (`sweep.marker_state`): a marker not refreshed by its heartbeat for a
+status judges each one (`markers.marker_state`): a marker not refreshed by its heartbeat for a
 few beats, or one written on this host by a pid that is gone, is `stale`. A stale item
 counts as pending, and the row says how many of those there are. Status only reads.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from probeserve import results
+from probeserve import layout, results
 from probeserve.checkpoints import discover
 from probeserve.errors import ProbeserveError
+from probeserve.markers import marker_state
 from probeserve.spec import CheckpointsSpec, StorageSpec
-from probeserve.storage import Storage, open_storage
-from probeserve.sweep import RUNNING_DIR, RUNS_DIR, marker_state, running_key
+from probeserve.storage import Storage, StorageError, open_storage
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -33,7 +34,7 @@ def run_status(
     """One row per run; a run whose records cannot be read gets a row that says why (`error`)
     rather than hiding the others."""
     out = results.open_output(output_uri, s3_endpoint=s3_endpoint)
-    runs = sorted({o.key.split("/")[1] for o in out.list(RUNS_DIR + "/") if o.key.endswith("/spec.json")})
+    runs = sorted({r for o in out.list(layout.runs_prefix()) if (r := layout.recorded_run(o.key))})
     rows = []
     for name in runs:
         if run and name != run:
@@ -49,10 +50,10 @@ def run_status(
 def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]:
     # only the sections status needs: a spec written by an older or newer probeserve, with
     # fields this one does not know, still says where its checkpoints are
-    recorded = results.read_json(out, results.run_key(name, "spec.json"))["spec"]
+    recorded = results.read_json(out, layout.run_key(name, "spec.json"))["spec"]
     checkpoints = _known_fields(CheckpointsSpec, recorded["checkpoints"])
     storage = _known_fields(StorageSpec, recorded.get("storage") or {})
-    layers_key = results.run_key(name, "layers.json")
+    layers_key = layout.run_key(name, "layers.json")
     if out.stat(layers_key) is None:
         raise ProbeserveError(
             f"{out.uri_for(layers_key)} is missing: the run stopped before its first extraction"
@@ -65,11 +66,21 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
     # first run of a few steps, or a record made by an older watch daemon's first sweep,
     # `steps: [N]`) still counts all of them.
     with_rows = {key for key, _ in status}
-    every = discover(ckpt_storage, checkpoints.model_copy(update={"steps": None})).complete
+    try:
+        every = discover(ckpt_storage, checkpoints.model_copy(update={"steps": None})).complete
+    except StorageError as e:
+        uri = checkpoints.uri
+        if "://" in uri or os.path.isabs(uri):
+            raise
+        # a relative path is relative to the folder the run ran in, which status cannot know
+        raise StorageError(
+            f"{e} (the run recorded checkpoints.uri {uri!r}, a path relative to the folder it ran in: "
+            "run status from that folder)"
+        ) from None
     ckpts = [
         c for c in every if checkpoints.steps is None or c.step in checkpoints.steps or c.key in with_rows
     ]
-    markers = {o.key: o for o in out.list(f"{RUNNING_DIR}/{name}/")}
+    markers = {o.key: o for o in out.list(layout.running_prefix(name))}
     counts = {"done": 0, "failed": 0, "running": 0, "pending": 0, "stale": 0}
     for c in ckpts:
         for layer in layers:
@@ -78,7 +89,7 @@ def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]
                 counts["done"] += 1
             elif s == "failed":
                 counts["failed"] += 1
-            elif (marker := markers.get(running_key(name, c, layer))) is not None:
+            elif (marker := markers.get(layout.running_key(name, c.key, c.step, layer))) is not None:
                 if marker_state(out, marker)[0]:
                     counts["running"] += 1
                 else:  # its probe died: it is pending again

@@ -24,10 +24,13 @@ import stat as stat_mode
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from probeserve.errors import StorageError
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    from boto3.s3.transfer import TransferConfig
 
 # Local writes go to a temporary name beside the target (a rename is atomic only within one
 # file system): `.probeserve-tmp-` and a UUID's 32 hex digits. It is fixed-length, so a long
@@ -381,6 +384,12 @@ class S3Storage:
     server such as MinIO. Error messages carry the bucket and key, never credentials.
     """
 
+    # Files over `part_bytes` (activation shards: up to 256 MiB a part by default) are uploaded
+    # and downloaded as parts of that size, `concurrency` at a time: one HTTP stream to S3
+    # reaches tens of MB/s, parallel parts multiply it. The connection pool is sized to match.
+    part_bytes = 16 * 1024 * 1024
+    concurrency = 16
+
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None) -> None:
         import boto3
         from botocore.config import Config
@@ -389,8 +398,23 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
-        config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        config = Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=self.concurrency + 4,
+        )
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+    def _transfer(self) -> TransferConfig:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.part_bytes,
+            multipart_chunksize=self.part_bytes,
+            max_concurrency=self.concurrency,
+            use_threads=True,
+        )
 
     def _full(self, key: str) -> str:
         return join(self.prefix, _check_key(key)) if key else self.prefix
@@ -485,7 +509,7 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.download_file(self.bucket, self._full(key), local_path)
+            self._client.download_file(self.bucket, self._full(key), local_path, Config=self._transfer())
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, key, "download") from None
 
@@ -501,8 +525,8 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            # multipart above 8 MiB; the object appears only when the upload completes
-            self._client.upload_file(local_path, self.bucket, self._full(key))
+            # parallel parts above `part_bytes`; the object appears only when the upload completes
+            self._client.upload_file(local_path, self.bucket, self._full(key), Config=self._transfer())
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, key, "upload") from None
         with contextlib.suppress(FileNotFoundError):

@@ -19,22 +19,18 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
-import re
-import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from probeserve import results
+from probeserve import layout, results
 from probeserve.checkpoints import (
     Checkpoint,
     Discovery,
@@ -50,9 +46,16 @@ from probeserve.errors import (
     ProbeserveError,
     SpecError,
     StorageError,
+    describe_error,
 )
+from probeserve.markers import HEARTBEAT_S, STALE_BEATS, Heartbeat, marker_state  # noqa: F401
 from probeserve.spec import SweepSpec, dump_spec, old_default_hint
-from probeserve.storage import ObjectInfo, Storage, join, open_storage
+from probeserve.storage import LocalStorage, Storage, join, open_storage
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    from probeserve.data import Dataset
+    from probeserve.layers import ProbePoint
+    from probeserve.probe import ProbeData
 
 log = logging.getLogger("probeserve")
 
@@ -60,7 +63,7 @@ SPLITS = ("train", "val", "test")
 ACTIVATIONS_DIR = results.ACTIVATIONS_DIR
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists a layer's parts; far below this
 RUNS_DIR = results.RUNS_DIR
-DATA_INDEX = "data/index.parquet"  # runs/{run}/data/index.parquet: the frozen image index
+DATA_INDEX = layout.DATA_INDEX  # runs/{run}/data/index.parquet: the frozen image index
 MAX_SKIPPED_NAMES = 1000  # undecodable images named in a manifest (the row keeps 100)
 # A layer's path-safe name is a file name in the output (`{name}.parquet`), and local file
 # systems hold at most 255 bytes in one.
@@ -163,29 +166,19 @@ def release_freed_memory() -> bool:
     return libc.malloc_trim(0) == 1
 
 
-def describe_error(e: BaseException) -> str:
-    """One line for a result row: the message of a user error, type and message otherwise."""
-    if isinstance(e, ProbeserveError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
-
-
 def layer_prefix(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(ACTIVATIONS_DIR, run, results.checkpoint_dir(ckpt.key, ckpt.step), results.layer_stem(layer))
+    return layout.layer_prefix(run, ckpt.key, ckpt.step, layer)
 
 
 def manifest_key(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(layer_prefix(run, ckpt, layer), "manifest.json")
-
-
-_PART = re.compile(r"^(?:train|val|test)/part-[0-9]{5}\.parquet$")
+    return layout.manifest_key(run, ckpt.key, ckpt.step, layer)
 
 
 def shard_keys(storage: Storage, prefix: str) -> list[str]:
     """The shard parts under one layer's prefix, as listed now: `{split}/part-NNNNN.parquet`
     keys only, so that nothing else a user may have put there is ever deleted."""
     start = len(prefix) + 1
-    return [o.key for o in storage.list(prefix + "/") if _PART.match(o.key[start:])]
+    return [o.key for o in storage.list(prefix + "/") if layout.is_shard_part(o.key[start:])]
 
 
 def publish_if_changed(storage: Storage, key: str, data: bytes) -> bool:
@@ -221,7 +214,7 @@ class Sweep:
         )
 
     @cached_property
-    def dataset(self):  # -> probeserve.data.Dataset
+    def dataset(self) -> Dataset:
         from probeserve.data import load_dataset
 
         # images: the run's frozen example index, once record_spec has published it
@@ -237,11 +230,12 @@ class Sweep:
         return torch.zeros((2, *self.dataset.input_shape))
 
     @cached_property
-    def all_points(self):  # -> list[ProbePoint]
+    def all_points(self) -> list[ProbePoint]:
         from probeserve.layers import discover_probe_points
         from probeserve.models import user_code
 
         model = self.build_model().eval()
+        self._module_names = [name for name, _ in model.named_modules()]  # for select's errors
         try:
             with user_code(self.spec.model.factory, "running the model's forward pass"):
                 return discover_probe_points(model, self.example_input(), inputs=self.spec.layers.inputs)
@@ -254,10 +248,15 @@ class Sweep:
             ) from None
 
     @cached_property
-    def points(self):  # -> list[ProbePoint], the selected ones in forward order
+    def points(self) -> list[ProbePoint]:  # the selected ones, in forward order
         from probeserve.layers import select_probe_points
 
-        return select_probe_points(self.all_points, self.spec.layers.include, self.spec.layers.exclude)
+        return select_probe_points(
+            self.all_points,
+            self.spec.layers.include,
+            self.spec.layers.exclude,
+            modules=getattr(self, "_module_names", ()),
+        )
 
     def point(self, layer: str):
         for p in self.points:
@@ -429,6 +428,7 @@ class Sweep:
             status="failed",
             error=error,
             seconds=seconds,
+            precision=self.spec.resources.precision,
         )
 
 
@@ -456,88 +456,271 @@ def _load_model(sweep: Sweep, ckpt: Checkpoint, device: str) -> tuple[torch.nn.M
     return model.eval().to(device), casts
 
 
-def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> dict[str, str]:
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_WRITE_AHEAD = 2  # batches whose shard writes may wait behind the forward pass
+
+
+@dataclass
+class FastPath:
+    """How extraction runs the model on its device: the `resources` choices (precision,
+    channels-last, compile) and what the device itself decides.
+
+    On a GPU, the reduced rows of every layer are copied into pinned host memory without
+    blocking (`stage`), and the float16 overflow check of all layers is read once per batch
+    with them, so the next batch's forward pass is queued while they travel; the writer
+    thread (`shards.WriteQueue`) waits for the copies and writes. On a CPU the rows are
+    already in host memory, the overflow check runs inside each hook on data still in cache
+    (`shards.cast_rows`), and shards are written on the forward pass's thread unless they
+    go to remote storage.
+    """
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    pinned: bool = False  # stage rows in pinned host memory with asynchronous copies
+    deferred_check: bool = False  # float16 overflow read once per batch, not in each hook
+    write_thread: bool = True
+
+    @classmethod
+    def for_device(
+        cls, resources: Any, device: str | torch.device, *, remote_output: bool = False
+    ) -> FastPath:
+        """The spec's choices on `device`. The writer thread is used where it pays: on a GPU
+        (the forward pass is queued on the device while the host writes) and for remote
+        output (uploads wait on the network); on a CPU writing local files it gained nothing
+        measurable, since the two compete for the same cores (docs/performance.md)."""
+        dev = torch.device(device)
+        gpu = dev.type == "cuda"
+        return cls(
+            dev,
+            precision=resources.precision,
+            channels_last=resources.channels_last,
+            compile=resources.compile,
+            pinned=gpu,
+            deferred_check=gpu,
+            write_thread=gpu or remote_output,
+        )
+
+    def prepare(self, model: torch.nn.Module, points: list) -> torch.nn.Module:
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented; torch's stubs omit it
+        if self.compile:
+            from probeserve.layers import compile_regions
+
+            compile_regions(model, points)
+        return model
+
+    def autocast(self) -> Any:
+        """The forward pass's precision."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
+
+    def full_precision(self) -> Any:
+        """For the hooks: reducers compute in float32 whatever the forward pass does."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
+    def input(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.compile and len(x) < batch_size:
+            # a compiled region is specialised to its input shapes: pad the last batch of a
+            # split to the same size (one compilation) and drop the padding's rows after it
+            pad = x.new_zeros((batch_size - len(x), *x.shape[1:]))
+            x = torch.cat([x, pad]).contiguous(memory_format=_memory_format(x))
+        return x
+
+    def stage(
+        self, rows: dict[str, torch.Tensor], overflow: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+        """Host copies of `rows`, each layer's overflow value, and what to call before reading them."""
+        if not self.pinned:
+            return rows, dict(overflow), None
+        host = {}
+        for name, t in rows.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
+        worst = {}
+        names = [n for n in rows if n in overflow]
+        if names:
+            values = torch.stack([overflow[n] for n in names])
+            values_host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values_host.copy_(values, non_blocking=True)
+            worst = {n: values_host[i] for i, n in enumerate(names)}
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, worst, copied.synchronize
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "pinned_staging": self.pinned,
+            "deferred_overflow_check": self.deferred_check,
+            "write_thread": self.write_thread,
+        }
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _write_job(writer: Any, x: Any, y: np.ndarray, layer: str, worst: Any) -> Any:
+    def job() -> None:
+        try:
+            if worst is not None:
+                value = float(worst)
+                if value > 0:
+                    from probeserve.shards import overflow_error
+
+                    raise overflow_error(layer, value)
+            writer.write(x, y)
+        except BaseException:
+            writer.abort()
+            raise
+
+    return job
+
+
+def _fail_job(writer: Any, error: BaseException) -> Any:
+    def job() -> None:
+        writer.abort()
+        raise error
+
+    return job
+
+
+def _close_job(writer: Any, done: dict[str, list], split: str) -> Any:
+    def job() -> None:
+        done[split] = writer.close()  # an error aborts the writer and fails the layer
+
+    return job
+
+
+def extract(
+    sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu", fast: FastPath | None = None
+) -> dict[str, str]:
     """One forward pass over every split; shards and a manifest for each layer.
 
     Returns {layer: error} for layers that could not be extracted (the others have their
     manifests). A problem with the checkpoint itself raises: it concerns every layer.
+    `fast` overrides the fast-path choices `FastPath.for_device` makes from the spec.
     """
     from probeserve.layers import ActivationCapture, InplaceModified
-    from probeserve.shards import ShardWriter, cast_rows
+    from probeserve.shards import ShardWriter, WriteQueue, cast_rows, float16_overflow
 
     spec = sweep.spec
     t0 = time.perf_counter()
     keep_freed_memory()
+    remote = not isinstance(sweep.output, LocalStorage)
+    fast = fast or FastPath.for_device(spec.resources, device, remote_output=remote)
     model, casts = _load_model(sweep, ckpt, device)
     points = [sweep.point(name) for name in layers]
+    model = fast.prepare(model, points)
     reducers = {p.name: sweep.reducer(p) for p in points}
     ds = sweep.dataset
+    batch_size = spec.resources.extract_batch_size
     errors: dict[str, str] = {}
     shards: dict[str, dict[str, list]] = {p.name: {} for p in points}
     counts: dict[str, list[int]] = {}
     skipped: dict[str, list[str]] = {}
-    for split in SPLITS:
-        writers = {}
-        for p in points:
-            if p.name in errors:
-                continue
-            meta = {
-                "probeserve.layer": p.name,
-                "probeserve.layer_index": str(p.index),
-                "probeserve.shape": json.dumps(list(reducers[p.name].shape)),
-                "probeserve.reducer": json.dumps(reducers[p.name].describe()),
-                "probeserve.checkpoint": ckpt.key,
-                "probeserve.step": str(ckpt.step),
-                "probeserve.split": split,
-                "probeserve.spec_hash": sweep.spec_hash,
-                "probeserve.run": spec.run,
-            }
-            try:
-                writers[p.name] = ShardWriter(
-                    sweep.output,
-                    join(layer_prefix(spec.run, ckpt, p.name), split),
-                    n_features=reducers[p.name].n_features,
-                    dtype=spec.output.dtype,
-                    metadata=meta,
-                    max_bytes=spec.output.max_shard_bytes,
-                )
-            except Exception as e:  # this layer alone fails
-                errors[p.name] = f"layer {p.name}: {describe_error(e)}"
-        labels = []
-
-        def reduce(name: str, t: torch.Tensor, writers: dict = writers) -> torch.Tensor:
-            # in the hook: only the reduced rows outlive the layer, as in a plain forward pass
-            if name not in writers:
-                return t.new_empty(0)  # failed already: nothing to keep
-            return cast_rows(reducers[name](t), spec.output.dtype, name)
-
-        with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
-            for x, y in ds.batches(split, spec.resources.extract_batch_size, device=device):
-                x = x.to(device)
-                model(x)
+    check_later = fast.deferred_check and spec.output.dtype == "float16"
+    created: list[Any] = []  # every writer, so that none is left open whatever happens
+    with (
+        contextlib.ExitStack() as cleanup,
+        WriteQueue(max_batches=_WRITE_AHEAD, threaded=fast.write_thread) as queue,
+    ):
+        # runs after the queue has stopped: a writer whose layer failed, or that an error
+        # left behind, drops its unfinished part (closed writers are not touched)
+        cleanup.callback(lambda: [w.abort() for w in created])
+        for split in SPLITS:
+            writers = {}
+            for p in points:
+                if p.name in errors or p.name in queue.failures:
+                    continue
+                meta = {
+                    "probeserve.layer": p.name,
+                    "probeserve.layer_index": str(p.index),
+                    "probeserve.shape": json.dumps(list(reducers[p.name].shape)),
+                    "probeserve.reducer": json.dumps(reducers[p.name].describe()),
+                    "probeserve.checkpoint": ckpt.key,
+                    "probeserve.step": str(ckpt.step),
+                    "probeserve.split": split,
+                    "probeserve.spec_hash": sweep.spec_hash,
+                    "probeserve.run": spec.run,
+                }
                 try:
-                    acts = capture.take()
-                except InplaceModified:  # once per point at most: it is copied from now on
-                    model(x)
-                    acts = capture.take()
-                labels.append(y)
-                for name, writer in list(writers.items()):
+                    writers[p.name] = ShardWriter(
+                        sweep.output,
+                        join(layer_prefix(spec.run, ckpt, p.name), split),
+                        n_features=reducers[p.name].n_features,
+                        dtype=spec.output.dtype,
+                        metadata=meta,
+                        max_bytes=spec.output.max_shard_bytes,
+                    )
+                    created.append(writers[p.name])
+                except Exception as e:  # this layer alone fails
+                    errors[p.name] = f"layer {p.name}: {describe_error(e)}"
+            labels = []
+            overflow: dict[str, torch.Tensor] = {}  # this batch's, when checked once per batch
+
+            def reduce(
+                name: str, t: torch.Tensor, writers: dict = writers, overflow: dict = overflow
+            ) -> torch.Tensor:
+                # in the hook: only the reduced rows outlive the layer, as in a plain forward pass
+                if name not in writers or name in queue.failures:
+                    return t.new_empty(0)  # failed already: nothing to keep
+                with fast.full_precision():
+                    r = reducers[name](t)
+                    if check_later:
+                        out = r.to(torch.float16).contiguous()
+                        overflow[name] = float16_overflow(r, out)
+                        return out
+                    return cast_rows(r, spec.output.dtype, name)
+
+            with ActivationCapture(model, points, transform=reduce) as capture, torch.no_grad():
+                for x, y in ds.batches(split, batch_size, device=fast.device):
+                    n = len(y)
+                    x = fast.input(x, batch_size)
+                    overflow.clear()
+                    with fast.autocast():
+                        model(x)
                     try:
-                        if name in capture.failures:
-                            raise capture.failures[name]
-                        writer.write(acts[name], y)
-                    except Exception as e:
-                        errors[name] = f"layer {name}: {describe_error(e)}"
-                        writer.abort()
-                        del writers[name]
-        for name, writer in writers.items():
-            try:
-                shards[name][split] = writer.close()
-            except Exception as e:
-                errors[name] = f"layer {name}: {describe_error(e)}"
-        y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-        counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
-        skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
+                        acts = capture.take()
+                    except InplaceModified:  # once per point at most: it is copied from now on
+                        overflow.clear()
+                        with fast.autocast():
+                            model(x)
+                        acts = capture.take()
+                    labels.append(y)
+                    live = [name for name in writers if name not in queue.failures]
+                    failed = {name: capture.failures[name] for name in live if name in capture.failures}
+                    rows = {name: acts[name][:n] for name in live if name not in failed}
+                    host, worst, ready = fast.stage(rows, overflow)
+                    jobs = [
+                        (
+                            name,
+                            _fail_job(writers[name], failed[name])
+                            if name in failed
+                            else _write_job(writers[name], host[name], y, name, worst.get(name)),
+                        )
+                        for name in live
+                    ]
+                    queue.put(jobs, ready)  # waits while earlier batches are still being written
+            queue.put([(name, _close_job(writer, shards[name], split)) for name, writer in writers.items()])
+            y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+            counts[split] = np.bincount(y_all, minlength=ds.num_classes).tolist()
+            skipped[split] = ds.skipped(split)  # undecodable images: left out, named, never fatal
+        queue.drain()
+    for name, failure in queue.failures.items():
+        errors.setdefault(name, f"layer {name}: {describe_error(failure)}")
     n_skipped = sum(len(v) for v in skipped.values())
     if n_skipped:
         log.warning("%s: %d undecodable image(s) left out of the probe data", ckpt.key, n_skipped)
@@ -562,6 +745,8 @@ def extract(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = 
             "skipped": {s: names[:MAX_SKIPPED_NAMES] for s, names in skipped.items()},
             "class_counts": counts,
             "extract_seconds": seconds,
+            "precision": fast.precision,
+            "extraction": fast.describe(),
             # with false, the shards go once the item is committed: a manifest of a committed
             # item that says false was left by a run killed before it deleted them
             "keep_activations": spec.output.keep_activations,
@@ -602,7 +787,7 @@ def delete_unlisted_parts(storage: Storage, prefix: str, listed: set[str]) -> in
     check and the deletion are not atomic; a reader that then misses a part extracts again
     (`probe_and_commit`)."""
     if not listed:
-        key = join(prefix, "manifest.json")
+        key = join(prefix, layout.MANIFEST)
         if storage.stat(key) is not None:
             try:
                 other = json.loads(storage.read_bytes(key, max_bytes=MANIFEST_MAX_BYTES))
@@ -627,7 +812,7 @@ def probes_per_call(spec: SweepSpec, device: str) -> int:
 CUDA_PROBES_PER_CALL = 8
 
 
-def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str):  # -> (manifest, probe.ProbeData)
+def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str) -> tuple[dict[str, Any], ProbeData]:
     """A layer's shards as the probe trainer reads them, with its manifest."""
     from probeserve.probe import ProbeData
     from probeserve.shards import iter_chunks
@@ -682,7 +867,7 @@ def _control_by_column(sweep: Sweep, manifest: dict) -> dict[str, np.ndarray] | 
         values = parquet_column(
             sweep.spec.data,  # type: ignore[arg-type]  # the spec allows a column for parquet data only
             control.column,
-            sweep.dataset,
+            sweep.dataset,  # type: ignore[arg-type]  # parquet data: a ProbeDataset
             field="probe.control.column",
             s3_endpoint=sweep.spec.storage.resolved_endpoint(),
         )
@@ -774,6 +959,7 @@ def _probe_row(
         hit_max_epochs=hit_max_epochs(
             epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
         ),
+        precision=manifest.get("precision", "fp32"),  # manifests before the field: fp32
     )
 
 
@@ -892,8 +1078,7 @@ def clean_committed_activations(sweep: Sweep, plan: Plan) -> int:
     done = {layer_prefix(run, i.checkpoint, i.layer): i for i, s in plan.items if s == "ok"}
     if not done:
         return 0
-    base = join(ACTIVATIONS_DIR, run) + "/"
-    found = {"/".join(o.key.split("/")[:4]) for o in out.list(base)}  # activations/run/ckpt/layer
+    found = {p for o in out.list(layout.activations_prefix(run)) if (p := layout.layer_prefix_of(o.key))}
     n = 0
     for prefix in sorted(found):
         item = done.get(prefix)
@@ -915,94 +1100,10 @@ def log_failure(item: str, e: BaseException) -> None:
 
 
 RUNNING_DIR = results.RUNNING_DIR
-# A running marker is published again every HEARTBEAT_S seconds while its probe runs; one not
-# refreshed for STALE_BEATS of its own heartbeats is dead, wherever its process ran.
-HEARTBEAT_S = 30.0
-STALE_BEATS = 4
-MARKER_MAX_BYTES = 64 << 10
 
 
 def running_key(run: str, ckpt: Checkpoint, layer: str) -> str:
-    return join(
-        RUNNING_DIR,
-        run,
-        results.checkpoint_dir(ckpt.key, ckpt.step),
-        results.layer_stem(layer) + ".json",
-    )
-
-
-class Heartbeat:
-    """The `running/...` marker of one item while it is probed: published at once, then again
-    every `HEARTBEAT_S` seconds from a thread (so any machine can see that it is alive by its
-    age), and deleted at the end. It says who runs it: host, pid, start time, device."""
-
-    def __init__(self, storage: Storage, key: str, *, device: str) -> None:
-        self.storage, self.key = storage, key
-        self.interval = HEARTBEAT_S
-        self.info = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.time(),
-            "device": device,
-            "heartbeat_s": self.interval,
-        }
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _publish(self) -> None:
-        self.storage.publish_bytes(self.key, json.dumps({**self.info, "beat": time.time()}).encode())
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._publish()
-            except Exception as e:  # a missed beat only makes status call it stale sooner
-                log.warning("%s: cannot refresh the running marker: %s", self.key, describe_error(e))
-
-    def __enter__(self) -> Heartbeat:
-        self._publish()
-        self._thread = threading.Thread(target=self._beat, name="probeserve-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop beating; once this returns, the marker is not published again."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def marker_state(storage: Storage, obj: ObjectInfo, *, now: float | None = None) -> tuple[bool, str]:
-    """(alive, why) for a running marker, from storage alone.
-
-    Dead: its pid is gone and it was written on this host, or it has not been refreshed for
-    `STALE_BEATS` heartbeats (its own `heartbeat_s`, or `HEARTBEAT_S` for a marker that does
-    not say). Its age is the storage's modification time, so clocks of the writer's machine
-    do not matter. A marker that cannot be read is judged by its age alone."""
-    now = time.time() if now is None else now
-    info: dict[str, Any] = {}
-    with contextlib.suppress(ProbeserveError, ValueError):
-        loaded = json.loads(storage.read_bytes(obj.key, max_bytes=MARKER_MAX_BYTES))
-        if isinstance(loaded, dict):
-            info = loaded
-    host, pid = info.get("host"), info.get("pid")
-    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
-        from probeserve.staging import pid_alive
-
-        if not pid_alive(pid):
-            return False, f"pid {pid} on {host} is gone"
-    interval = info.get("heartbeat_s")
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 < interval < 1e6:
-        interval = HEARTBEAT_S
-    age = now - obj.mtime
-    if age > STALE_BEATS * interval:
-        who = f" (host {host}, pid {pid})" if host else ""
-        return False, f"not refreshed for {age:.0f} s{who}"
-    return True, "running"
+    return layout.running_key(run, ckpt.key, ckpt.step, layer)
 
 
 def remove_dead_markers(sweep: Sweep) -> int:
@@ -1011,7 +1112,7 @@ def remove_dead_markers(sweep: Sweep) -> int:
     next heartbeat."""
     out = sweep.output
     n = 0
-    for obj in out.list(join(RUNNING_DIR, sweep.spec.run) + "/"):
+    for obj in out.list(layout.running_prefix(sweep.spec.run)):
         alive, why = marker_state(out, obj)
         if not alive:
             log.info("removing the running marker %s: %s", obj.key, why)
@@ -1108,11 +1209,11 @@ def _probe_retrying(
                 outcome = e
         if not isinstance(outcome, Exception):
             return outcome, False
-        e, outcome = outcome, None
-        if not isinstance(e, ShardMissing):
-            log_failure(f"probe {ckpt.key} {item.layer}", e)
+        err, outcome = outcome, None
+        if not isinstance(err, ShardMissing):
+            log_failure(f"probe {ckpt.key} {item.layer}", err)
             return sweep.failed_row(
-                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+                ckpt, item.layer, item.layer_index, describe_error(err), time.perf_counter() - t0
             ), False
         done = results.read_row(sweep.output, run, ckpt.key, ckpt.step, item.layer)
         if done is not None and done["status"] == "ok":
@@ -1120,15 +1221,15 @@ def _probe_retrying(
             return done, True
         if not reread and sweep.manifest(ckpt, item.layer) is not None:
             # a new manifest (another run extracted the layer again) lists other parts
-            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, e)
+            log.info("step %d %s: %s; reading its manifest again", ckpt.step, item.layer, err)
             reread = True
             continue
         if extractions == REEXTRACT_TRIES:
-            log_failure(f"probe {ckpt.key} {item.layer}", e)
+            log_failure(f"probe {ckpt.key} {item.layer}", err)
             return sweep.failed_row(
-                ckpt, item.layer, item.layer_index, describe_error(e), time.perf_counter() - t0
+                ckpt, item.layer, item.layer_index, describe_error(err), time.perf_counter() - t0
             ), False
-        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, e)
+        log.info("step %d %s: %s; extracting it again", ckpt.step, item.layer, err)
         extractions += 1
         reread = False
         try:

@@ -5,16 +5,13 @@ Each scan lists the checkpoint prefix in full (paginated; never a cursor, so a k
 last, or size and mtime unchanged across scans `stable_seconds` apart), and submits one sweep
 per new checkpoint, restricted to that checkpoint's step.
 
-Exactly once comes from a ledger in the output storage, not from the daemon's memory:
-
-    {output}/ledger/{run}/{checkpoint dir}/claim-{gen:04d}.json   create-only (If-None-Match: *)
-    {output}/ledger/{run}/{checkpoint dir}/state-{gen:04d}.json   submitted | done | failed
-
-(`{checkpoint dir}` is `results.checkpoint_dir`, the name results, activations and `running/`
-markers use too.) Before its first scan the daemon resolves its spec (model, data, layers) and
-records it as the run's spec: a spec that cannot work stops the daemon (exit 2) instead of
-failing every checkpoint, and the run's record says what the daemon covers, not the one step
-each of its sweeps is restricted to.
+Exactly once comes from a ledger in the output storage (`probeserve/ledger.py`), not from
+the daemon's memory: per checkpoint, create-only claims and the state of the newest one.
+Before its first scan the daemon resolves its spec (model, data, layers) and records it as the
+run's spec: a spec that cannot work stops the daemon (exit 2) instead of failing every
+checkpoint, and the run's record says what the daemon covers, not the one step each of its
+sweeps is restricted to. A daemon that submits Ray jobs does that in a child process, the one
+time it needs torch: the daemon itself imports neither torch nor the model, and stays small.
 
 A daemon submits a checkpoint only after *creating* claim generation 1, and create-only writes
 have one winner, so two daemons on one bucket never both submit it. A claim whose job died (the
@@ -29,31 +26,37 @@ are never recomputed, because the sweep itself skips committed items.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Protocol
 
-from probeserve import results
+from probeserve import layout, results
 from probeserve.checkpoints import Checkpoint, discover
-from probeserve.errors import DataError, LayerError, ModelError, ProbeserveError, SpecError
-from probeserve.spec import SweepSpec, dump_spec, spec_from_dict
-from probeserve.storage import ObjectInfo, Storage, join, open_storage
+from probeserve.errors import (
+    CheckpointError,
+    DataError,
+    LayerError,
+    ModelError,
+    ProbeserveError,
+    SpecError,
+    StorageError,
+)
+from probeserve.ledger import Ledger, LedgerEntry, submission_id
+from probeserve.spec import SweepSpec, dump_spec, load_spec, spec_from_dict
+from probeserve.storage import open_storage
 
 log = logging.getLogger("probeserve.watch")
 
-LEDGER_DIR = results.LEDGER_DIR
 JobState = Literal["running", "succeeded", "failed", "unknown"]
 Policy = Literal["all", "newest"]
 
@@ -75,8 +78,8 @@ class Submitter(Protocol):
     def error(self, submission_id: str) -> str | None: ...
 
 
-def spec_for_checkpoint(spec: SweepSpec, ckpt: Checkpoint, *, keep_activations: bool) -> SweepSpec:
-    """The sweep spec restricted to one checkpoint's step (and activations kept or not).
+def spec_for_checkpoint(spec: SweepSpec, ckpt: Checkpoint) -> SweepSpec:
+    """The sweep spec restricted to one checkpoint's step.
 
     A relative local `checkpoints.uri` or `output.uri` is made absolute, against the daemon's
     working folder: a Ray job runs in a copy of its working folder, where a relative output
@@ -87,7 +90,6 @@ def spec_for_checkpoint(spec: SweepSpec, ckpt: Checkpoint, *, keep_activations: 
             section["uri"] = os.path.abspath(section["uri"])
     data["checkpoints"]["steps"] = [ckpt.step]
     data["checkpoints"]["completeness"] = "none"  # the daemon has decided completeness already
-    data["output"]["keep_activations"] = keep_activations
     if spec.storage.resolved_endpoint():  # a job elsewhere has no $PROBESERVE_S3_ENDPOINT
         data["storage"]["s3_endpoint"] = spec.storage.resolved_endpoint()
     return spec_from_dict(data, source=f"spec for {ckpt.key}")
@@ -161,20 +163,19 @@ class LocalSubmitter:
         return self._done.get(submission_id, ("unknown", None))[1]
 
 
-def _sweep_entrypoint() -> str | None:
-    path = Path(__file__).resolve().parents[1] / "jobs" / "sweep.py"
-    return str(path) if path.is_file() else None
+JOB_MODULE = "probeserve.job"  # the Ray job entrypoint, inside the package
 
 
 class RayJobSubmitter:
     """Submits each checkpoint's sweep as a Ray job through the job-submission API.
 
     The job's working directory is a small folder made per submission: the resolved spec
-    (restricted to the checkpoint, relative local paths made absolute), `jobs/sweep.py`, and
-    the package of a `model.factory` that lives in the daemon's working folder rather than
-    being installed (`acme_nets/` for `acme_nets.zoo:build`); Ray puts the job's working
-    directory on every worker's import path. The cluster's image must have probeserve
-    installed. No credentials travel: runtime_env is readable by anyone who can read the job
+    (restricted to the checkpoint, relative local paths made absolute) and the package of a
+    `model.factory` that lives in the daemon's working folder rather than being installed
+    (`acme_nets/` for `acme_nets.zoo:build`); Ray puts the job's working directory on every
+    worker's import path. The entrypoint is the job module inside the package,
+    `python -m probeserve.job` (`probeserve/job.py`), so the cluster's image must have
+    probeserve installed, and nothing is looked for in a source checkout. No credentials travel: runtime_env is readable by anyone who can read the job
     API, so S3 credentials must come from the cluster's own environment.
     """
 
@@ -226,13 +227,7 @@ class RayJobSubmitter:
         tmp = tempfile.mkdtemp(prefix="probeserve-job-")
         try:
             Path(tmp, "spec.yaml").write_text(dump_spec(spec))
-            entry = _sweep_entrypoint()
-            if entry:
-                os.makedirs(os.path.join(tmp, "jobs"))
-                shutil.copyfile(entry, os.path.join(tmp, "jobs", "sweep.py"))
-                entrypoint = "python jobs/sweep.py spec.yaml"
-            else:  # an installed package without the repo: the same command
-                entrypoint = "python -m probeserve run spec.yaml --address auto"
+            entrypoint = f"python -m {JOB_MODULE} spec.yaml"
             package = _user_package(spec.model.factory)
             if package and os.path.isdir(package):
                 shutil.copytree(
@@ -287,137 +282,74 @@ def _some(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-# ---------------------------------------------------------------------------- the ledger
+# ---------------------------------------------------------------------------- the run's record
 
 
-@dataclass
-class LedgerEntry:
-    """The newest claim of one checkpoint and its state."""
+def record_here(spec: SweepSpec) -> None:
+    """Resolve the spec (model, data, layers) and record it as its run's spec, in this process."""
+    from probeserve.sweep import Sweep
 
-    checkpoint_dir: str
-    gen: int = 0
-    claim: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] | None = None
-    state_mtime: float = 0.0
-    claim_mtime: float = 0.0
-    problem: str | None = None  # a damaged claim or state object, named
-
-    @property
-    def status(self) -> str:
-        return self.state["state"] if self.state else "claimed"
-
-    def last_update(self) -> float:
-        stamps = [self.claim_mtime, self.state_mtime, self.claim.get("claimed_at", 0.0)]
-        if self.state:
-            stamps.append(self.state.get("updated_at", 0.0))
-        return max(stamps)
+    Sweep(spec).record_spec(run_level=True)
 
 
-def ledger_prefix(run: str) -> str:
-    return join(LEDGER_DIR, run) + "/"
+# The errors a child reports by name are raised again as themselves, so the daemon tells a spec
+# that cannot work (stop, exit 2) from storage that is down (back off, retry) as it does here.
+_CHILD_ERRORS: dict[str, type[ProbeserveError]] = {
+    cls.__name__: cls
+    for cls in (CheckpointError, DataError, LayerError, ModelError, StorageError, results.LayoutError)
+}
 
 
-def claim_key(run: str, ckpt_dir: str, gen: int) -> str:
-    return join(LEDGER_DIR, run, ckpt_dir, f"claim-{gen:04d}.json")
+def record_elsewhere(spec: SweepSpec) -> None:
+    """`record_here` in a child process of this Python: the spec resolved there, its errors
+    raised here as the same types, its log on this process's stderr.
+
+    Resolving a spec builds the model and opens the data, which loads torch (hundreds of MB)
+    for good; a daemon that only submits jobs has no other use for it."""
+    with tempfile.TemporaryDirectory(prefix="probeserve-record-") as tmp:
+        spec_path, outcome_path = os.path.join(tmp, "spec.yaml"), os.path.join(tmp, "outcome.json")
+        Path(spec_path).write_text(dump_spec(spec))
+        code = "import sys; from probeserve.watch import record_main; sys.exit(record_main(sys.argv[1:]))"
+        proc = subprocess.run([sys.executable, "-c", code, spec_path, outcome_path], stdin=subprocess.DEVNULL)
+        try:
+            outcome = json.loads(Path(outcome_path).read_text())
+        except (OSError, ValueError):
+            raise ProbeserveError(
+                f"recording run {spec.run}'s spec: the process that resolves it ended with exit status "
+                f"{proc.returncode} (killed, or out of memory?) and no answer"
+            ) from None
+    kind = outcome.get("error")
+    if kind is None:
+        return
+    if kind == "SpecError":
+        raise SpecError(outcome["errors"], source=outcome["source"])
+    raise _CHILD_ERRORS.get(kind, ProbeserveError)(outcome["message"])
 
 
-def state_key(run: str, ckpt_dir: str, gen: int) -> str:
-    return join(LEDGER_DIR, run, ckpt_dir, f"state-{gen:04d}.json")
-
-
-def submission_id(run: str, checkpoint_key: str, gen: int) -> str:
-    """Deterministic: the same claim always names the same job."""
-    digest = hashlib.sha256(f"{run}\0{checkpoint_key}".encode()).hexdigest()[:12]
-    return f"probeserve-{run}-{digest}-g{gen:04d}"
-
-
-def read_ledger(storage: Storage, run: str, *, page_size: int = 1000) -> dict[str, LedgerEntry]:
-    """{checkpoint dir: newest entry}, from one paginated listing of the run's ledger."""
-    newest: dict[str, dict[str, ObjectInfo]] = {}
-    gens: dict[str, int] = {}
-    for obj in storage.list(ledger_prefix(run), page_size=page_size):
-        parts = obj.key.split("/")
-        if len(parts) != 4 or not parts[3].endswith(".json"):
-            continue
-        ckpt_dir, name = parts[2], parts[3]
-        kind, _, gen_s = name[:-5].partition("-")
-        if kind not in ("claim", "state") or not gen_s.isdigit():
-            continue
-        gen = int(gen_s)
-        if gen > gens.get(ckpt_dir, 0) and kind == "claim":
-            gens[ckpt_dir] = gen
-        newest.setdefault(ckpt_dir, {})[f"{kind}-{gen}"] = obj
-    out = {}
-    for ckpt_dir, gen in gens.items():
-        objs = newest[ckpt_dir]
-        entry = LedgerEntry(ckpt_dir, gen=gen)
-        claim_obj = objs[f"claim-{gen}"]
-        entry.claim_mtime = claim_obj.mtime
-        claim = _read_json(storage, claim_obj.key)
-        if claim is None:
-            # e.g. a claim still being written, or cut short, on a file system without hard
-            # links: a claim of unknown owner, dated by the object. It is taken over like any
-            # claim that does not move, and this checkpoint alone waits for that.
-            entry.problem = f"{storage.uri_for(claim_obj.key)}: damaged claim (not a JSON object)"
-            log.warning("%s; treating it as a claim that has not moved since it was written", entry.problem)
-        else:
-            entry.claim = claim
-        state_obj = objs.get(f"state-{gen}")
-        if state_obj is not None:
-            entry.state = _read_json(storage, state_obj.key)
-            entry.state_mtime = state_obj.mtime
-            if entry.state is None:  # states are published whole: only a hand could damage one
-                entry.problem = f"{storage.uri_for(state_obj.key)}: damaged state (not a JSON object)"
-                log.warning("%s; following the claim's job as if no state were recorded", entry.problem)
-        out[ckpt_dir] = entry
-    return out
-
-
-def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
-    """A ledger object, or None when it is not a JSON object (damaged or half-written)."""
-    raw = storage.read_bytes(key, max_bytes=1 << 20)
+def record_main(argv: Sequence[str]) -> int:
+    """The child of `record_elsewhere`: SPEC_PATH OUTCOME_PATH. Writes {"error": null} or the
+    error's type and message to OUTCOME_PATH; its exit status says only that it got there."""
+    spec_path, outcome_path = argv
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    outcome: dict[str, Any] = {"error": None}
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def ledger_rows(storage: Storage, run: str, *, page_size: int = 1000) -> list[dict[str, Any]]:
-    """The ledger as table rows for `probeserve watch --status`."""
-    rows = []
-    for entry in read_ledger(storage, run, page_size=page_size).values():
-        state = entry.state or {}
-        rows.append(
-            {
-                "checkpoint": entry.claim.get("checkpoint"),
-                "step": entry.claim.get("step"),
-                "state": entry.status,
-                "generation": entry.gen,
-                "submission_id": state.get("submission_id") or entry.claim.get("submission_id"),
-                "error": state.get("error") or entry.problem,
-            }
-        )
-    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["checkpoint"] or ""))
-    return rows
+        record_here(load_spec(spec_path))
+    except SpecError as e:
+        outcome = {"error": "SpecError", "errors": e.errors, "source": e.source}
+    except ProbeserveError as e:
+        outcome = {"error": type(e).__name__, "message": str(e)}
+    except Exception as e:  # a bug or an environment problem: a failed scan, retried
+        outcome = {"error": "Exception", "message": f"recording the run's spec: {type(e).__name__}: {e}"}
+    Path(outcome_path).write_text(json.dumps(outcome))
+    return 0
 
 
 # ---------------------------------------------------------------------------- the daemon
-
-
-class _PagedStorage:
-    """A storage whose `list` uses a given page size (discovery calls `list` without one)."""
-
-    def __init__(self, inner: Storage, page_size: int) -> None:
-        self._inner = inner
-        self._page_size = page_size
-
-    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
-        del page_size
-        return self._inner.list(prefix, page_size=self._page_size)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 @dataclass
@@ -448,7 +380,6 @@ class Watcher:
         policy: Policy = "all",
         claim_timeout: float = 600.0,
         max_attempts: int = 3,
-        keep_activations: bool = False,
         page_size: int = 1000,
         health_file: str | None = None,
         owner: str | None = None,
@@ -463,14 +394,14 @@ class Watcher:
         self.policy = policy
         self.claim_timeout = claim_timeout
         self.max_attempts = max_attempts
-        self.keep_activations = keep_activations
         self.page_size = page_size
         self.health_file = health_file
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock
         endpoint = spec.storage.resolved_endpoint()
         self.checkpoints = open_storage(spec.checkpoints.uri, s3_endpoint=endpoint)
         self.output = open_storage(spec.output.uri, s3_endpoint=endpoint)
+        self.ledger = Ledger(self.output, spec.run, owner=owner, clock=clock, page_size=page_size)
+        self.owner = self.ledger.owner
         self._seen: dict[str, tuple[int, float, float]] = {}  # key -> (size, mtime, first seen)
         self._reported: set[str] = set()
         self._recorded = False  # the run's spec is recorded (once per daemon)
@@ -485,15 +416,25 @@ class Watcher:
         claim every checkpoint and fail it. Recording the daemon's own spec keeps its sweeps'
         restriction to one step out of the run's record, which `probeserve status` and the
         report read to count the checkpoints the run covers.
+
+        A daemon that runs its sweeps itself has torch loaded for them anyway, and records
+        here. One that submits jobs elsewhere records in a child process (`record_elsewhere`),
+        so that it never loads torch and the model itself: it runs for weeks in a small pod.
         """
         if self._recorded:
             return
-        from probeserve.sweep import Sweep
-
         check = getattr(self.submitter, "check_spec", None)  # what only this submitter refuses
         if check is not None:
             check(self.spec)
-        Sweep(self.spec).record_spec(run_level=True)
+        if self.submitter.synchronous:
+            record_here(self.spec)
+        else:
+            record_elsewhere(self.spec)
+        if self.spec.output.keep_activations:
+            log.info(
+                "output.keep_activations is true: every checkpoint's activation shards are kept once it is "
+                "probed; set it to false in the spec to delete them"
+            )
         self._recorded = True
 
     # -- discovery
@@ -508,7 +449,7 @@ class Watcher:
             # yet, not a failed scan, so the first checkpoint is not kept waiting by a backoff
             self._say_empty(f"{self.checkpoints.uri} does not exist yet")
             return []
-        found = discover(_PagedStorage(self.checkpoints, self.page_size), disc_spec)
+        found = discover(self.checkpoints, disc_spec, page_size=self.page_size)
         if not found.complete and not found.incomplete and not found.rejected:
             self._say_empty(f"no checkpoints under {self.checkpoints.uri} yet")
         else:
@@ -543,48 +484,18 @@ class Watcher:
             log.info("checkpoints.uri: %s; waiting for the first checkpoint", what)
             self._said_empty = True
 
-    # -- ledger writes
-
-    def _write_state(
-        self, ckpt: Checkpoint, gen: int, state: str, sid: str, error: str | None = None
-    ) -> None:
-        body = {
-            "state": state,
-            "checkpoint": ckpt.key,
-            "step": ckpt.step,
-            "generation": gen,
-            "submission_id": sid,
-            "error": error,
-            "owner": self.owner,
-            "updated_at": self.clock(),
-        }
-        key = state_key(self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step), gen)
-        self.output.publish_bytes(key, json.dumps(body, indent=1).encode())
-
-    def _claim(self, ckpt: Checkpoint, gen: int) -> bool:
-        body = {
-            "checkpoint": ckpt.key,
-            "step": ckpt.step,
-            "generation": gen,
-            "submission_id": submission_id(self.spec.run, ckpt.key, gen),
-            "owner": self.owner,
-            "claimed_at": self.clock(),
-        }
-        key = claim_key(self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step), gen)
-        return self.output.create_only(key, json.dumps(body, indent=1).encode())
-
     # -- results
 
     def _committed(self, ckpt: Checkpoint) -> tuple[list[str], str | None]:
         """(selected layers without a committed row, the first failed row's error)."""
-        layers_key = results.run_key(self.spec.run, "layers.json")
+        layers_key = layout.run_key(self.spec.run, "layers.json")
         if self.output.stat(layers_key) is None:
             return ["(every layer: the sweep never started)"], None
         layers = [x["layer"] for x in results.read_json(self.output, layers_key)]
-        prefix = join(results.RESULTS_DIR, self.spec.run, results.checkpoint_dir(ckpt.key, ckpt.step)) + "/"
+        prefix = layout.results_prefix(self.spec.run, ckpt.key, ckpt.step)
         seen, error = set(), None
         for obj in self.output.list(prefix, page_size=self.page_size):
-            layer = results.layer_from_file(obj.key.rsplit("/", 1)[-1])
+            layer = layout.layer_from_file(obj.key.rsplit("/", 1)[-1])
             if layer not in layers:
                 continue
             row = results.read_row_file(self.output, obj.key)
@@ -599,18 +510,21 @@ class Watcher:
 
     # -- one checkpoint
 
+    def _record(self, ckpt: Checkpoint, gen: int, state: str, error: str | None = None) -> None:
+        self.ledger.record(ckpt.key, ckpt.step, gen, state, error)
+
     def _submit(self, ckpt: Checkpoint, gen: int, report: ScanReport) -> None:
-        sid = submission_id(self.spec.run, ckpt.key, gen)
-        spec = spec_for_checkpoint(self.spec, ckpt, keep_activations=self.keep_activations)
+        sid = self.ledger.submission_id(ckpt.key, gen)
+        spec = spec_for_checkpoint(self.spec, ckpt)
         log.info("step %d (%s): submitting %s", ckpt.step, ckpt.key, sid)
         if not self.submitter.synchronous:
             self.submitter.submit(ckpt, spec, submission_id=sid)
-            self._write_state(ckpt, gen, "submitted", sid)
+            self._record(ckpt, gen, "submitted")
             report.submitted.append(ckpt.key)
             return
-        self._write_state(ckpt, gen, "submitted", sid)
+        self._record(ckpt, gen, "submitted")
         report.submitted.append(ckpt.key)
-        with self._heartbeat(ckpt, gen, sid):
+        with self.ledger.refreshing(ckpt.key, ckpt.step, gen, every=self.claim_timeout / 4):
             self.submitter.submit(ckpt, spec, submission_id=sid)
         if self._follow_up(ckpt, gen, sid, self.submitter.state(sid), report):
             self._take_over(ckpt, gen, report)  # it ran here and left rows missing: next generation
@@ -620,36 +534,16 @@ class Watcher:
         checkpoint ends `failed` instead (a checkpoint that kills its daemon every time, for
         example by running it out of memory, must not crash-loop it forever)."""
         if gen >= self.max_attempts:
-            sid = submission_id(self.spec.run, ckpt.key, gen)
+            sid = self.ledger.submission_id(ckpt.key, gen)
             why = why or self.submitter.error(sid) or "its job died or never ran"
             error = f"gave up after {gen} attempt(s): {why}"
-            self._write_state(ckpt, gen, "failed", sid, error)
+            self._record(ckpt, gen, "failed", error)
             report.failed.append(ckpt.key)
             log.error("step %d (%s): failed (%s): %s", ckpt.step, ckpt.key, sid, error)
             return
-        if self._claim(ckpt, gen + 1):
+        if self.ledger.claim(ckpt.key, ckpt.step, gen + 1):
             report.taken_over.append(ckpt.key)
             self._submit(ckpt, gen + 1, report)
-
-    @contextlib.contextmanager
-    def _heartbeat(self, ckpt: Checkpoint, gen: int, sid: str) -> Iterator[None]:
-        """While a sweep runs here, refresh its state so no other daemon takes it over."""
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(self.claim_timeout / 4):
-                try:
-                    self._write_state(ckpt, gen, "submitted", sid)
-                except Exception as e:  # keep beating: a missed beat only risks a takeover
-                    log.warning("heartbeat for step %d failed: %s", ckpt.step, e)
-
-        t = threading.Thread(target=beat, name="probeserve-heartbeat", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            done.set()
-            t.join()
 
     def _follow_up(self, ckpt: Checkpoint, gen: int, sid: str, state: JobState, report: ScanReport) -> bool:
         """Record a finished job; return True when the claim is dead and may be taken over.
@@ -662,7 +556,7 @@ class Watcher:
             return False
         missing, error = self._committed(ckpt)
         if not missing and error is None:
-            self._write_state(ckpt, gen, "done", sid)
+            self._record(ckpt, gen, "done")
             report.done.append(ckpt.key)
             log.info("step %d (%s): done (%s)", ckpt.step, ckpt.key, sid)
             return False
@@ -681,21 +575,21 @@ class Watcher:
         if missing:
             why = error or self.submitter.error(sid) or f"the sweep job {state}"
             error = f"gave up after {gen} attempt(s): {why}; no result for {_some(missing)}"
-        self._write_state(ckpt, gen, "failed", sid, error)
+        self._record(ckpt, gen, "failed", error)
         report.failed.append(ckpt.key)
         log.error("step %d (%s): failed (%s): %s", ckpt.step, ckpt.key, sid, error)
         return False
 
     def process(self, ckpt: Checkpoint, ledger: dict[str, LedgerEntry], report: ScanReport) -> None:
-        entry = ledger.get(results.checkpoint_dir(ckpt.key, ckpt.step))
+        entry = ledger.get(layout.checkpoint_dir(ckpt.key, ckpt.step))
         if entry is None:
-            if self._claim(ckpt, 1):
+            if self.ledger.claim(ckpt.key, ckpt.step, 1):
                 self._submit(ckpt, 1, report)
             return
         if entry.status in ("done", "failed"):
             return
         gen = entry.gen
-        sid = submission_id(self.spec.run, ckpt.key, gen)
+        sid = self.ledger.submission_id(ckpt.key, gen)
         if entry.claim.get("owner") == self.owner and entry.state is None:
             self._submit(ckpt, gen, report)  # our own claim whose submit failed: retry it
             return
@@ -714,14 +608,14 @@ class Watcher:
             self._submit(ckpt, gen, report)
             return
         if state == "running" and entry.state is None:
-            self._write_state(ckpt, gen, "submitted", sid)  # its daemon died before recording it
+            self._record(ckpt, gen, "submitted")  # its daemon died before recording it
         dead = self._follow_up(ckpt, gen, sid, state, report)
-        stale = self.clock() - entry.last_update() > self.claim_timeout
+        age = self.ledger.age(entry)
         why = None
-        if state == "unknown" and stale:
+        if state == "unknown" and age > self.claim_timeout:
             why = (
                 f"claim {gen} by {entry.claim.get('owner')} did not move for "
-                f"{self.clock() - entry.last_update():.0f} s and its job {sid} is unknown"
+                f"{age:.0f} s and its job {sid} is unknown"
             )
             then = "; taking it over" if gen < self.max_attempts else ""
             log.warning("step %d (%s): %s%s", ckpt.step, ckpt.key, why, then)
@@ -736,7 +630,7 @@ class Watcher:
         report = ScanReport()
         self.record_run()
         checkpoints = self.find_checkpoints(report)
-        ledger = read_ledger(self.output, self.spec.run, page_size=self.page_size)
+        ledger = self.ledger.read()
         for ckpt in checkpoints:
             if self.stop.is_set():
                 break
@@ -807,8 +701,8 @@ __all__ = [
     "ScanReport",
     "Submitter",
     "Watcher",
-    "ledger_rows",
-    "read_ledger",
+    "record_elsewhere",
+    "record_here",
     "spec_for_checkpoint",
     "submission_id",
 ]

@@ -1,81 +1,45 @@
-"""Shared fixtures: a real S3 server process (moto) on loopback, and tiny sweep specs."""
+"""Shared fixtures: a real S3 server process (moto) on loopback and a bucket in it.
+
+The helpers that test files import (tiny specs, checkpoints, the server class) are in
+helpers.py. A test that uses the server is an integration test: it must carry the
+`integration` mark, which `make test-fast` (`-m "not integration"`) leaves out, so that the
+fast lane never starts moto. Collection fails, naming the test, where the mark is missing.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-import uuid
 
 import pytest
+from helpers import S3Server
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+S3_FIXTURES = ("s3_server", "s3_bucket")
 
 
-class S3Server:
-    """A moto S3 server subprocess; `stop()`/`start()` simulate an outage on the same port."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("moto server did not start")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
-
-    def new_bucket(self) -> str:
-        name = f"b-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
-        return name
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if any(f in item.fixturenames for f in S3_FIXTURES) and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests start the S3 server (moto) but are not marked integration: " + ", ".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    server = S3Server()
-    server.start()
-    yield server
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = S3Server()
+        server.start()
+        yield server
+        server.stop()
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ class FakeListing:
     def root_exists(self):
         return True
 
-    def list(self, prefix=""):
+    def list(self, prefix="", *, page_size=1000):  # the Storage protocol
         return [ObjectInfo(k, 1, 0.0) for k in self.keys]
 
 
@@ -172,16 +172,14 @@ def test_unsupported_and_oversized_files_are_refused(tmp_path):
         load_state_dict(storage, _ckpt(storage, key), CheckpointsSpec(uri="x", max_bytes=10))
 
 
-def test_save_and_load_on_s3(s3_server):
+@pytest.mark.integration
+def test_save_and_load_on_s3(s3_server, monkeypatch):
     bucket = s3_server.new_bucket()
     uri = f"s3://{bucket}/train/ckpts"
-    os.environ["PROBESERVE_S3_ENDPOINT"] = s3_server.endpoint
-    try:
-        save_checkpoint(_model(), uri, 7)
-        storage = open_storage(uri)
-        found = discover(storage, CheckpointsSpec(uri=uri))
-        assert [c.step for c in found.complete] == [7]
-        sd = load_state_dict(storage, found.complete[0], CheckpointsSpec(uri=uri))
-        assert torch.equal(sd["2.bias"], _model().state_dict()["2.bias"])
-    finally:
-        del os.environ["PROBESERVE_S3_ENDPOINT"]
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    save_checkpoint(_model(), uri, 7)
+    storage = open_storage(uri)
+    found = discover(storage, CheckpointsSpec(uri=uri))
+    assert [c.step for c in found.complete] == [7]
+    sd = load_state_dict(storage, found.complete[0], CheckpointsSpec(uri=uri))
+    assert torch.equal(sd["2.bias"], _model().state_dict()["2.bias"])

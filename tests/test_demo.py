@@ -6,7 +6,7 @@ import os
 
 import pytest
 import yaml
-from test_sweep import tiny_spec, write_checkpoints
+from helpers import tiny_spec, write_checkpoints
 
 from probeserve import demo, results
 from probeserve.cli import main

@@ -15,7 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_sweep import tiny_spec, write_checkpoints
+from helpers import tiny_spec, write_checkpoints
 
 from probeserve.runners.local import run_local
 

@@ -26,8 +26,8 @@ import zipfile
 
 import pytest
 import torch
+from helpers import tiny_spec, write_checkpoints
 from safetensors.torch import save
-from test_sweep import tiny_spec, write_checkpoints
 from torch import nn
 
 from probeserve import results
@@ -372,7 +372,7 @@ def test_checkpoint_keys_with_dotdot_or_backslashes_are_rejected_not_read():
         def root_exists(self):
             return True
 
-        def list(self, prefix=""):
+        def list(self, prefix="", *, page_size=1000):  # the Storage protocol
             from probeserve.storage import ObjectInfo
 
             keys = [

@@ -715,6 +715,7 @@ def _bad_parquet(tmp_path):
             "data.resize_size: ",
         ),
         ("validate", lambda t: {"uri": "x", "layout": "zip"}, "data.layout: "),
+        ("validate", lambda t: {"uri": "x", "num_workers": 80000}, "data.num_workers: "),
     ],
 )
 def test_cli_names_the_data_field_and_exits_2(tmp_path, command, data, field):

@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+import probeserve.markers as markers_mod
 import probeserve.shards as shards_mod
 import probeserve.sweep as sweep_mod
 from probeserve import results, staging
@@ -39,8 +40,7 @@ from probeserve.sweep import (
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import S3Server
-from test_sweep import tiny_spec, write_checkpoints, write_spec
+from helpers import S3Server, tiny_spec, write_checkpoints, write_spec
 
 WRITES = ("publish_bytes", "publish_file", "create_only", "delete")
 
@@ -217,14 +217,27 @@ def test_a_live_marker_on_this_host_is_running_and_an_unreadable_one_is_judged_b
     out.publish_bytes("running/t/a.json", json.dumps(info).encode())
     out.publish_bytes("running/t/b.json", b"\x00 not json")
     a, b = out.stat("running/t/a.json"), out.stat("running/t/b.json")
-    assert sweep_mod.marker_state(out, a)[0] and sweep_mod.marker_state(out, b)[0]
+    assert markers_mod.marker_state(out, a)[0] and markers_mod.marker_state(out, b)[0]
     late = a.mtime + 4 * 30.0 + 1
-    assert not sweep_mod.marker_state(out, a, now=late)[0]
-    assert not sweep_mod.marker_state(out, b, now=late)[0]
+    assert not markers_mod.marker_state(out, a, now=late)[0]
+    assert not markers_mod.marker_state(out, b, now=late)[0]
+
+
+def test_a_marker_with_a_pid_no_process_can_have_is_judged_by_its_age(tmp_path):
+    """A pid of 2**31 in a marker of this host made `status` (and `migrate`) end in an
+    OverflowError traceback: os.kill takes a C int. It counts as alive, as pid 0 does, until
+    its age says it is stale."""
+    out = LocalStorage(str(tmp_path))
+    for pid in (2**31, 10**22):
+        info = {"host": socket.gethostname(), "pid": pid, "heartbeat_s": 30.0}
+        out.publish_bytes("running/t/a.json", json.dumps(info).encode())
+        a = out.stat("running/t/a.json")
+        assert sweep_mod.marker_state(out, a) == (True, "running")
+        assert not sweep_mod.marker_state(out, a, now=a.mtime + 4 * 30.0 + 1)[0]
 
 
 def test_a_probe_refreshes_its_marker_while_it_trains(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_mod, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(markers_mod, "HEARTBEAT_S", 0.1)
     real_probe = sweep_mod.probe
 
     def slow_probe(*args, **kwargs):
@@ -634,3 +647,25 @@ def test_a_ray_worker_does_not_keep_what_its_extraction_used(tmp_path, monkeypat
         assert now - before < (peak - before) / 3, (before, now, peak)  # and kept little of it
     finally:
         ray.shutdown()
+
+
+def test_status_of_a_run_with_a_relative_checkpoints_uri_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    """A run made with `checkpoints.uri: ckpts/...` records that relative path; status from
+    another folder said only "ckpts/... does not exist". It says why, and from the run's
+    folder it counts the run as before."""
+    spec = tiny_spec(tmp_path, output={"uri": str(tmp_path / "out")})
+    write_checkpoints(spec, steps=(0,))
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(spec.checkpoints.uri, tmp_path)
+    run_local(spec.model_copy(update={"checkpoints": spec.checkpoints.model_copy(update={"uri": relative})}))
+    assert main(["status", spec.output.uri]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[2].split()[:4] == ["t", "1", "4", "4"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["status", spec.output.uri]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"run t: cannot read its records: StorageError: checkpoints.uri: {elsewhere / relative} does not "
+        f"exist (the run recorded checkpoints.uri {relative!r}, a path relative to the folder it ran in: "
+        "run status from that folder)"
+    )

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import tiny_spec, write_checkpoints
 from PIL import Image
-from test_sweep import tiny_spec, write_checkpoints
 
 from probeserve import plots, results
 from probeserve.cli import main

@@ -598,7 +598,7 @@ def _sweep_helpers():
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_sweep import tiny_spec, write_checkpoints
+    from helpers import tiny_spec, write_checkpoints
 
     return tiny_spec, write_checkpoints
 

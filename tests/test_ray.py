@@ -21,8 +21,8 @@ from probeserve.storage import is_temp_name, open_storage
 from probeserve.sweep import RUNNING_DIR
 
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import PROBESERVE, acme_folder, tiny_spec, write_checkpoints
 from rayhead import RAY_CLI, free_port, ray_head
-from test_sweep import PROBESERVE, acme_folder, tiny_spec, write_checkpoints
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -84,9 +84,9 @@ def test_ray_gives_the_same_answers_as_in_process(cluster, tmp_path):
 def test_ray_trains_several_probes_of_a_checkpoint_per_call(cluster, tmp_path):
     from probeserve.runners.ray import run_ray
 
-    spec = tiny_spec(tmp_path, resources={"device": "cpu", "probes_per_call": 4})
+    spec = tiny_spec(tmp_path, resources={"device": "cpu", "probes_per_call": 4, "max_actors": 1})
     write_checkpoints(spec)
-    summary = run_ray(spec, max_actors=1)
+    summary = run_ray(spec)
     assert summary.ok == 8 and not summary.failed
     together = rows_by_item(spec.output.uri)
     # one call per checkpoint: its four rows share the call's wall time
@@ -234,6 +234,9 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "cannot connect to a Ray cluster" in proc.stderr and "127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # refused before the run recorded its spec: the run name is not bound to it, so the same
+    # run with a corrected spec is not refused as "made with a different spec" next
+    assert not os.path.exists(os.path.join(spec.output.uri, "runs")), os.listdir(spec.output.uri)
 
 
 GPU_CHECK = """

@@ -28,7 +28,7 @@ from probeserve.migrate import Busy, migrate_output
 from probeserve.storage import open_storage
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_sweep import tiny_spec, write_checkpoints
+from helpers import tiny_spec, write_checkpoints
 
 PROBESERVE = os.path.join(os.path.dirname(sys.executable), "probeserve")
 # rows written before the newest columns existed lack them; these stand for them here
@@ -277,3 +277,62 @@ def test_migrate_an_old_output_on_s3(made_by_watch, tmp_path, s3_server, monkeyp
             assert all(s in keys for s in split["shards"])  # the manifests name the moved shards
     again = cli("run", "spec.json", "--runner", "local", "--set", f"output.uri={uri}", cwd=local.parent)
     assert again.returncode == 0 and "4 already done" in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ('{"layout": 2, "columns": 5}', '"columns" is not a list of column names'),
+        ('{"layout": 2, "columns": [1, [2]]}', '"columns" is not a list of column names'),
+        ('{"columns": []}', '"layout" is null, not a number'),
+        ('{"layout": true}', '"layout" is true, not a number'),
+    ],
+)
+def test_a_damaged_layout_json_is_named_by_run_and_migrate(tmp_path, body, why):
+    """`"columns": 5` failed `run` and `migrate` with a TypeError traceback (exit 1); `{}` was
+    called the output of a newer probeserve and `{"layout": true}` one of layout 1, which
+    migrate then rewrote. Each is named as damaged, one line (exit 2)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / results.LAYOUT_KEY).write_text(body)
+    storage = open_storage(str(out))
+    expected = f"{out / results.LAYOUT_KEY}: damaged ({why})"
+    with pytest.raises(results.Damaged) as e:
+        results.check_layout(storage)
+    assert str(e.value) == expected
+    with pytest.raises(results.Damaged) as e:
+        migrate_output(storage)
+    assert str(e.value) == expected
+    assert (out / results.LAYOUT_KEY).read_text() == body  # left as it was, for its owner to look at
+
+
+def test_migrate_names_a_marker_with_a_pid_no_process_can_have(tmp_path):
+    """`migrate` ended in an OverflowError traceback on a marker of this host with pid 2**31
+    (os.kill takes a C int), and on `"pid": 1e999` (int(inf)). The first looks live, as pid 0
+    does (exit 2, naming the marker); the second is not a marker probeserve wrote."""
+    out = tmp_path / "out"
+    marker = out / "running" / "r" / "step=000000000000-00000000" / "fc.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**31}))
+    with pytest.raises(Busy, match=f"{marker}: process {2**31} on this machine is probing it"):
+        migrate_output(open_storage(str(out)))
+    marker.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": 0}).replace('"pid": 0', '"pid": 1e999')
+    )
+    migrate_output(open_storage(str(out)))
+    assert (out / results.LAYOUT_KEY).exists()
+
+
+def test_migrate_refuses_a_folder_that_is_not_an_output(tmp_path):
+    """`probeserve migrate` on a data folder (or a mistyped path, or $HOME) wrote layout.json
+    into it and said "migrated" (exit 0). It names the folder and writes nothing (exit 2)."""
+    data = tmp_path / "images"
+    (data / "train" / "cat").mkdir(parents=True)
+    (data / "train" / "cat" / "0.png").write_bytes(b"not looked at")
+    proc = cli("migrate", str(data), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {data}: not an output of probeserve (nothing under runs/, results/, activations/, "
+        "ledger/, running/); give the output.uri of a spec"
+    ]
+    assert sorted(p.name for p in data.iterdir()) == ["train"]

@@ -8,8 +8,8 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import s3_tiny_spec, tiny_spec, write_checkpoints
 from PIL import Image
-from test_sweep import s3_tiny_spec, tiny_spec, write_checkpoints
 
 from probeserve import report, results
 from probeserve.cli import main
@@ -109,10 +109,12 @@ def test_cli_report_and_its_errors(sweep_out, tmp_path, capsys):
     assert not (tmp_path / "e.html").exists()
 
 
-def test_runs_dir_is_the_sweeps():
-    from probeserve.sweep import RUNS_DIR
+def test_the_report_finds_runs_where_sweeps_record_them(tmp_path):
+    from probeserve.sweep import Sweep
 
-    assert report.RUNS_DIR == RUNS_DIR
+    spec = tiny_spec(tmp_path, run="recorded")
+    Sweep(spec).record_spec()  # a run with its spec recorded and no rows yet
+    assert report._runs(open_storage(spec.output.uri), results.SCHEMA.empty_table()) == ["recorded"]
 
 
 def _chromium(tmp_path, url: str, *args: str) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ from probeserve.runners.local import run_local
 from probeserve.spec import DEFAULT_L2_GRID, ProbeSpec, spec_from_dict
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_sweep import tiny_spec, write_checkpoints
+from helpers import tiny_spec, write_checkpoints
 
 
 def _blobs(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -153,6 +153,7 @@ def test_local_os_errors_name_the_path(tmp_path):
         LocalStorage(str(tmp_path)).read_bytes("loop")
 
 
+@pytest.mark.integration
 def test_s3_pagination(s3_server):
     bucket = s3_server.new_bucket()
     s = open_storage(f"s3://{bucket}/p", s3_endpoint=s3_server.endpoint)
@@ -165,6 +166,7 @@ def test_s3_pagination(s3_server):
     assert keys == [f"k{i:03d}" for i in range(25)]
 
 
+@pytest.mark.integration
 def test_s3_missing_bucket_is_named(s3_server):
     s = open_storage("s3://no-such-bucket-xyz/p", s3_endpoint=s3_server.endpoint)
     assert s.root_exists() is False

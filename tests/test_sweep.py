@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import PROBESERVE, acme_folder, s3_tiny_spec, tiny_spec, write_checkpoints, write_spec
 
 from probeserve import results
 from probeserve.checkpoints import save_checkpoint
@@ -20,45 +21,9 @@ from probeserve.cli import main
 from probeserve.errors import SpecError
 from probeserve.models import build_model
 from probeserve.runners.local import run_local
-from probeserve.spec import ModelSpec, spec_from_dict
+from probeserve.spec import ModelSpec
 from probeserve.storage import open_storage
 from probeserve.sweep import Sweep, manifest_key
-
-
-def tiny_spec(root, **over):
-    spec = {
-        "run": "t",
-        "checkpoints": {"uri": str(root / "ckpts")},
-        "model": {"factory": "tiny", "kwargs": {"input_dim": 6, "hidden": 12, "num_classes": 2}},
-        "layers": {"include": ["input", "fc1", "act", "fc2"]},
-        "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
-        "probe": {"max_epochs": 50, "l2": 1e-3},
-        "resources": {"device": "cpu"},
-        "output": {"uri": str(root / "out")},
-    }
-    for k, v in over.items():
-        spec[k] = v
-    return spec_from_dict(spec)
-
-
-def s3_tiny_spec(tmp_path, bucket, **over):
-    """`tiny_spec` with checkpoints and output in an S3 bucket, two layers."""
-    fields = {
-        "checkpoints": {"uri": f"s3://{bucket}/ckpts"},
-        "output": {"uri": f"s3://{bucket}/probes"},
-        "layers": {"include": ["input", "fc2"]},
-    }
-    return tiny_spec(tmp_path, **{**fields, **over})
-
-
-def write_checkpoints(spec, steps=(0, 10)):
-    torch.manual_seed(1)
-    model = build_model(ModelSpec(**spec.model.model_dump()))
-    for s in steps:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * s)
-        save_checkpoint(model, spec.checkpoints.uri, s)
 
 
 def test_sweep_commits_one_row_per_item_and_rerun_does_nothing(tmp_path):
@@ -156,6 +121,7 @@ def test_adding_a_layer_to_a_finished_run_extracts_only_it(tmp_path):
     assert summary.ok == 1 and summary.skipped_done == 1
 
 
+@pytest.mark.integration
 def test_sweep_on_s3(s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
     bucket = s3_server.new_bucket()
@@ -168,12 +134,6 @@ def test_sweep_on_s3(s3_server, tmp_path, monkeypatch):
 
 
 # ---- the command line: bad input gets one clear line and exit 2 ----
-
-
-def write_spec(tmp_path, spec) -> str:
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec))
-    return str(path)
 
 
 def test_cli_validate_reports_field_paths(tmp_path, capsys):
@@ -318,6 +278,7 @@ def test_sweep_object_pickles_without_caches(tmp_path):
     assert clone.spec == spec and "output" not in clone.__dict__
 
 
+@pytest.mark.integration
 def test_cli_missing_bucket_is_named(s3_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
     spec = tiny_spec(tmp_path, checkpoints={"uri": "s3://no-such-bucket-here/ckpts"})
@@ -413,6 +374,7 @@ def test_a_finished_item_is_never_turned_into_a_failure(tmp_path):
     assert results.load(spec.output.uri).column("status").to_pylist() == ["ok"]
 
 
+@pytest.mark.integration
 def test_cli_query_parquet_out_and_on_s3(s3_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
     bucket = s3_server.new_bucket()
@@ -431,6 +393,9 @@ def test_cli_query_parquet_out_and_on_s3(s3_server, tmp_path, monkeypatch, capsy
     assert "--out" in capsys.readouterr().err
     assert main(["query", f"s3://{bucket}/empty", "--format", "csv"]) == 0
     assert "no results yet" in capsys.readouterr().err
+    # a run with no rows is named: "no results yet under s3://.../probes" said there were none at all
+    assert main(["query", uri, "--run", "nope"]) == 0
+    assert capsys.readouterr().err.strip() == f"no results yet for run 'nope' under {uri}"
 
 
 def test_a_layer_that_overflows_float16_fails_alone(tmp_path):
@@ -511,50 +476,6 @@ def test_extraction_does_not_fault_its_activation_memory_in_again_every_pass(tmp
 
 
 # ---- a user's own model, kept beside the spec ----
-
-PROBESERVE = os.path.join(os.path.dirname(sys.executable), "probeserve")  # the installed script
-
-ACME_ZOO = '''
-"""A user's model, kept in the folder they run probeserve from."""
-from torch import nn
-
-
-class Zoo(nn.Module):
-    def __init__(self, hidden):
-        super().__init__()
-        self.input_shape = (6,)
-        self.fc1 = nn.Linear(6, hidden)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, 2)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def build(hidden=12):
-    return Zoo(hidden)
-'''
-
-
-def acme_folder(root, steps=(0,)):
-    """A folder as a user keeps it: `acme_nets/zoo.py`, a spec that names it with relative
-    paths only, and checkpoints of that model (`tiny` has the same weights)."""
-    (root / "acme_nets").mkdir(parents=True)
-    (root / "acme_nets" / "__init__.py").write_text("")
-    (root / "acme_nets" / "zoo.py").write_text(ACME_ZOO)
-    spec = {
-        "run": "acme",
-        "checkpoints": {"uri": "ckpts"},
-        "model": {"factory": "acme_nets.zoo:build", "kwargs": {"hidden": 12}},
-        "layers": {"include": ["input", "fc2"]},
-        "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
-        "probe": {"max_epochs": 50, "l2": 1e-3},
-        "resources": {"device": "cpu", "torch_threads": 1},
-        "output": {"uri": "out"},
-    }
-    (root / "spec.json").write_text(json.dumps(spec))
-    write_checkpoints(tiny_spec(root), steps=steps)
-    return root
 
 
 def test_a_model_beside_the_spec_is_importable_from_every_command(tmp_path):

@@ -24,22 +24,16 @@ import pytest
 from probeserve import results
 from probeserve.checkpoints import marker_key
 from probeserve.cli import main
+from probeserve.layout import checkpoint_dir, claim_key
+from probeserve.ledger import Ledger
 from probeserve.spec import spec_from_dict
 from probeserve.storage import open_storage
 from probeserve.sweep import Sweep
-from probeserve.watch import (
-    LocalSubmitter,
-    RayJobSubmitter,
-    Watcher,
-    claim_key,
-    read_ledger,
-    submission_id,
-)
+from probeserve.watch import LocalSubmitter, RayJobSubmitter, Watcher, submission_id
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import S3Server
+from helpers import S3Server, acme_folder, tiny_spec, write_checkpoints
 from rayhead import RAY_CLI, ray_head
-from test_sweep import acme_folder, tiny_spec, write_checkpoints
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +49,8 @@ def s3_spec(bucket: str, endpoint: str | None = None, **over):
         "data": {"kind": "gaussian", "dim": 6, "train_size": 600, "val_size": 200, "test_size": 200},
         "probe": {"max_epochs": 50, "l2": 1e-3},
         "resources": {"device": "cpu", "torch_threads": 1},
-        "output": {"uri": f"s3://{bucket}/out"},
+        # as a daemon over a long training run is usually set up (docs/watch.md)
+        "output": {"uri": f"s3://{bucket}/out", "keep_activations": False},
         "storage": {"s3_endpoint": endpoint},
     }
     for k, v in over.items():
@@ -100,7 +95,7 @@ class CountingSubmitter:
 def ledger_states(spec) -> dict[str, tuple[str, int]]:
     """{checkpoint key: (state, generation)}."""
     out = open_storage(spec.output.uri)
-    return {e.claim["checkpoint"]: (e.status, e.gen) for e in read_ledger(out, spec.run).values()}
+    return {e.claim["checkpoint"]: (e.status, e.gen) for e in Ledger(out, spec.run).read().values()}
 
 
 def result_rows(spec) -> list[dict]:
@@ -120,7 +115,7 @@ def test_backfill_then_a_new_checkpoint_is_probed_once(s3_bucket, endpoint, caps
     assert [c[2] for c in sub.calls] == [[0], [10]]  # each sweep restricted to its checkpoint
     rows = result_rows(spec)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
-    # the daemon deletes activation shards once their probes committed
+    # the spec's keep_activations: false: shards go once their probes committed
     assert not list(open_storage(spec.output.uri).list("activations/"))
     assert w.scan().submitted == []  # nothing new: nothing submitted
     write_checkpoints(spec, steps=(20,))
@@ -216,7 +211,7 @@ def test_a_dead_claim_is_taken_over_once_and_a_live_one_is_left_alone(s3_bucket,
     dead, live = "step=000000000/model.safetensors", "step=000000001/model.safetensors"
     for key, step, at in ((dead, 0, 1000.0), (live, 1, now)):
         claim = {"checkpoint": key, "step": step, "generation": 1, "owner": "gone:1:x", "claimed_at": at}
-        out.publish_bytes(claim_key("w", results.checkpoint_dir(key, step), 1), json.dumps(claim).encode())
+        out.publish_bytes(claim_key("w", checkpoint_dir(key, step), 1), json.dumps(claim).encode())
     calls: list = []
     daemons = [Watcher(spec, CountingSubmitter(calls), claim_timeout=60, clock=lambda: now) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:
@@ -233,9 +228,7 @@ def test_a_damaged_claim_holds_up_its_checkpoint_alone_until_taken_over(
     write_checkpoints(spec, steps=(0, 1))
     out = open_storage(spec.output.uri)
     bad = "step=000000000/model.safetensors"
-    out.publish_bytes(
-        claim_key("w", results.checkpoint_dir(bad, 0), 1), b'{"checkpoint": "step=0'
-    )  # cut short
+    out.publish_bytes(claim_key("w", checkpoint_dir(bad, 0), 1), b'{"checkpoint": "step=0')  # cut short
     caplog.set_level(logging.WARNING, logger="probeserve")
     report = Watcher(spec, CountingSubmitter(), claim_timeout=60).scan()  # the scan goes on
     assert report.done == ["step=000000001/model.safetensors"]
@@ -257,7 +250,7 @@ def test_a_corrupt_checkpoint_ends_failed_and_the_daemon_goes_on(s3_bucket, endp
     w = Watcher(spec, LocalSubmitter("local"))
     report = w.scan()
     assert report.failed == ["step=000000010/model.safetensors"]
-    entry = {e.claim["checkpoint"]: e for e in read_ledger(open_storage(spec.output.uri), "w").values()}
+    entry = {e.claim["checkpoint"]: e for e in Ledger(open_storage(spec.output.uri), "w").read().values()}
     bad = entry["step=000000010/model.safetensors"]
     assert bad.status == "failed" and bad.gen == 1
     assert "step=000000010/model.safetensors" in bad.state["error"]
@@ -423,7 +416,7 @@ def test_sigkill_mid_scan_then_restart_skips_nothing_and_submits_nothing_twice(s
         k: out.stat(k).mtime
         for k in results.result_keys(out, "w")
         for c in done_before
-        if results.checkpoint_dir(c, int(c[5:14])) in k
+        if checkpoint_dir(c, int(c[5:14])) in k
     }
     log2 = open(tmp_path / "d2.log", "w")
     d2 = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log2, stderr=subprocess.STDOUT)
@@ -480,12 +473,12 @@ def test_a_claim_that_keeps_going_stale_ends_failed_after_max_attempts(s3_bucket
     key = "step=000000007/model.safetensors"
     out = open_storage(spec.output.uri)
     claim = {"checkpoint": key, "step": 7, "generation": 3, "owner": "gone:1:x", "claimed_at": time.time()}
-    out.publish_bytes(claim_key("w", results.checkpoint_dir(key, 7), 3), json.dumps(claim).encode())
+    out.publish_bytes(claim_key("w", checkpoint_dir(key, 7), 3), json.dumps(claim).encode())
     later = time.time() + 3600
     calls = []
     report = Watcher(spec, CountingSubmitter(calls), max_attempts=3, clock=lambda: later).scan()
     assert report.failed == [key] and calls == []  # no fourth attempt
-    entry = next(iter(read_ledger(out, "w").values()))
+    entry = next(iter(Ledger(out, "w").read().values()))
     assert entry.status == "failed" and entry.gen == 3
     assert "gave up after 3 attempt(s): claim 3 by gone:1:x did not move" in entry.state["error"]
 
@@ -509,7 +502,7 @@ def test_a_sweep_that_fails_here_is_retried_and_its_error_is_kept(s3_bucket, end
     caplog.set_level(logging.WARNING, logger="probeserve")
     report = Watcher(spec, RunNameTakenMeanwhile("local"), max_attempts=2).scan()
     assert report.taken_over == [key] and report.failed == [key]
-    entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
+    entry = next(iter(Ledger(open_storage(spec.output.uri), "w").read().values()))
     assert entry.status == "failed" and entry.gen == 2
     assert "gave up after 2 attempt(s)" in entry.state["error"] and "different spec" in entry.state["error"]
     assert any("taking it over" in r.message and "different spec" in r.message for r in caplog.records)
@@ -600,10 +593,11 @@ def test_ray_job_submitter_submits_once_and_follows_the_job(s3_bucket, endpoint,
     assert w.scan().submitted == ["step=000000007/model.safetensors"]
     ((sid, job),) = client.jobs.items()
     assert sid == submission_id("w", "step=000000007/model.safetensors", 1)
-    assert job["entrypoint"].startswith("python jobs/sweep.py spec.yaml")
+    # the job module ships in the package: nothing is taken from a source checkout
+    assert job["entrypoint"].startswith("python -m probeserve.job spec.yaml")
     assert "--set checkpoints.steps=[7]" in job["entrypoint"]
-    assert "--set output.keep_activations=false" in job["entrypoint"]
-    assert job["files"] == ["jobs/sweep.py", "spec.yaml"]
+    assert "--set output.keep_activations=false" in job["entrypoint"]  # the spec's value
+    assert job["files"] == ["spec.yaml"]
     assert endpoint in job["spec"] and "secret" not in job["spec"].lower()
     assert ledger_states(spec) == {"step=000000007/model.safetensors": ("submitted", 1)}
     assert w.scan().submitted == []  # running: left alone
@@ -620,7 +614,7 @@ def test_a_claim_whose_job_never_reached_the_job_api_is_submitted_at_once(s3_buc
     key = "step=000000007/model.safetensors"
     claim = {"checkpoint": key, "step": 7, "generation": 1, "owner": "gone:1:x", "claimed_at": time.time()}
     out = open_storage(spec.output.uri)
-    out.publish_bytes(claim_key("w", results.checkpoint_dir(key, 7), 1), json.dumps(claim).encode())
+    out.publish_bytes(claim_key("w", checkpoint_dir(key, 7), 1), json.dumps(claim).encode())
     client = FakeJobClient()
     daemons = [Watcher(spec, RayJobSubmitter("http://127.0.0.1:8265", client=client)) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:  # both may submit: the deterministic id makes it one job
@@ -650,7 +644,7 @@ def test_a_job_that_ends_without_its_rows_is_resubmitted_then_given_up(s3_bucket
     client.jobs[submission_id("w", key, 2)]["status"] = end
     report = w.scan()  # out of attempts: failed for good, saying what is missing
     assert report.failed == [key] and len(client.jobs) == 2
-    entry = next(iter(read_ledger(open_storage(spec.output.uri), "w").values()))
+    entry = next(iter(Ledger(open_storage(spec.output.uri), "w").read().values()))
     assert entry.status == "failed" and "gave up after 2" in entry.state["error"]
     assert "no result for" in entry.state["error"]
 
@@ -735,7 +729,7 @@ def test_watch_submits_ray_jobs_through_a_real_job_api(s3_bucket, endpoint, tmp_
         (3, "input", "ok"),
     ]
     out = open_storage(spec.output.uri)
-    assert not [o.key for o in out.list("activations/")]  # the daemon's default: shards deleted
+    assert not [o.key for o in out.list("activations/")]  # as the spec says: shards deleted
 
 
 # ---- what a user meets from the command line ----
@@ -857,7 +851,7 @@ def test_ray_jobs_carry_the_model_beside_the_spec_and_absolute_paths(tmp_path, m
         key = "step=000000000/model.safetensors"
         assert w.scan().submitted == [key]
         ((sid, job),) = client.jobs.items()
-        assert job["files"] == ["acme_nets/__init__.py", "acme_nets/zoo.py", "jobs/sweep.py", "spec.yaml"]
+        assert job["files"] == ["acme_nets/__init__.py", "acme_nets/zoo.py", "spec.yaml"]
         assert f"uri: {folder / 'out'}" in job["spec"] and f"uri: {folder / 'ckpts'}" in job["spec"]
         # what the cluster does with it: the entrypoint, in Ray's copy of the working folder
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -6,6 +6,11 @@ layer, reduction, shard writing and publishing) and what running the checkpoint 
 interleaved pairs, and prints the median ratio. Target: <= 1.25x.
 
     python jobs/benchmarks/bench_extract.py [--n 4000] [--reducer subset|avgpool|none]
+        [--precision fp32|bf16|fp16] [--channels-last] [--writes auto|inline|thread] [--s3]
+
+`--precision` and `--channels-last` apply to both sides (the plain forward pass runs the same
+way); `--writes` chooses where shards are written, to measure what the writer thread gains,
+and `--s3` sends them to an S3 server (moto, on loopback) instead of a local folder.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -27,7 +34,7 @@ from probeserve.layers import ActivationCapture
 from probeserve.models import build_model
 from probeserve.shards import ShardWriter
 from probeserve.spec import spec_from_dict
-from probeserve.sweep import SPLITS, Sweep, extract
+from probeserve.sweep import SPLITS, FastPath, Sweep, extract
 
 
 def main() -> None:
@@ -42,11 +49,25 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc as it is (extract sets mallopt otherwise): shows the page faults it avoids",
     )
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument(
+        "--writes",
+        choices=["auto", "inline", "thread"],
+        default="auto",
+        help="shard writes on the forward pass's thread or the writer thread (auto: extract's choice)",
+    )
+    ap.add_argument(
+        "--s3",
+        action="store_true",
+        help="write the shards to S3: a moto server on loopback, started here (needs moto[server])",
+    )
     args = ap.parse_args()
     if args.glibc_default_malloc:
         probeserve.sweep.keep_freed_memory = lambda: False
 
     tmp = tempfile.mkdtemp(prefix="probeserve-bench-")
+    server = _start_s3() if args.s3 else None
     try:
         reducer = {"kind": args.reducer, "max_features": 1024} if args.reducer != "none" else {"kind": "none"}
         spec = spec_from_dict(
@@ -55,8 +76,13 @@ def main() -> None:
                 "model": {"factory": "mnist_convnet"},
                 "reducer": reducer,
                 "data": {"kind": "idx", "train_size": args.n, "val_size": 500, "test_size": 500},
-                "output": {"uri": f"{tmp}/out", "dtype": args.dtype},
-                "resources": {"extract_batch_size": args.batch_size},
+                "output": {"uri": server[1] if server else f"{tmp}/out", "dtype": args.dtype},
+                "storage": {"s3_endpoint": server[2] if server else None},
+                "resources": {
+                    "extract_batch_size": args.batch_size,
+                    "precision": args.precision,
+                    "channels_last": args.channels_last,
+                },
             }
         )
         torch.manual_seed(0)
@@ -67,16 +93,21 @@ def main() -> None:
         ds = sweep.dataset
         n = sum(ds.size(s) for s in SPLITS)
 
+        fast = FastPath.for_device(spec.resources, "cpu", remote_output=args.s3)
+        if args.writes != "auto":
+            fast.write_thread = args.writes == "thread"
+
         def plain() -> None:
             # what running the checkpoint over the data costs anyway: load it, one forward pass
             model, _ = probeserve.sweep._load_model(sweep, ckpt, "cpu")
-            with torch.inference_mode():
+            model = fast.prepare(model, [])
+            with torch.inference_mode(), fast.autocast():
                 for split in SPLITS:
                     for x, _ in ds.batches(split, spec.resources.extract_batch_size):
-                        model(x)
+                        model(fast.input(x, spec.resources.extract_batch_size))
 
         def extraction() -> None:
-            errors = extract(sweep, ckpt, layers, device="cpu")
+            errors = extract(sweep, ckpt, layers, device="cpu", fast=fast)
             assert not errors, errors
 
         plain()  # warm up both paths (allocator, data decoding)
@@ -88,7 +119,9 @@ def main() -> None:
         pairs, parts = [], []
         for _ in range(args.repeat):
             t_p = _time(plain)
-            shutil.rmtree(f"{tmp}/out", ignore_errors=True)  # the last run's shards, untimed
+            shutil.rmtree(
+                f"{tmp}/out", ignore_errors=True
+            )  # the last run's shards, untimed (S3: overwritten)
             with _timed_parts() as spent:
                 t_e = _time(extraction)
             pairs.append((t_p, t_e))
@@ -101,6 +134,7 @@ def main() -> None:
         print(
             f"mnist_convnet, {n} examples, {len(layers)} probe points, {feats} features/example after reducer '{args.reducer}', {args.dtype} shards, {torch.get_num_threads()} threads"
         )
+        print(f"extraction options:   {fast.describe()}")
         print(f"load + plain forward: {t_plain:7.2f} s  ({n / t_plain:8.0f} examples/s, median)")
         print(
             f"extract all layers:   {t_extract:7.2f} s  ({n / t_extract:8.0f} examples/s, {n * feats * (2 if args.dtype == 'float16' else 4) / t_extract / 1e9:.2f} GB/s of activations, median)"
@@ -134,6 +168,39 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if server:
+            server[0].terminate()
+            server[0].wait(10)
+
+
+def _start_s3() -> tuple[subprocess.Popen, str, str]:
+    """A moto S3 server on a free loopback port with a fresh bucket: (process, output URI, endpoint)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return proc, "s3://bench/out", endpoint
 
 
 @contextlib.contextmanager

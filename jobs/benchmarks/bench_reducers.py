@@ -3,7 +3,9 @@ they replaced, in milliseconds per batch (best of 3 rounds of 20 calls):
 
 - avgpool of 2-D maps: one GEMM against a Kronecker pooling matrix vs `avg_pool2d` (even
   windows) and `adaptive_avg_pool2d`;
-- subset: `gather` with a broadcast index vs `index_select`;
+- subset: `gather` with a broadcast index vs `index_select`; and of a channels-last (NHWC)
+  map, as `resources.channels_last` gives: what the reducer does (`index_select` from the
+  NHWC view, indices moved) vs `gather` with those indices and vs copying back to NCHW;
 - the float16 overflow check: `aminmax` vs `abs().max()`.
 
     python jobs/benchmarks/bench_reducers.py
@@ -53,6 +55,16 @@ def _layer(name: str, shape: tuple[int, ...]) -> None:
     t_gather = _ms(lambda: subset(x))
     t_index = _ms(lambda: flat.index_select(1, subset.indices))
     print(f"subset  {name}: gather {t_gather:.2f}, index_select {t_index:.2f}  ({t_index / t_gather:.1f}x)")
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    view = nhwc.permute(0, 2, 3, 1).reshape(256, -1)
+    moved = subset._indices_on(x.device, nhwc=True)
+    t_nhwc = _ms(lambda: subset(nhwc))
+    t_nhwc_gather = _ms(lambda: torch.gather(view, 1, moved.expand(256, -1)))
+    t_copy = _ms(lambda: torch.gather(nhwc.contiguous().reshape(256, -1), 1, subset.indices.expand(256, -1)))
+    print(
+        f"subset  {name} NHWC: reducer (index_select) {t_nhwc:.2f}, gather {t_nhwc_gather:.2f} "
+        f"({t_nhwc_gather / t_nhwc:.1f}x), copy to NCHW and gather {t_copy:.2f} ({t_copy / t_nhwc:.1f}x)"
+    )
 
 
 def main() -> None:

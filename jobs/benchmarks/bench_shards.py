@@ -21,24 +21,32 @@ ratios compare shard writes with the raw write and shard reads with the fastest 
 target >= 0.7. "pyarrow write" is one pyarrow ParquetWriter call on the whole table with the
 shard options, which is how shards were written before ShardWriter wrote Parquet itself.
 The FixedSizeList<float16> line shows the layout the shard format avoids.
+
+    python jobs/benchmarks/bench_shards.py --readers [--sizes-mb 1 16 64 256] [--repeats 7] [--cold]
+
+measures the other half of the format on its own: probeserve's shard reader, which views the
+pages of its own files in place, against pyarrow, which the reader falls back to for any other
+Parquet file. See `compare_readers`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import mmap
 import os
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from probeserve.shards import ShardInfo, ShardWriter, iter_chunks, read_shard, shard_schema
+from probeserve.shards import ShardInfo, ShardWriter, iter_chunks, read_shard, shard_schema, table_x
 from probeserve.storage import LocalStorage
 
 TARGET_RATIO = 0.7
@@ -74,7 +82,15 @@ def main() -> None:
     parser.add_argument("--fsl-mb", type=int, default=64, help="bytes for the FixedSizeList comparison")
     parser.add_argument("--dir", default=None, help="where to write (default: the system temp folder)")
     parser.add_argument("--cold", action="store_true", help="evict files from the page cache before reading")
+    parser.add_argument("--readers", action="store_true", help="only compare read_shard with pyarrow")
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 16, 64, 256], help="with --readers")
+    parser.add_argument(
+        "--consume", choices=["checksum", "float32"], default="checksum", help="with --readers: what reads x"
+    )
     args = parser.parse_args()
+    if args.readers:
+        compare_readers(args)
+        return
 
     dtype = np.dtype(args.dtype)
     rows = args.mb * 2**20 // (args.features * dtype.itemsize)
@@ -215,6 +231,171 @@ def main() -> None:
         ratio = speed[shard] / speed[raw]
         verdict = "ok" if ratio >= TARGET_RATIO else f"below the {TARGET_RATIO} target"
         print(f"{shard} / {raw}: {ratio:.2f}  {verdict}")
+
+
+def _shard_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, rows) of a shard that pyarrow read: the same arrays `read_shard` returns."""
+    return table_x(table), table.column("label").to_numpy(), table.column("row").to_numpy()
+
+
+def compare_readers(args: argparse.Namespace) -> None:
+    """probeserve's shard reader against pyarrow, on the same files, into the same arrays.
+
+    One shard (one part, one row group, as ShardWriter writes parts of up to 1 GiB) per size,
+    written by ShardWriter to a local folder. Each reader turns it into x [rows, n_features],
+    y and rows as numpy arrays, and the same checksum then reads every byte of all three,
+    --batch-rows rows at a time, inside the timing (a memory-mapped view costs nothing until
+    it is read). Readers:
+
+    - `read_shard`: our reader; views of the pages in a memory map, no copy.
+    - `iter_chunks`: our streaming reader (LocalStorage), --batch-rows rows at a time.
+    - `pyarrow`: `pyarrow.parquet.read_table(path)` and `shards.table_x`, which is what the
+      reader does for Parquet files that are not ours (decoded into Arrow memory, one copy).
+    - `pyarrow mmap`: the same with `memory_map=True`.
+    - `pyarrow batches`: `ParquetFile.iter_batches(batch_size=--batch-rows)`, the streaming
+      equivalent of iter_chunks.
+
+    With --consume float32, x is read the way a probe reads it instead: --batch-rows rows at a
+    time made a float32 torch tensor (`probe.py` does that on the CPU before copying to the
+    device); the conversion costs more than the reading, so differences shrink.
+
+    Each reader runs once untimed, then --repeats times per size, in rotating order; the figures are the median
+    and the range (min-max) of the wall times, and the bytes pyarrow's allocator held while
+    the arrays were alive (the least over the repeats; ours hold none: they are views of the
+    page cache).
+    """
+    dtype = np.dtype(args.dtype)
+    row_bytes = args.features * dtype.itemsize
+    root = tempfile.mkdtemp(prefix="bench-readers-", dir=args.dir)
+    storage = LocalStorage(root)
+    print(
+        f"readers: {args.features} {args.dtype} features per row, {args.consume} every {args.batch_rows} rows; "
+        f"{'cold (evicted before each read)' if args.cold else 'warm (page cache)'}; "
+        f"{args.repeats} repeats per reader and size"
+    )
+
+    def read_ours(path: str, key: str) -> list[np.ndarray]:
+        shard = read_shard(path)
+        return [shard.x, shard.y, shard.rows]
+
+    def stream_ours(path: str, key: str) -> Iterable[np.ndarray]:
+        for x, y in iter_chunks(storage, [key], batch_rows=args.batch_rows):
+            yield x
+            yield y
+
+    def read_pyarrow(path: str, key: str, memory_map: bool = False) -> list[np.ndarray]:
+        return list(_shard_arrays(pq.read_table(path, memory_map=memory_map)))
+
+    def stream_pyarrow(path: str, key: str) -> Iterable[np.ndarray]:
+        file = pq.ParquetFile(path)
+        n_features = int(file.schema_arrow.metadata[b"probeserve.n_features"])
+        for batch in file.iter_batches(batch_size=args.batch_rows, columns=["label", "x"]):
+            blobs = batch.column("x")
+            count = len(blobs) * n_features
+            yield np.frombuffer(
+                blobs.buffers()[1], dtype, count=count, offset=blobs.offset * row_bytes
+            ).reshape(len(blobs), n_features)
+            yield batch.column("label").to_numpy()
+
+    readers: dict[str, Callable[[str, str], Iterable[np.ndarray]]] = {
+        "read_shard": read_ours,
+        "pyarrow": read_pyarrow,
+        "pyarrow mmap": lambda path, key: read_pyarrow(path, key, memory_map=True),
+        "iter_chunks": stream_ours,
+        "pyarrow batches": stream_pyarrow,
+    }
+    whole = {"read_shard", "pyarrow", "pyarrow mmap"}  # the streaming ones checksum x and y only
+
+    if args.consume == "float32":
+        import torch
+
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        torch.set_num_threads(1)  # one conversion at a time, as in a probe actor with one CPU
+
+    def consume(arrays: Iterable[np.ndarray]) -> float:
+        """The checksum of every byte, or (--consume float32) what a probe does with x: each
+        --batch-rows rows made a float32 torch tensor (then only its last value is taken, so
+        that the conversion is all that is timed; the checksum runs check the bytes)."""
+        total = 0.0
+        for a in arrays:
+            if args.consume == "checksum":
+                total += checksum([a.reshape(len(a), -1)], args.batch_rows)
+            elif a.dtype.kind == "f":
+                for s in range(0, len(a), args.batch_rows):
+                    total += float(torch.from_numpy(a[s : s + args.batch_rows]).to(torch.float32)[-1, -1])
+        return total
+
+    results = []
+    try:
+        for size_mb in args.sizes_mb:
+            rows = max(1, int(size_mb * 2**20) // row_bytes)
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((rows, args.features), dtype=np.float32).astype(dtype)
+            y = rng.integers(0, 1000, rows).astype(np.int32)
+            prefix = f"size-{size_mb:g}"
+            staging = os.path.join(root, "staging")
+            os.makedirs(staging, exist_ok=True)
+            writer = ShardWriter(
+                storage,
+                prefix,
+                n_features=args.features,
+                dtype=args.dtype,
+                metadata={"probeserve.layer": "bench"},
+                max_bytes=2**30,
+                staging_dir=staging,
+            )
+            with writer:
+                for start in range(0, rows, args.batch_rows):
+                    writer.write(x[start : start + args.batch_rows], y[start : start + args.batch_rows])
+                (info,) = writer.close()
+            path = storage.uri_for(info.key)
+            expected = {
+                True: consume([x, y, np.arange(rows, dtype=np.int64)]),
+                False: consume(
+                    part
+                    for start in range(0, rows, args.batch_rows)
+                    for part in (x[start : start + args.batch_rows], y[start : start + args.batch_rows])
+                ),
+            }
+            del x, y
+            times: dict[str, list[float]] = {name: [] for name in readers}
+            held: dict[str, int] = {name: 0 for name in readers}
+            names = list(readers)
+            for name in names:  # untimed: pyarrow starts its thread pool on first use
+                consume(readers[name](path, info.key))
+            for rep in range(args.repeats):
+                for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                    if args.cold:
+                        evict(path)
+                    gc.collect()  # the previous reader's arrays are gone before this one's are counted
+                    before = pa.total_allocated_bytes()
+                    start = time.perf_counter()
+                    arrays = readers[name](path, info.key)
+                    if name in whole:
+                        arrays = list(arrays)
+                        grew = pa.total_allocated_bytes() - before
+                        held[name] = grew if rep == 0 else min(held[name], grew)
+                    got = consume(arrays)
+                    times[name].append(time.perf_counter() - start)
+                    del arrays
+                    assert got == expected[name in whole], f"{name} returned different bytes"
+            results.append((size_mb, rows, info.bytes, times, held))
+            storage.delete(info.key)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    for size_mb, rows, nbytes, times, held in results:
+        print(f"\n{size_mb:g} MiB shard: {rows} rows, {nbytes / 2**20:.1f} MiB file")
+        base = statistics.median(times["read_shard"])
+        stream_base = statistics.median(times["iter_chunks"])
+        for name, seconds in times.items():
+            median = statistics.median(seconds)
+            ours = stream_base if name in {"iter_chunks", "pyarrow batches"} else base
+            print(
+                f"  {name:>15}: median {median * 1e3:8.2f} ms  range {min(seconds) * 1e3:8.2f}-{max(seconds) * 1e3:8.2f} ms"
+                f"  {nbytes / median / 1e9:6.2f} GB/s  {median / ours:5.2f}x ours"
+                + (f"  pyarrow held {held[name] / 2**20:.1f} MiB" if held[name] else "")
+            )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ _PARQUET_BATCH_ROWS = 64  # rows of a row group decoded from Parquet at a time: 
 _PARQUET_BUFFER = 4 << 20  # Parquet reads in pieces this large, so a huge row group streams
 _FETCH_THREADS = 16  # concurrent GETs per worker: S3 latency, not bandwidth, bounds one GET
 _PREFETCH_MAX = 64 << 20  # a row group's image column is fetched ahead whole up to this size
+# An image resized whole to the shorter side (torchvision's way) may hold at most this many
+# crops' worth of pixels; a longer, thinner one has only its crop's part resampled.
+_FULL_RESIZE_CROPS = 16
+_ROWS_PER_BLOCK = 256  # rows of a 16-bit grey image converted to 8 bits at a time
 
 
 class Undecodable(Exception):
@@ -72,20 +76,24 @@ def preprocess(data: bytes, *, image_size: int, resize_size: int) -> np.ndarray:
             img.draft(None, new)  # JPEG only: decode at reduced scale when it stays >= new
             if img.mode != "RGB":
                 if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                    # 16-bit grey (PNG): convert would clip everything above 255 to white;
-                    # scale 0..65535 to 0..255 instead (x / 257)
-                    arr = np.asarray(img, dtype=np.float64)
-                    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255):
-                        arr = arr / 257.0
-                    img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+                    img = _grey_to_8_bit(img)
                 img = img.convert("RGB")
             else:
                 img.load()
-            if img.size != new:
-                img = img.resize(new, Image.Resampling.BILINEAR)
             left = round((new[0] - image_size) / 2.0)
             top = round((new[1] - image_size) / 2.0)
-            img = img.crop((left, top, left + image_size, top + image_size))
+            if new[0] * new[1] <= _FULL_RESIZE_CROPS * image_size * image_size:
+                if img.size != new:
+                    img = img.resize(new, Image.Resampling.BILINEAR)
+                img = img.crop((left, top, left + image_size, top + image_size))
+            else:
+                # a long, thin image: resized whole, a 1x100000 PNG of 100 bytes would take
+                # 256x25600000 pixels (20 GB). Resample only the crop's part of the source,
+                # with the same filter: equal to resizing whole and cropping, up to rounding
+                # (a value here and there differs by 1)
+                sx, sy = img.size[0] / new[0], img.size[1] / new[1]
+                box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
             out = np.asarray(img, dtype=np.uint8)
     except MemoryError:
         raise
@@ -95,6 +103,26 @@ def preprocess(data: bytes, *, image_size: int, resize_size: int) -> np.ndarray:
         raise Undecodable(f"{type(e).__name__}: {e}"[:300]) from None
     assert out.shape == (image_size, image_size, 3), out.shape
     return out
+
+
+def _grey_to_8_bit(img: Any) -> Any:
+    """A 16-bit (or 32-bit integer, or float) grey image as 8-bit grey ("L").
+
+    `convert` would clip everything above 255 to white; 16-bit values are scaled 0..65535 to
+    0..255 instead (x / 257), as are integer images with values above 255. Converted a block
+    of rows at a time: a float64 copy of the whole image took 8 bytes a pixel, 4 GB for a
+    13000x13000 PNG of 360 KB, which Pillow's decompression-bomb limit still admits."""
+    from PIL import Image
+
+    arr = np.asarray(img)  # uint16, int32 or float32: 2 or 4 bytes a pixel
+    scale = img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255)
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for start in range(0, arr.shape[0], _ROWS_PER_BLOCK):
+        block = arr[start : start + _ROWS_PER_BLOCK].astype(np.float64)
+        if scale:
+            block /= 257.0
+        out[start : start + _ROWS_PER_BLOCK] = np.clip(np.rint(block), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 class _RangeReader(io.RawIOBase):

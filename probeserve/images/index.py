@@ -32,7 +32,7 @@ import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from probeserve.images.decode import IMAGE_EXTENSIONS
 from probeserve.results import read_parquet_bytes
 from probeserve.spec import ImagesData
 from probeserve.storage import Storage, open_storage, redact
+
+if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
+    import pyarrow as pa
 
 log = logging.getLogger("probeserve")
 
@@ -93,7 +96,7 @@ class ImageIndex:
         """What goes in the manifest and the log: layout, uri and each split's source."""
         return {"layout": self.layout, "uri": redact(self.uri), "splits": self.sources}
 
-    def to_table(self):  # -> pyarrow.Table
+    def to_table(self) -> pa.Table:
         import pyarrow as pa
 
         columns: dict[str, list[Any]] = {
@@ -248,16 +251,18 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
                         spec, parent, [(os.path.basename(root), os.path.getsize(root))], single=True
                     )
                 raise DataError(f"data.uri: {root} is a file; give the folder that holds the images")
+            if os.path.exists(root):  # a device, a FIFO: "does not exist" sent users looking for a typo
+                raise DataError(f"data.uri: {root} is not a folder; give the folder that holds the images")
             raise DataError(f"data.uri: {root} does not exist")
         images: list[str] = []
         parquets: list[tuple[str, int]] = []
-        for obj in storage.list(""):
-            key = obj.key
+        listing = _local_files(root) if root is not None else ((o.key, o.size) for o in storage.list(""))
+        for key, size in listing:
             if any(part.startswith(".") for part in key.split("/")):
                 continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
             low = key.lower()
             if low.endswith(".parquet"):
-                parquets.append((key, obj.size))
+                parquets.append((key, size))
             elif low.endswith(IMAGE_EXTENSIONS):
                 images.append(key)
         if not images and not parquets and root is None and uri.endswith(".parquet"):
@@ -286,6 +291,79 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
             f"with one of {', '.join(IMAGE_EXTENSIONS)})"
         )
     return _resolve_folder(spec, storage, images)
+
+
+def _local_files(root: str) -> list[tuple[str, int]]:
+    """(key, size) of the regular files under a local data folder, sorted by key.
+
+    Unlike `LocalStorage.list`, which guards checkpoints, this follows links to folders: a
+    class folder that is a link (`train/n01440764 -> /mnt/imagenet/...`, common where ImageNet
+    is shared) would otherwise vanish from the data without a word, and with it a class. A
+    folder that is its own ancestor (a link cycle) is walked once. What cannot be an example
+    is left out with a warning that names it: a FIFO (reading it would block a decode worker
+    or the index forever), a socket, a device, a link to nothing, and a name that is not
+    UTF-8 (the index and the result rows hold names as text)."""
+    import os
+    import stat
+
+    found: list[tuple[str, int]] = []
+    left_out: list[str] = []
+
+    def ident(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    ancestors = {root: {ident(root)}}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = ancestors.pop(dirpath, set())
+        keep = []
+        for name in dirnames:
+            if name.startswith("."):
+                continue  # hidden folders (.ipynb_checkpoints): never data
+            path = os.path.join(dirpath, name)
+            try:
+                folder = ident(path)
+            except OSError:
+                continue
+            if folder in chain:
+                left_out.append(f"{path} (a link to a folder that holds it)")
+                continue
+            ancestors[path] = chain | {folder}
+            keep.append(name)
+        dirnames[:] = keep
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+            if (
+                key.startswith(".")
+                or "/." in key
+                or not key.lower().endswith((".parquet", *IMAGE_EXTENSIONS))
+            ):
+                continue  # hidden, or not data: skipped without a word, as before
+            path = os.path.join(dirpath, name)
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                left_out.append(f"{path.encode('utf-8', 'surrogateescape')!r} (a name that is not UTF-8)")
+                continue
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                left_out.append(f"{path} ({e.strerror or e})")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                left_out.append(f"{path} (not a regular file)")
+                continue
+            found.append((key, st.st_size))
+    if left_out:
+        log.warning(
+            "data.uri: %d file(s) under %s left out: %s%s",
+            len(left_out),
+            root,
+            "; ".join(left_out[:5]),
+            " ..." if len(left_out) > 5 else "",
+        )
+    return sorted(found)
 
 
 def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> ImageIndex:
@@ -503,7 +581,14 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
         )
     t = label_col.type
     if pa.types.is_integer(t):
+        from probeserve.data import MAX_CLASSES
+
         labels, string = label_col.to_numpy(zero_copy_only=False).astype(np.int64), False
+        if labels.size and labels.max() >= MAX_CLASSES:
+            raise DataError(
+                f"data.label_column: label {int(labels.max())} in {where}; labels must be class indices "
+                f"below {MAX_CLASSES} (a probe has an output for every index up to the largest)"
+            )
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         labels, string = np.asarray(label_col.to_pylist(), dtype=object), True
     else:

@@ -10,77 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 from probeserve.probe import resolve_device
 from probeserve.progress import Progress
+from probeserve.runners.base import RunSummary, group_by_checkpoint, start
 from probeserve.spec import SweepSpec
 from probeserve.sweep import (
     Item,
-    Plan,
-    Sweep,
     configure_torch,
     extract_missing,
     probe_and_commit_group,
     probes_per_call,
-    start_cleanup,
 )
 
 log = logging.getLogger("probeserve")
-
-
-@dataclass
-class RunSummary:
-    """What one run did: items committed ok or failed now, and items already done before."""
-
-    ok: int = 0
-    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (checkpoint, layer, error)
-    skipped_done: int = 0
-    incomplete: list[str] = field(default_factory=list)  # checkpoints without their marker
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def record(self, row: dict, progress: Progress | None = None) -> None:
-        if row["status"] == "ok":
-            self.ok += 1
-        else:
-            self.failed.append((row["checkpoint"], row["layer"], row["error"]))
-        log.debug(
-            "step %d %s: %s",
-            row["step"],
-            row["layer"],
-            f"test_error={row['test_error']:.4f}" if row["status"] == "ok" else f"FAILED {row['error']}",
-        )
-        if progress:
-            progress.update(ok=row["status"] == "ok", what=f"step {row['step']} {row['layer']}")
-
-
-def start(spec: SweepSpec) -> tuple[Sweep, Plan, RunSummary]:
-    """Resolve and plan a sweep, bind the spec to its run name, and report what is skipped."""
-    sweep = Sweep(spec)
-    plan = sweep.plan()  # resolves data, model and layers: a bad spec stops here
-    sweep.record_spec()  # ...so only a spec that works gets bound to the run name
-    start_cleanup(sweep, plan)  # what dead processes left: staging folders, markers, shards
-    summary = RunSummary(skipped_done=plan.counts()["ok"])
-    summary.incomplete = [c.key for c in plan.discovery.incomplete]
-    summary.rejected = list(plan.discovery.rejected)
-    for key in summary.incomplete:
-        log.warning("skipping %s: no completion marker yet", key)
-    for key, why in summary.rejected:
-        log.warning("skipping %s: %s", key, why)
-    return sweep, plan, summary
-
-
-def group_by_checkpoint(items: list[Item]) -> list[list[Item]]:
-    groups: dict[str, list[Item]] = defaultdict(list)
-    for item in items:
-        groups[item.checkpoint.key].append(item)
-    return list(groups.values())
 
 
 def run_local(spec: SweepSpec) -> RunSummary:

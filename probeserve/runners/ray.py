@@ -30,7 +30,7 @@ from typing import Any
 from probeserve.errors import ProbeserveError
 from probeserve.progress import Progress
 from probeserve.results import LOST
-from probeserve.runners.local import RunSummary, group_by_checkpoint, start
+from probeserve.runners.base import RunSummary, group_by_checkpoint, start
 from probeserve.spec import SweepSpec
 from probeserve.sweep import (
     Item,
@@ -124,6 +124,11 @@ def _check_reachable(address: str, timeout: float = 5.0, *, given: str | None = 
         ) from None
 
 
+def check_address(address: str) -> None:
+    """That something listens at `address` ("auto": at what it resolves to); see `connect`."""
+    _check_reachable(_auto_address() if address == "auto" else address, given=address)
+
+
 def _auto_address() -> str:
     """The cluster `--address auto` means: $RAY_ADDRESS, else the one `ray start` recorded.
 
@@ -198,7 +203,7 @@ def connect(address: str | None) -> None:
     if address is not None and not local:
         # "auto" goes to ray.init as it is (Ray then also turns on token authentication when
         # a token is there), but what it resolves to is checked here first
-        _check_reachable(_auto_address() if address == "auto" else address, given=address)
+        check_address(address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if local:
         kwargs["include_dashboard"] = False
@@ -256,9 +261,13 @@ def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
     return res.num_gpus_per_extract, res.num_gpus_per_probe, actors
 
 
-def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | None = None) -> RunSummary:
+def run_ray(spec: SweepSpec, *, address: str | None = None) -> RunSummary:
     """Run every pending item of the sweep on Ray; the results equal `run_local`'s."""
     t0 = time.perf_counter()
+    if address is not None and address != "local":
+        # before the run records its spec: a mistyped address is bad input (exit 2), and a
+        # run name bound to this spec would refuse the corrected spec that follows it
+        check_address(address)
     sweep, plan, summary = start(spec)
     pending = plan.pending()
     if not pending:  # nothing to do: no Ray to start (a local one takes seconds)
@@ -271,14 +280,10 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         )
         summary.seconds = time.perf_counter() - t0
         return summary
-    import ray
-
     connect(address)
     extract_gpus, probe_gpus, n_actors = plan_resources(spec)
-    if max_actors is not None:
-        if max_actors < 1:
-            raise ProbeserveError(f"--max-actors: needs at least 1, got {max_actors}")
-        n_actors = min(n_actors, max_actors)
+    if spec.resources.max_actors is not None:
+        n_actors = min(n_actors, spec.resources.max_actors)
     n_actors = min(n_actors, len(pending))
     log.info(
         "run %s (ray): %d checkpoint(s), %d layer(s), %d item(s) pending, %d already done; "
@@ -292,123 +297,184 @@ def run_ray(spec: SweepSpec, *, address: str | None = None, max_actors: int | No
         probe_gpus,
         extract_gpus,
     )
-    progress = Progress(len(pending))
-    extract_task = ray.remote(_extract).options(
-        num_cpus=1, num_gpus=extract_gpus, max_retries=EXTRACT_RETRIES, retry_exceptions=False
+    scheduler = _Scheduler(
+        sweep,
+        summary,
+        Progress(len(pending)),
+        n_actors=n_actors,
+        extract_gpus=extract_gpus,
+        probe_gpus=probe_gpus,
     )
-    actor_cls = ray.remote(_ProbeActor).options(
-        num_cpus=spec.resources.num_cpus_per_probe,
-        num_gpus=probe_gpus,
-        max_restarts=ACTOR_RESTARTS,
-        max_task_retries=ACTOR_TASK_RETRIES,
-    )
-    # Probe actors hold their CPUs and GPUs for as long as they live. They start with the
-    # first extraction, so that they are ready (torch imported, data loaded) when its items
-    # are; but one left idle for IDLE_RELEASE_S while extractions are outstanding is
-    # released, and started again only when an item is ready for it. Otherwise the actors of
-    # several drivers on one cluster (the watch daemon submits a job per checkpoint) could
-    # fill it while each driver waits for an extraction that no node can take any more.
-    actors: list[Any] = [actor_cls.remote(spec, probe_gpus) for _ in range(n_actors)]  # alive
-    idle: deque[tuple[Any, float]] = deque((a, time.monotonic()) for a in actors)  # (actor, idle since)
-    todo = deque(group_by_checkpoint(pending))
-    extracting: dict[Any, list[Item]] = {}  # ref -> items of one checkpoint
-    ready: deque[Item] = deque()  # extracted, waiting for an actor
-    probing: dict[Any, tuple[Any, list[Item]]] = {}  # ref -> (actor, items of one checkpoint)
-    per_call = probes_per_call(spec, _device(spec, probe_gpus))
-
-    def next_call() -> list[Item]:
-        """The next ready items to train together: of one checkpoint, at most `per_call`, and
-        spread over the actors free to take them rather than piled on the first one."""
-        key = ready[0].checkpoint.key
-        same = 0
-        while same < len(ready) and ready[same].checkpoint.key == key:
-            same += 1
-        free = len(idle) + n_actors - len(actors)
-        size = max(1, min(per_call, -(-same // max(1, free))))
-        return [ready.popleft() for _ in range(min(size, same))]
-
-    open_items: dict[str, int] = {}  # checkpoint -> items not yet finished
-
-    def finish(row: dict[str, Any]) -> None:
-        summary.record(row, progress)
-        key = row["checkpoint"]
-        open_items[key] -= 1
-        if open_items[key] == 0:
-            del open_items[key]
-
-    try:
-        while todo or extracting or ready or probing:
-            while todo and len(open_items) < spec.resources.max_checkpoints_in_flight:
-                items = todo.popleft()
-                open_items[items[0].checkpoint.key] = len(items)
-                extracting[extract_task.remote(spec, items, extract_gpus)] = items
-            while ready and (idle or len(actors) < n_actors):
-                call = next_call()
-                if idle:
-                    actor = idle.popleft()[0]
-                else:
-                    actor = actor_cls.remote(spec, probe_gpus)
-                    actors.append(actor)
-                probing[actor.probe.remote(call)] = (actor, call)
-            while idle and extracting and time.monotonic() - idle[0][1] > IDLE_RELEASE_S:
-                actor = idle.popleft()[0]
-                actors.remove(actor)
-                ray.kill(actor, no_restart=True)
-            done, _ = ray.wait([*extracting, *probing], num_returns=1, timeout=1.0)
-            for ref in done:
-                if ref in extracting:
-                    items = extracting.pop(ref)
-                    try:
-                        failed = ray.get(ref)
-                        committed = {}  # extract_missing committed its failed rows itself
-                    except ray.exceptions.RayError as e:
-                        if isinstance(e, ray.exceptions.RayTaskError):  # raised, not retried
-                            error = f"extraction raised: {describe_error(e)}"
-                        else:
-                            error = f"{LOST}extraction worker lost after {EXTRACT_RETRIES} retries: {describe_error(e)}"
-                        failed = {i.layer: error for i in items}
-                        committed = {
-                            i.layer: commit_unless_done(
-                                sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, error, 0.0)
-                            )
-                            for i in items
-                        }
-                    for item in items:
-                        if item.layer in failed:
-                            finish(
-                                committed.get(item.layer)
-                                or sweep.failed_row(
-                                    item.checkpoint, item.layer, item.layer_index, failed[item.layer], 0.0
-                                )
-                            )
-                        else:
-                            ready.append(item)
-                else:
-                    actor, call = probing.pop(ref)
-                    try:
-                        rows = ray.get(ref)
-                    except ray.exceptions.RayError as e:
-                        if isinstance(e, ray.exceptions.RayTaskError):
-                            why = f"probe raised: {describe_error(e)}"  # the actor itself is fine
-                        else:  # died more often than it may restart: let it go
-                            why = (
-                                f"{LOST}probe actor lost after {ACTOR_RESTARTS} restarts: {describe_error(e)}"
-                            )
-                            ray.kill(actor, no_restart=True)
-                            actors.remove(actor)
-                            actor = None
-                        rows = [
-                            commit_unless_done(
-                                sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, why, 0.0)
-                            )
-                            for i in call
-                        ]
-                    if actor is not None:
-                        idle.append((actor, time.monotonic()))
-                    for row in rows:
-                        finish(row)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+    scheduler.run(group_by_checkpoint(pending))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+class _Scheduler:
+    """The driver's loop of one Ray run: it starts extractions, hands extracted items to probe
+    actors, releases idle actors, and records every row as its task or call comes back.
+
+    An item goes through the queues in order: `todo` (checkpoints not started), `extracting`
+    (an extraction task's ref -> the items of its checkpoint), `ready` (extracted, waiting for
+    an actor), `probing` (a probe call's ref -> (actor, its items)). `open_items` counts each
+    started checkpoint's unfinished items and so bounds the checkpoints in flight. Every
+    failure of a task or an actor, whether it raised or was lost, goes through `_fail`.
+
+    Probe actors hold their CPUs and GPUs for as long as they live. They start with the first
+    extraction, so that they are ready (torch imported, data loaded) when its items are; but
+    one left idle for IDLE_RELEASE_S while extractions are outstanding is released, and
+    started again only when an item is ready for it. Otherwise the actors of several drivers
+    on one cluster (the watch daemon submits a job per checkpoint) could fill it while each
+    driver waits for an extraction that no node can take any more.
+    """
+
+    def __init__(
+        self,
+        sweep: Sweep,
+        summary: RunSummary,
+        progress: Progress,
+        *,
+        n_actors: int,
+        extract_gpus: float,
+        probe_gpus: float,
+    ) -> None:
+        import ray
+
+        self.ray = ray
+        self.sweep, self.spec = sweep, sweep.spec
+        self.summary, self.progress = summary, progress
+        self.n_actors = n_actors
+        self.extract_gpus, self.probe_gpus = extract_gpus, probe_gpus
+        self.per_call = probes_per_call(self.spec, _device(self.spec, probe_gpus))
+        self.extract_task = ray.remote(_extract).options(
+            num_cpus=1, num_gpus=extract_gpus, max_retries=EXTRACT_RETRIES, retry_exceptions=False
+        )
+        self.actor_cls = ray.remote(_ProbeActor).options(
+            num_cpus=self.spec.resources.num_cpus_per_probe,
+            num_gpus=probe_gpus,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_TASK_RETRIES,
+        )
+        self.actors: list[Any] = []  # alive
+        self.idle: deque[tuple[Any, float]] = deque()  # (actor, idle since)
+        self.todo: deque[list[Item]] = deque()
+        self.extracting: dict[Any, list[Item]] = {}
+        self.ready: deque[Item] = deque()
+        self.probing: dict[Any, tuple[Any, list[Item]]] = {}
+        self.open_items: dict[str, int] = {}  # checkpoint -> items not yet finished
+
+    def run(self, checkpoints: list[list[Item]]) -> None:
+        """Run the items of `checkpoints` (one list per checkpoint) until every one has a row."""
+        self.todo.extend(checkpoints)
+        for _ in range(self.n_actors):
+            self._new_actor(idle=True)
+        try:
+            while self.todo or self.extracting or self.ready or self.probing:
+                self._start_extractions()
+                self._start_probes()
+                self._release_idle_actors()
+                done, _ = self.ray.wait([*self.extracting, *self.probing], num_returns=1, timeout=1.0)
+                for ref in done:
+                    if ref in self.extracting:
+                        self._extracted(ref)
+                    else:
+                        self._probed(ref)
+        finally:
+            for actor in self.actors:
+                self.ray.kill(actor, no_restart=True)
+
+    # -- starting work
+
+    def _new_actor(self, *, idle: bool) -> Any:
+        actor = self.actor_cls.remote(self.spec, self.probe_gpus)
+        self.actors.append(actor)
+        if idle:
+            self.idle.append((actor, time.monotonic()))
+        return actor
+
+    def _start_extractions(self) -> None:
+        while self.todo and len(self.open_items) < self.spec.resources.max_checkpoints_in_flight:
+            items = self.todo.popleft()
+            self.open_items[items[0].checkpoint.key] = len(items)
+            self.extracting[self.extract_task.remote(self.spec, items, self.extract_gpus)] = items
+
+    def _start_probes(self) -> None:
+        while self.ready and (self.idle or len(self.actors) < self.n_actors):
+            call = self._next_call()
+            actor = self.idle.popleft()[0] if self.idle else self._new_actor(idle=False)
+            self.probing[actor.probe.remote(call)] = (actor, call)
+
+    def _next_call(self) -> list[Item]:
+        """The next ready items to train together: of one checkpoint, at most `per_call`, and
+        spread over the actors free to take them rather than piled on the first one."""
+        key = self.ready[0].checkpoint.key
+        same = 0
+        while same < len(self.ready) and self.ready[same].checkpoint.key == key:
+            same += 1
+        free = len(self.idle) + self.n_actors - len(self.actors)
+        size = max(1, min(self.per_call, -(-same // max(1, free))))
+        return [self.ready.popleft() for _ in range(min(size, same))]
+
+    def _release_idle_actors(self) -> None:
+        while self.idle and self.extracting and time.monotonic() - self.idle[0][1] > IDLE_RELEASE_S:
+            self._drop_actor(self.idle.popleft()[0])
+
+    def _drop_actor(self, actor: Any) -> None:
+        self.actors.remove(actor)
+        self.ray.kill(actor, no_restart=True)
+
+    # -- what comes back
+
+    def _extracted(self, ref: Any) -> None:
+        items = self.extracting.pop(ref)
+        try:
+            failed = self.ray.get(ref)  # {layer: error}; extract_missing committed their rows itself
+        except self.ray.exceptions.RayError as e:
+            lost = f"extraction worker lost after {EXTRACT_RETRIES} retries"
+            for row in self._fail(items, self._why(e, "extraction", lost)):
+                self._finish(row)
+            return
+        for item in items:
+            if item.layer in failed:
+                error = failed[item.layer]
+                self._finish(self.sweep.failed_row(item.checkpoint, item.layer, item.layer_index, error, 0.0))
+            else:
+                self.ready.append(item)
+
+    def _probed(self, ref: Any) -> None:
+        actor, call = self.probing.pop(ref)
+        try:
+            rows = self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            if not isinstance(e, self.ray.exceptions.RayTaskError):
+                self._drop_actor(actor)  # died more often than it may restart: let it go
+                actor = None
+            rows = self._fail(
+                call, self._why(e, "probe", f"probe actor lost after {ACTOR_RESTARTS} restarts")
+            )
+        if actor is not None:  # a call that raised leaves its actor fine
+            self.idle.append((actor, time.monotonic()))
+        for row in rows:
+            self._finish(row)
+
+    def _why(self, e: Exception, what: str, lost: str) -> str:
+        """A failed row's error: what the task raised, or (past Ray's retries) that its worker
+        was lost, marked `LOST` so that the watch daemon tries the checkpoint again."""
+        if isinstance(e, self.ray.exceptions.RayTaskError):  # raised, not retried
+            return f"{what} raised: {describe_error(e)}"
+        return f"{LOST}{lost}: {describe_error(e)}"
+
+    def _fail(self, items: list[Item], error: str) -> list[dict[str, Any]]:
+        """Commit a failed row for each item (never over an ok one); the rows that stand."""
+        sweep = self.sweep
+        return [
+            commit_unless_done(sweep, sweep.failed_row(i.checkpoint, i.layer, i.layer_index, error, 0.0))
+            for i in items
+        ]
+
+    def _finish(self, row: dict[str, Any]) -> None:
+        self.summary.record(row, self.progress)
+        key = row["checkpoint"]
+        self.open_items[key] -= 1
+        if self.open_items[key] == 0:
+            del self.open_items[key]

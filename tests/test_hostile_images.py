@@ -1,0 +1,212 @@
+"""Image data against hostile and careless inputs (the red-team pass of `data.kind: images`):
+images that cost memory out of all proportion to their bytes, files in a data folder that
+are not images (FIFOs, links to devices, names that are not UTF-8), class folders that are
+links, and labels no probe could have."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from probeserve.errors import DataError
+from probeserve.images.decode import preprocess
+from probeserve.images.index import resolve
+from probeserve.spec import ImagesData
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _folder(root, classes=("blue", "red"), splits=(("train", 6), ("val", 3))) -> str:
+    rng = np.random.default_rng(0)
+    for split, n in splits:
+        for c in classes:
+            os.makedirs(f"{root}/{split}/{c}", exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 255, (12, 14, 3), dtype=np.uint8)
+                Image.fromarray(a).save(f"{root}/{split}/{c}/{i:03d}.png")
+    return str(root)
+
+
+def _spec(uri, **over) -> ImagesData:
+    return ImagesData(
+        **{"kind": "images", "uri": str(uri), "image_size": 8, "val_size": 2, "num_workers": 0, **over}
+    )
+
+
+# --- decoding: memory follows the crop, not the bytes -----------------------------------------
+
+
+def test_a_long_thin_image_is_not_resized_whole():
+    """A 1x100000 PNG is under 1 KB; resized whole to a shorter side of 256 it would be
+    256x25600000 pixels (20 GB). Decoded in a process limited to 1.5 GB of address space, it
+    must come out as an ordinary crop. (Without the fix: MemoryError.)"""
+    code = textwrap.dedent(
+        """
+        import io, resource
+        from PIL import Image
+        from probeserve.images.decode import preprocess
+        data = io.BytesIO(); Image.new("RGB", (1, 100000), (9, 9, 9)).save(data, "PNG")
+        resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
+        for size in ((1, 100000), (100000, 1)):
+            buf = io.BytesIO(); Image.new("RGB", size, (9, 9, 9)).save(buf, "PNG")
+            out = preprocess(buf.getvalue(), image_size=224, resize_size=256)
+            assert out.shape == (224, 224, 3) and (out == 9).all(), out[0, 0]
+        print("ok")
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_long_image_is_cropped_as_if_resized_whole():
+    """The crop of a long image equals resizing it whole and cropping, up to rounding."""
+    rng = np.random.default_rng(1)
+    for size in ((7, 300), (300, 7), (3, 251)):
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        w, h = size
+        new = (16, int(16 * h / w)) if w <= h else (int(16 * w / h), 16)
+        left, top = round((new[0] - 12) / 2.0), round((new[1] - 12) / 2.0)
+        expected = np.asarray(
+            img.resize(new, Image.Resampling.BILINEAR).crop((left, top, left + 12, top + 12))
+        )
+        got = preprocess(_png(img), image_size=12, resize_size=16)
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, size
+
+
+def test_16_bit_grey_is_converted_without_a_float64_copy_of_the_image():
+    """A 16-bit PNG becomes 8 bits a block of rows at a time: numpy's peak is a few bytes a
+    pixel (about 6 here, 3 of them the RGB output), not the 24 of float64 copies (4 GB for a
+    13000x13000 PNG of 360 KB)."""
+    side = 2000
+    values = np.arange(side * side, dtype=np.uint32).reshape(side, side) % 65536
+    data = _png(Image.fromarray(values.astype(np.uint16)))
+    tracemalloc.start()
+    try:
+        out = preprocess(data, image_size=side, resize_size=side)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * side * side, f"{peak / (side * side):.1f} bytes a pixel"
+    expected = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out[..., 0], expected)  # the same values as before
+
+
+# --- the data folder: what is not an image is left out, links to class folders followed ------
+
+
+def test_a_fifo_named_parquet_does_not_block_resolving(tmp_path):
+    """A FIFO named like a data file blocked `plan` forever (pyarrow opened it and waited for
+    a writer). It is left out, with a warning."""
+    root = tmp_path / "pq"
+    root.mkdir()
+    for name, n in (("train-0.parquet", 8), ("validation-0.parquet", 4)):
+        img = _png(Image.new("RGB", (9, 9)))
+        pq.write_table(pa.table({"image": [img] * n, "label": [0, 1] * (n // 2)}), root / name)
+    os.mkfifo(root / "train-1.parquet")
+    code = textwrap.dedent(
+        f"""
+        from probeserve.images.index import resolve
+        from probeserve.spec import ImagesData
+        index = resolve(ImagesData(kind="images", uri={str(root)!r}, val_size=2), s3_endpoint=None)
+        print(sorted(index.files))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['train-0.parquet', 'validation-0.parquet']"
+    assert "train-1.parquet (not a regular file)" in proc.stderr
+
+
+def test_special_files_and_names_that_are_not_utf8_are_left_out(tmp_path, caplog):
+    """A FIFO or a link to a device named .png failed every checkpoint of the run at
+    extraction (the frozen index kept it), and a name that is not UTF-8 gave a traceback."""
+    root = _folder(tmp_path / "d")
+    os.mkfifo(f"{root}/train/red/fifo.png")
+    os.symlink("/dev/zero", f"{root}/train/red/zero.png")
+    os.symlink(f"{root}/nowhere.png", f"{root}/train/red/dangling.png")
+    with open(os.path.join(os.fsencode(root), b"train/red/\xff\xfe.png"), "wb") as f:
+        f.write(_png(Image.new("RGB", (12, 14))))
+    index = resolve(_spec(root), s3_endpoint=None)
+    keys = {str(k) for s in index.splits.values() for k in s.keys}
+    assert len(keys) == 18 and all(k.endswith(tuple(f"{i:03d}.png" for i in range(6))) for k in keys)
+    warned = caplog.text
+    for name in (
+        "fifo.png (not a regular file)",
+        "zero.png (not a regular file)",
+        "dangling.png",
+        "not UTF-8",
+    ):
+        assert name in warned, warned
+
+
+def test_a_class_folder_that_is_a_link_is_followed(tmp_path, caplog):
+    """`val/red -> /elsewhere/red` was not listed: the test split lost a class without a word."""
+    root = _folder(tmp_path / "d")
+    os.rename(f"{root}/val/red", tmp_path / "red")
+    os.symlink(tmp_path / "red", f"{root}/val/red")
+    os.symlink("..", f"{root}/train/blue/cycle")  # a link cycle is walked once, not forever
+    index = resolve(_spec(root), s3_endpoint=None)
+    assert len(index.splits["test"]) == 6
+    assert sorted(set(index.splits["test"].labels.tolist())) == [0, 1]
+    assert "cycle (a link to a folder that holds it)" in caplog.text
+
+
+def test_a_data_uri_that_is_a_device_is_not_called_missing(tmp_path):
+    """`data.uri: /dev/null` said "/dev/null does not exist"."""
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/null", str(tmp_path / "fifo")):
+        with pytest.raises(DataError, match=f"^data.uri: {path} is not a folder; give the folder"):
+            resolve(_spec(path), s3_endpoint=None)
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", [3_000_000_000, 2**40])
+def test_a_label_no_probe_could_have_is_named(tmp_path, label):
+    """An integer label of 3e9 in a Parquet file made num_classes 3e9: the run was killed for
+    memory (a class-count array of 24 GB). It is refused when the data is resolved."""
+    root = tmp_path / "pq"
+    root.mkdir()
+    img = _png(Image.new("RGB", (9, 9)))
+    pq.write_table(pa.table({"image": [img] * 8, "label": [0, 1] * 3 + [1, label]}), root / "train-0.parquet")
+    pq.write_table(pa.table({"image": [img] * 4, "label": [0, 1] * 2}), root / "validation-0.parquet")
+    with pytest.raises(DataError, match=rf"^data.label_column: label {label} in .*train-0.parquet"):
+        resolve(_spec(root), s3_endpoint=None)
+
+
+def test_a_label_no_probe_could_have_is_named_in_parquet_data(tmp_path):
+    """The same for `data.kind: parquet`: every per-class array of the probe would have had
+    3e9 entries. Refused when the data is loaded, naming the label and the split."""
+    from probeserve.data import load_dataset
+    from probeserve.spec import ParquetData
+
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"x": [[0.0, 1.0]] * 20, "label": [0, 1] * 9 + [1, 3_000_000_000]}), path)
+    with pytest.raises(
+        DataError, match=r"label 3000000000 in the \w+ split; labels must be class indices below"
+    ):
+        load_dataset(ParquetData(kind="parquet", uri=path, val_size=2))
