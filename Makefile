@@ -65,6 +65,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python jobs/benchmarks/bench_ray.py
 	$(BIN)/python jobs/benchmarks/bench_scale.py
 	$(BIN)/python jobs/benchmarks/bench_images.py
+	$(BIN)/python jobs/benchmarks/bench_science.py
 	$(BIN)/python jobs/benchmarks/bench_watch_memory.py
 
 clean:

@@ -93,9 +93,13 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
         if output.stat(key) is not None:
             stored = results.read_json(output, key)
             if isinstance(stored, dict) and stored.get("spec_hash") != sweep.spec_hash:
+                from probeserve.spec import old_default_hint
+
+                hint = old_default_hint(spec, stored.get("spec_hash"))
                 errors.append(
                     f"run: run {spec.run!r} in {output.uri} was made with a different spec (hash "
-                    f"{stored.get('spec_hash')} vs {sweep.spec_hash}); choose another run name or output.uri"
+                    f"{stored.get('spec_hash')} vs {sweep.spec_hash}"
+                    + (f": {hint})" if hint else "); choose another run name or output.uri")
                 )
     except ProbeserveError as e:
         errors.append(_under("output.uri", str(e)))
@@ -307,8 +311,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # The plain terminal table shows these; exports (csv, json, parquet) carry every column.
 DEFAULT_SQL = (
-    "SELECT run, step, layer, layer_index, n_features, train_error, val_error, test_error, "
+    "SELECT run, step, layer, layer_index, n_features, l2, train_error, val_error, test_error, "
+    "test_error_low, test_error_high, control_error, selectivity, mdl_bits, mdl_compression, "
     "epochs, hit_max_epochs, status, error FROM results ORDER BY run, step, layer_index"
+)
+# Columns of the default terminal table left out when no row has them (older rows; runs
+# without probe.control or probe.mdl), so the table stays readable.
+OPTIONAL_COLUMNS = (
+    "l2",
+    "test_error_low",
+    "test_error_high",
+    "control_error",
+    "selectivity",
+    "mdl_bits",
+    "mdl_compression",
 )
 EXPORT_SQL = "SELECT * FROM results ORDER BY run, step, layer_index"
 
@@ -499,6 +515,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ProbeserveError(f"--sql: {first}") from None
     finally:
         con.close()
+    if args.sql is None and args.format == "table":
+        out = out.drop_columns([c for c in OPTIONAL_COLUMNS if out.column(c).null_count == out.num_rows])
     data = _encode(out, args.format)
     if where is not None:
         _publish(where, data, s3_endpoint=args.s3_endpoint)
@@ -807,18 +825,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plot",
-        help="plot the results: error by layer, heatmap, by step, or an animation",
-        description="Draw one figure of a run's results: error by layer (a line per step), a "
-        "heatmap of steps by layers, error by step (a line per layer), or an animation of the "
-        "error by layer over the steps. See docs/results.md.",
+        help="plot the results: error by layer, heatmap, by step, an animation, or per class",
+        description="Draw one figure of a run's results: error by layer (a line per step, its 95% "
+        "interval shaded), a heatmap of steps by layers, error by step (a line per layer), an "
+        "animation of the error by layer over the steps, or the test error of each class by layer "
+        "at one step. See docs/results.md.",
     )
     pl.add_argument("results", help="the spec's output.uri (or its results/ folder)")
     pl.add_argument(
         "--kind",
-        choices=["layers", "heatmap", "steps", "animation"],
+        choices=["layers", "heatmap", "steps", "animation", "classes"],
         default="layers",
         help="layers: error by layer, a line per step; heatmap: step x layer; steps: error by step, "
-        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg) "
+        "a line per layer; animation: the layers plot, a frame per step (.gif, or .mp4 with ffmpeg); "
+        "classes: class x layer, the test error of each class at one step (default: the last) "
         "(default: %(default)s)",
     )
     pl.add_argument(

@@ -109,6 +109,7 @@ class ProbeDataset:
         self.source = source
         self.scale = float(scale)
         self.class_names = tuple(class_names) if class_names is not None else None
+        self.source_rows: dict[str, np.ndarray] | None = None  # parquet: each example's table row
         self._inputs: dict[str, np.ndarray] = {}
         self._labels: dict[str, np.ndarray] = {}
         shapes = set()
@@ -577,4 +578,33 @@ def _load_parquet(spec: ParquetData, *, s3_endpoint: str | None) -> ProbeDataset
             "train": order[spec.val_size + test_n :][:train_n],
         }
     splits = {s: (inputs[index[s]], labels[index[s]]) for s in SPLITS}
-    return ProbeDataset(splits, source=f"parquet:{redact(spec.uri)}", class_names=class_names)
+    ds = ProbeDataset(splits, source=f"parquet:{redact(spec.uri)}", class_names=class_names)
+    ds.source_rows = {s: np.asarray(index[s]) for s in SPLITS}  # for `parquet_column`
+    return ds
+
+
+def parquet_column(spec: ParquetData, name: str, ds: ProbeDataset, *, field: str, s3_endpoint: str | None):
+    """The values of column `name` for each split's examples, in the order `ds` yields them
+    (`ds` is `load_dataset(spec)`); `field` is the spec field that names the column."""
+    table = _read_parquet_table(spec.uri, s3_endpoint=s3_endpoint)
+    if name not in table.column_names:
+        raise DataError(f"{field}: no column {name!r}; available columns: {', '.join(table.column_names)}")
+    import pyarrow as pa
+
+    column = table.column(name).combine_chunks()
+    if column.null_count:
+        raise DataError(f"{field}: column {name!r} has {column.null_count} null value(s)")
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    t = column.type
+    if not (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_boolean(t)
+    ):
+        raise DataError(f"{field}: column {name!r} has type {t}; name a column of text or integers")
+    values = np.asarray(column.to_pylist(), dtype=object)
+    rows = ds.source_rows
+    assert rows is not None, "not a dataset of parquet data"
+    return {s: values[rows[s]] for s in SPLITS}

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from probeserve import results
 from probeserve.errors import ProbeserveError
 from probeserve.results import METRICS
 
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-KINDS = ("layers", "heatmap", "steps", "animation")
+KINDS = ("layers", "heatmap", "steps", "animation", "classes")
+# Error metrics with a 95% interval: the row's own columns, or Wilson's from the split's count.
+INTERVALS = {"train_error": "n_train", "val_error": "n_val", "test_error": "n_test"}
+INTERVAL_ALPHA = 0.15  # the shaded interval behind each line of the layers plot
 MAX_DEFAULT_STEPS = 6  # the `layers` plot: more lines than this stop being readable
 MAX_LEGEND_LAYERS = 12  # the `steps` plot names its lines in a legend up to this; a colour bar past it
 MAX_MARKER_POINTS = 40  # past this many points a line is drawn without markers
@@ -107,6 +111,10 @@ class Grid:
     # on either side of a rounding boundary, 0.9025 printing as 0.902 in one plot and 0.903 in
     # another.)
     chance: float | None = None
+    # The 95% Wilson interval of each value, for the error metrics that have a count of examples
+    # (`INTERVALS`); NaN where a row has neither the interval nor its count; None for other metrics.
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
     @property
     def num_failed(self) -> int:
@@ -207,6 +215,9 @@ def grid(
     row_of = {c: i for i, c in enumerate(ckpts)}
     values = np.full((len(ckpts), len(chosen)), np.nan)
     failed = np.zeros((len(ckpts), len(chosen)), dtype=bool)
+    with_interval = metric in INTERVALS
+    low = np.full(values.shape, np.nan) if with_interval else None
+    high = np.full(values.shape, np.nan) if with_interval else None
     errors: dict[tuple[int, str], str] = {}
     chances = [r["chance_error"] for r in rows if r["status"] == "ok" and r["chance_error"] is not None]
     for r in rows:
@@ -216,6 +227,8 @@ def grid(
         if r["status"] == "ok":
             v = r[metric]
             values[i, j] = np.nan if v is None else v
+            if low is not None and high is not None and v is not None:
+                low[i, j], high[i, j] = _interval(r, metric)
         else:
             failed[i, j] = True
             errors[(i, r["layer"])] = r["error"] or "(no error text)"
@@ -229,7 +242,21 @@ def grid(
         failed=failed,
         errors=errors,
         chance=float(np.median(chances)) if chances else None,
+        low=low,
+        high=high,
     )
+
+
+def _interval(row: dict[str, Any], metric: str) -> tuple[float, float]:
+    """A row's 95% interval of `metric`: its columns, or (rows written before they existed)
+    Wilson's from the error and its split's count; NaN when neither is there."""
+    lo, hi = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    if lo is not None and hi is not None:
+        return float(lo), float(hi)
+    n = row.get(INTERVALS[metric])
+    if not n:
+        return math.nan, math.nan
+    return results.wilson_interval(float(row[metric]), n)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -419,8 +446,46 @@ def _layers_width(num_layers: int) -> float:
     return min(20.0, max(7.0, 0.3 * num_layers + 3))
 
 
+def _draw_interval(ax: Axes, x: np.ndarray, low: np.ndarray, high: np.ndarray, color: Any, gid: str) -> int:
+    """A shaded band from `low` to `high` behind a line, one polygon per stretch of layers
+    that have an interval (a failed or pending layer leaves a gap, as in the line). Polygons
+    (patches), not `fill_between` (a collection beside the failed marks). Returns how many."""
+    ok = np.isfinite(low) & np.isfinite(high)
+    drawn = 0
+    start = None
+    for j in range(len(x) + 1):
+        if j < len(x) and ok[j]:
+            start = j if start is None else start
+            continue
+        if start is not None:
+            xs = np.concatenate([x[start:j], x[start:j][::-1]])
+            ys = np.concatenate([high[start:j], low[start:j][::-1]])
+            if j - start == 1:  # one layer alone: a narrow bar rather than a zero-width polygon
+                xs = np.array([x[start] - 0.08, x[start] + 0.08, x[start] + 0.08, x[start] - 0.08])
+                ys = np.array([high[start], high[start], low[start], low[start]])
+            ax.fill(xs, ys, color=color, alpha=INTERVAL_ALPHA, linewidth=0, gid=gid)
+            drawn += 1
+            start = None
+    return drawn
+
+
+def interval_limits(g: Grid, rows: Sequence[int], lo: float, hi: float) -> tuple[float, float]:
+    """The layers plot's y range widened to hold the drawn rows' intervals (within [0, 1]),
+    so that a band is never cut off by the axes."""
+    if g.low is None or g.high is None or not rows:
+        return lo, hi
+    low, high = g.low[list(rows)], g.high[list(rows)]
+    if np.isfinite(low).any():
+        lo = min(lo, max(0.0, float(np.nanmin(low)) - 0.02 * (hi - lo)))
+    if np.isfinite(high).any():
+        hi = max(hi, min(1.0, float(np.nanmax(high)) + 0.02 * (hi - lo)))
+    return lo, hi
+
+
 def layers_figure(g: Grid, *, rows: Sequence[int] | None = None) -> Figure:
-    """Error versus layer, one line per chosen checkpoint (the paper's Figures 3, 5, 7, 8)."""
+    """Error versus layer, one line per chosen checkpoint (the paper's Figures 3, 5, 7, 8),
+    each with its 95% interval shaded behind it where the rows have one (`Grid.low`/`high`):
+    two layers whose bands do not overlap differ beyond the test split's sampling noise."""
     with _plain_text():
         rows = spread(len(g.steps), MAX_DEFAULT_STEPS) if rows is None else list(rows)
         width = _layers_width(len(g.layers))
@@ -431,11 +496,17 @@ def layers_figure(g: Grid, *, rows: Sequence[int] | None = None) -> Figure:
         x = np.arange(len(g.layers))
         entries: Entries = []
         marker = "o" if len(g.layers) <= MAX_MARKER_POINTS else None
+        bands = 0
         for n, i in enumerate(rows):
             color = cmap(n / max(1, len(rows) - 1) * 0.9)
             (line,) = ax.plot(x, g.values[i], marker=marker, markersize=4, color=color, gid=f"step-{i}")
             _entry(entries, line, labels[i])
-        lo, hi = value_limits(g)
+            if g.low is not None and g.high is not None:
+                bands += _draw_interval(ax, x, g.low[i], g.high[i], color, f"interval-{i}")
+        if bands:
+            proxy = ax.fill([], [], color="0.5", alpha=2 * INTERVAL_ALPHA, linewidth=0, gid="interval")[0]
+            _entry(entries, proxy, "95% interval (Wilson)")
+        lo, hi = interval_limits(g, rows, *value_limits(g))
         _draw_chance(ax, g, lo, hi, entries)
         failed_x = [j for i in rows for j in np.flatnonzero(g.failed[i])]
         _draw_failed(ax, failed_x, f"failed ({len(failed_x)})", entries)
@@ -599,6 +670,138 @@ def steps_figure(g: Grid, *, cols: Sequence[int] | None = None) -> Figure:
 # ---- writing files ----
 
 
+@dataclass
+class ClassGrid:
+    """The test error of each class at each layer, at one step of one run: what the classes
+    plot draws (it shows which classes become linearly separable first, which the average
+    error hides). `values` is NaN where a class has no test example, and in the columns of
+    failed layers (`failed`) and of rows written before per-class errors were kept."""
+
+    run: str
+    step: int
+    layers: list[str]  # forward order
+    classes: list[str]  # the data's class names, else the labels
+    values: np.ndarray  # (len(classes), len(layers)) float
+    failed: np.ndarray  # (len(layers),) bool
+    counts: list[int]  # test examples of each class
+
+
+def class_grid(
+    table: pa.Table,
+    *,
+    run: str | None = None,
+    step: int | None = None,
+    layers: Sequence[str] | None = None,
+) -> ClassGrid:
+    """Per-class test errors by layer at `step` (default: the last step whose rows have them)."""
+    run, rows_table = select_run(table, run)
+    rows = rows_table.to_pylist()
+    with_classes = sorted({r["step"] for r in rows if r["status"] == "ok" and r.get("test_class_errors")})
+    if not with_classes:
+        raise ProbeserveError(
+            f"no row of run {run!r} has per-class test errors (test_class_errors): its rows were written "
+            "before probeserve recorded them; a new run of the spec records them"
+        )
+    if step is None:
+        step = with_classes[-1]
+    elif step not in with_classes:
+        why = (
+            f"no per-class test errors at step {step} in run {run!r}; steps that have them: "
+            f"{', '.join(map(str, with_classes))}"
+        )
+        raise ChoiceError(f"steps=[{step}]: {why}", f"--steps: {why}")
+    at_step = [r for r in rows if r["step"] == step]
+    index_of: dict[str, int] = {}
+    for r in at_step:
+        index_of.setdefault(r["layer"], r["layer_index"])
+    chosen = sorted(index_of, key=lambda name: (index_of[name], name))
+    if layers is not None:
+        unknown = [name for name in layers if name not in index_of]
+        if unknown:
+            why = (
+                f"no results for layer(s) {', '.join(unknown)} at step {step} in run {run!r}; "
+                f"layers with results: {', '.join(chosen)}"
+            )
+            raise ChoiceError(f"layers={list(layers)!r}: {why}", f"--layers: {why}")
+        chosen = [name for name in chosen if name in set(layers)]
+    ok = [r for r in at_step if r["status"] == "ok"]
+    num_classes = max((r["num_classes"] or 0 for r in ok), default=0)
+    names = next((list(r["class_names"]) for r in ok if r.get("class_names")), None)
+    counts = next((list(r["test_class_counts"]) for r in ok if r.get("test_class_counts")), [])
+    values = np.full((num_classes, len(chosen)), np.nan)
+    failed = np.zeros(len(chosen), dtype=bool)
+    col = {name: j for j, name in enumerate(chosen)}
+    for r in at_step:
+        j = col.get(r["layer"])
+        if j is None:
+            continue
+        if r["status"] != "ok":
+            failed[j] = True
+        elif r.get("test_class_errors"):
+            errors = r["test_class_errors"]
+            values[: len(errors), j] = [np.nan if e is None else e for e in errors]
+    return ClassGrid(
+        run=run,
+        step=step,
+        layers=chosen,
+        classes=names if names is not None else [str(i) for i in range(num_classes)],
+        values=values,
+        failed=failed,
+        counts=counts,
+    )
+
+
+def classes_figure(cg: ClassGrid) -> Figure:
+    """Classes (rows, in label order) by layer (columns, forward order); colour is the class's
+    test error. Failed layers are grey columns with a red x at the top."""
+    with _plain_text():
+        plt = _pyplot()
+        width = min(20.0, max(6.0, 0.45 * len(cg.layers) + 3.5))
+        height = min(20.0, max(4.0, 0.25 * len(cg.classes) + 2))
+        axes_w, axes_h = max(1.0, width - 3.5), max(1.0, height - 1.8)
+        fig = _figure(width, height)
+        ax = fig.add_subplot()
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+        finite = cg.values[np.isfinite(cg.values)]
+        hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = ax.imshow(
+            np.ma.masked_invalid(cg.values),
+            aspect="auto",
+            cmap=cmap,
+            vmin=0.0,
+            vmax=hi,
+            interpolation="nearest",
+        )
+        fig.colorbar(image, ax=ax, label="test error of the class", fraction=min(0.15, 1.0 / width))
+        cell_w, cell_h = axes_w / max(1, len(cg.layers)), axes_h / max(1, len(cg.classes))
+        if cell_w >= 0.42 and cell_h >= 0.17:  # as the heatmap: "0.123" at 7 pt fits in the cell
+            for (i, j), v in np.ndenumerate(cg.values):
+                if np.isfinite(v):
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.3f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="k" if v > hi / 2 else "w",
+                    )
+        failed = np.flatnonzero(cg.failed)
+        if len(failed):
+            marks = ax.scatter(
+                failed, [-0.5] * len(failed), marker="x", s=80, color=FAILED_COLOR, clip_on=False
+            )
+            fig.legend([marks], [f"failed ({len(failed)})"], fontsize="small", loc="outside lower left")
+        _layer_axis(ax, cg.layers, axes_w)
+        ticks = thin(len(cg.classes), int(axes_h / 0.16))
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([plain(abbreviate(cg.classes[i], 24)) for i in ticks], fontsize=TICK_FONT)
+        ax.set_ylim(len(cg.classes) - 0.5, -0.5)
+        ax.set_ylabel("class")
+        ax.set_title(plain(f"test error per class by layer, step {cg.step} (run {abbreviate(cg.run, 40)})"))
+    return fig
+
+
 def _is_remote(out: str) -> bool:
     scheme = urlsplit(out).scheme
     return len(scheme) > 1 and scheme != "file"
@@ -695,6 +898,27 @@ def plot_steps(
     """Error versus step, one line per layer (default: all of them)."""
     g = grid(table, run=run, metric=metric, steps=steps, layers=layers)
     return _save(steps_figure(g), out, s3_endpoint)
+
+
+def plot_classes(
+    table: pa.Table,
+    out: str,
+    *,
+    run: str | None = None,
+    metric: str = "test_error",
+    steps: Sequence[int] | None = None,
+    layers: Sequence[str] | None = None,
+    s3_endpoint: str | None = None,
+) -> str:
+    """Test error per class by layer at one step (default: the last with per-class errors)."""
+    if metric != "test_error":
+        why = "the classes plot draws test_error, the only metric rows keep per class"
+        raise ChoiceError(f"metric={metric!r}: {why}", f"--metric {metric}: {why}")
+    if steps is not None and len(steps) != 1:
+        why = f"the classes plot draws one step; choose one of {', '.join(map(str, steps))}"
+        raise ChoiceError(f"steps={list(steps)!r}: {why}", f"--steps: {why}")
+    cg = class_grid(table, run=run, step=steps[0] if steps else None, layers=layers)
+    return _save(classes_figure(cg), out, s3_endpoint)
 
 
 def animate(
@@ -803,7 +1027,13 @@ def frames_figure(g: Grid) -> tuple[Figure, Callable[[int], None]]:
 
 def plot(kind: str, table: pa.Table, out: str, **kwargs: Any) -> str:
     """Dispatch on `kind` (one of KINDS)."""
-    funcs = {"layers": plot_layers, "heatmap": plot_heatmap, "steps": plot_steps, "animation": animate}
+    funcs = {
+        "layers": plot_layers,
+        "heatmap": plot_heatmap,
+        "steps": plot_steps,
+        "animation": animate,
+        "classes": plot_classes,
+    }
     if kind not in funcs:
         raise ChoiceError(
             f"kind={kind!r}: unknown plot kind; choose one of {', '.join(KINDS)}",

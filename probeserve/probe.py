@@ -80,16 +80,18 @@ grouping.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import queue
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,6 +120,9 @@ _BLOCK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 # transient [C, D] pieces of a gradient's assembly.
 _LBFGS_VECTORS = 2 * _HISTORY + 10
 _ADAM_VECTORS = 10  # float32: parameters, two moments, gradient, and the float64 copies
+# The test pass of an answer's probes counts every [true, predicted] pair on the device while
+# that matrix takes at most this (2,896 classes); above it, only per-class counts.
+_CONFUSION_MAX_BYTES = 64 << 20
 
 
 def _fmt_bytes(n: float) -> str:
@@ -147,13 +152,21 @@ def in_memory(x: np.ndarray, y: np.ndarray, *, batch_size: int = 8192) -> ChunkS
 @dataclass
 class ProbeData:
     """One probe's data: its splits and class count. `n_features`, when known (a shard
-    manifest has it), lets a group reserve every probe's fixed memory before reading data."""
+    manifest has it), lets a group reserve every probe's fixed memory before reading data.
+
+    `key` names the examples (the same examples in the same order, whatever the layer or
+    checkpoint: a sweep gives its data spec's identity). With `ProbeSpec.control` and
+    `ProbeSpec.mdl` it seeds the control labels and the MDL transmission order, so these are
+    the same wherever the data set is probed. `control` gives the control labels instead, per
+    split in row order (control labels per value of a column, made by the caller)."""
 
     train: ChunkSource
     val: ChunkSource | None
     test: ChunkSource | None
     num_classes: int
     n_features: int | None = None
+    key: str = ""
+    control: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -186,6 +199,15 @@ class ProbeResult:
     train_resident: bool = True  # the train split was held in memory (else streamed every pass)
     peak_bytes: int = 0  # the most the call held at once by its own accounting (<= memory_bytes)
     compute_dtype: str = "float32"
+    # Test errors by class, for the probe an answer keeps (`Answer.chosen`, `Answer.control`):
+    # examples of each true class and how many of them were misclassified, and the whole
+    # [true, predicted] count matrix while it is at most `_CONFUSION_MAX_BYTES` on the device.
+    test_class_counts: np.ndarray | None = None
+    test_class_wrong: np.ndarray | None = None
+    test_confusion: np.ndarray | None = None
+    errors_train: int = 0  # misclassified counts behind the error fractions (for intervals)
+    errors_val: int = 0
+    errors_test: int = 0
 
 
 def resolve_device(requested: str) -> str:
@@ -495,12 +517,25 @@ class _Data:
     """One data set on the device: its splits, standardisation and pass buffers."""
 
     def __init__(
-        self, probe_data: ProbeData, *, heads: int, spec: ProbeSpec, device: str, ledger: _Ledger
+        self,
+        probe_data: ProbeData,
+        *,
+        heads: int,
+        spec: ProbeSpec,
+        device: str,
+        ledger: _Ledger,
+        sorted_rows: bool = False,
     ) -> None:
         self.spec, self.device, self.ledger = spec, device, ledger
+        self.given = probe_data
         self.num_classes = probe_data.num_classes
         self.n_features: int | None = None
-        self.heads = heads
+        self.heads = heads  # the most heads trained at once (the memory reserved is for these)
+        self.sorted_rows = sorted_rows  # heads with windows (MDL): blocks are sorted by rank
+        self.control_y: dict[str, torch.Tensor] = {}  # control labels per split, by row
+        self.ranks: torch.Tensor | None = None  # MDL: each train row's place in the transmission order
+        self.sorted_cache: dict[tuple[int, int], tuple[torch.Tensor, list[int]]] = {}
+        self.windows: tuple[tuple[int, int], ...] = ()  # the windows sorted_cache's bounds are for
         self.error: Exception | None = None
         self.bf16 = spec.compute_dtype == "bfloat16"
         self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
@@ -532,12 +567,16 @@ class _Data:
         # temporaries of one block: [rows, K*C] float32 logits and softmax (+ its bf16 rounding),
         # per-row statistics, and a float32 copy of a bf16 block where the products need one
         per_row = k * c * (8 + (4 if self.bf16 else 0)) + k * 8 * 8 + (d * 4 if self.bf16 else 0)
+        if self.sorted_rows:  # a block's rows gathered in rank order, with their labels and order
+            per_row += d * (2 if self.bf16 else 4) + 4 * 8
         cap = min(_BLOCK_BYTES["cuda" if self.cuda else "cpu"], self.ledger.budget // 4)
         rows = max(1, cap // per_row)
         # chunks in flight while reading: the queue, the one being read and the one being
         # computed, each as read (float32) and centred in the compute dtype
         chunk = chunk_rows * (d * (4 + (2 if self.bf16 else 4)) + 16)
-        return fixed, buffers + rows * per_row + (_PREFETCH + 2) * chunk, rows
+        # the test pass of the answer's probes counts [true, predicted] pairs, or per class
+        confusion = c * c * 8 if c * c * 8 <= _CONFUSION_MAX_BYTES else 2 * c * 8
+        return fixed + confusion, buffers + rows * per_row + (_PREFETCH + 2) * chunk, rows
 
     def set_features(self, n_features: int, chunk_rows: int | None = None) -> None:
         """Reserve this data set's memory once its feature count is known (from a manifest
@@ -557,6 +596,35 @@ class _Data:
         )
         self.ledger.shared = max(self.ledger.shared, shared)
         self.reserved, self.n_features = fixed, n_features
+
+    def prepare(self, *, control: bool, mdl: bool, control_seed: int) -> None:
+        """After the scan: the control labels (given, or drawn from `key`) and the MDL ranks,
+        on the device and within the budget. They are fixed by the data set alone."""
+        splits = [s for s in (self.train, self.val, self.test) if s is not None]
+        need = 0
+        if control:
+            need += 8 * sum(s.n for s in splits)
+        if mdl:
+            need += 2 * 8 * self.train.n  # the ranks, and each block's order by rank (cached)
+        if not need:
+            return
+        self.ledger.reserve(need, "control labels and MDL order of this data set")
+        self.reserved += need
+        assert self.counts is not None
+        if control:
+            given = self.given.control
+            if given is None:
+                sizes = {s.name: s.n for s in splits}
+                given = control_labels(self.given.key, control_seed, sizes, self.counts.tolist())
+            for s in splits:
+                labels = np.asarray(given.get(s.name) if s.name in given else [], dtype=np.int64)
+                if labels.shape != (s.n,):
+                    raise DataError(f"{s.name} split: {labels.size} control labels for {s.n} rows")
+                if s.n and (labels.min() < 0 or labels.max() >= self.num_classes):
+                    raise DataError(f"{s.name} split: control labels outside [0, {self.num_classes})")
+                self.control_y[s.name] = torch.from_numpy(labels).to(self.device)
+        if mdl:
+            self.ranks = torch.from_numpy(mdl_ranks(self.given.key, self.train.n)).to(self.device)
 
     def fail(self, error: Exception) -> None:
         # the error is kept (and returned) while the other probes train: its frames must not
@@ -784,10 +852,25 @@ class _Eval:
     n: int
     grad_w: torch.Tensor | None = None  # of the mean cross-entropy, float32 [C, D]
     grad_b: torch.Tensor | None = None  # float32 [C]
+    confusion: torch.Tensor | None = None  # [C, C] counts of [true, predicted] (asked for one head)
+    class_counts: torch.Tensor | None = None  # [C] examples of each true class (with `confusion`)
+    class_wrong: torch.Tensor | None = None  # [C] of them misclassified
 
     @property
     def error(self) -> float:
-        return self.errors / self.n
+        return self.errors / self.n if self.n else math.nan
+
+
+@dataclass(frozen=True)
+class _View:
+    """What one head of a pass sees: the task's labels or the control labels and, on the
+    train split only, which rows: those whose MDL rank r has lo <= r < hi (`window`)."""
+
+    control: bool = False
+    window: tuple[int, int] | None = None
+
+
+_TASK = _View()
 
 
 def _unpack(params: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -795,16 +878,139 @@ def _unpack(params: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch
     return params[:n_weights].view(num_classes, -1), params[n_weights:]
 
 
-def _pass(data: _Data, split: _Split, params: Sequence[torch.Tensor], *, with_grad: bool) -> list[_Eval]:
-    """One pass over `split` for the probes with float64 `params` (W in the standardised space,
-    then b), stacked as one [K*C, D] weight: losses, error counts and, optionally, gradients.
+class _Sums:
+    """A pass's running sums on the device (no synchronisation per block)."""
 
-    Per block: one product for the logits of every probe, one fused softmax over that
-    [rows, K*C] block, and one product for the gradient of every probe; sums stay on the
-    device, so a GPU is not synchronised per block."""
+    def __init__(self, data: _Data, k: int, *, with_grad: bool, counting: int | None) -> None:
+        c, d, dev = data.num_classes, data.n_features, data.device
+        assert d is not None
+        self.loss = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.errors = torch.zeros(k, dtype=torch.int64, device=dev)
+        self.grad_v = torch.zeros((k * c, d), dtype=torch.float32, device=dev) if with_grad else None
+        self.grad_c = torch.zeros(k * c, dtype=torch.float32, device=dev) if with_grad else None
+        self.counting = counting  # the head whose test errors are counted by class
+        self.full = c * c * 8 <= _CONFUSION_MAX_BYTES
+        self.confusion = None
+        self.class_counts = self.class_wrong = None
+        if counting is not None:
+            if self.full:
+                self.confusion = torch.zeros(c * c, dtype=torch.int64, device=dev)
+            else:
+                self.class_counts = torch.zeros(c, dtype=torch.int64, device=dev)
+                self.class_wrong = torch.zeros(c, dtype=torch.int64, device=dev)
+
+
+def _heads_block(
+    data: _Data,
+    sums: _Sums,
+    first: int,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    c32: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """Heads `first`.. of a stacked weight `v` ([m*C, D], offsets `c32`) on the rows `x`,
+    whose true classes are `labels` ([rows], or [rows, m] when the heads' labels differ):
+    their losses and errors, and gradients when the sums keep them. With `mask` ([rows, m],
+    1 or 0), a head counts only its rows.
+
+    One product for the logits of every head, one fused softmax over that [rows, m*C] block,
+    and one product for the gradient of every head."""
+    products = data.products
+    c = data.num_classes
+    rows = len(x)
+    m = len(c32) // c
+    grouped = products.logits(c32, x, v).view(rows, m, c)
+    truth = labels.view(rows, 1, 1).expand(rows, m, 1) if labels.ndim == 1 else labels.unsqueeze(2)
+    against = labels[:, None] if labels.ndim == 1 else labels
+    picked = grouped.gather(2, truth).squeeze(2)  # [rows, m] logit of the true class
+    top, predicted = grouped.max(dim=2)
+    wrong = predicted != against
+    if mask is not None:
+        wrong &= mask.bool()
+    sums.errors[first : first + m] += wrong.sum(dim=0)
+    h = sums.counting
+    if h is not None and first <= h < first + m:
+        true_h = against[:, 0] if against.shape[1] == 1 else against[:, h - first]
+        if sums.confusion is not None:
+            sums.confusion += torch.bincount(true_h * c + predicted[:, h - first], minlength=c * c)
+        else:
+            assert sums.class_counts is not None and sums.class_wrong is not None
+            sums.class_counts += torch.bincount(true_h, minlength=c)
+            sums.class_wrong += torch.bincount(true_h[wrong[:, h - first]], minlength=c)
+    if sums.grad_v is None or sums.grad_c is None:
+        terms = torch.logsumexp(grouped, dim=2) - picked
+        sums.loss[first : first + m] += (terms if mask is None else terms * mask).sum(
+            dim=0, dtype=torch.float64
+        )
+        return
+    # One fused softmax instead of separate subtract, exp, sum and divide passes over the
+    # [rows, m*C] block; its largest entry is 1 / sum(exp(logits - top)), so
+    # logsumexp = top - log(p_top) without another pass (and p_top >= 1/C never underflows).
+    probs = torch.softmax(grouped, dim=2)
+    del grouped
+    p_top = probs.gather(2, predicted.unsqueeze(2)).squeeze(2)
+    terms = top - p_top.log() - picked
+    sums.loss[first : first + m] += (terms if mask is None else terms * mask).sum(dim=0, dtype=torch.float64)
+    minus_one = torch.full((1, 1, 1), -1.0, device=x.device)
+    probs.scatter_add_(2, truth, minus_one.expand(rows, m, 1))  # minus one-hot: the residual
+    if mask is not None:
+        probs.mul_(mask.unsqueeze(2))
+    residual = probs.view(rows, m * c)
+    products.accumulate_gradient(sums.grad_v[first * c : (first + m) * c], residual, x)
+    sums.grad_c[first * c : (first + m) * c] += residual.sum(dim=0)
+
+
+def _sorted_block(
+    data: _Data, offset: int, rows: int, windows: Sequence[tuple[int, int]]
+) -> tuple[torch.Tensor, list[int]]:
+    """The train rows `offset`..`offset + rows` in MDL rank order, and for each window the
+    range of that order it covers (lo, hi pairs, flat). Cached: blocks repeat every pass."""
+    key = (offset, rows)
+    if data.windows != tuple(windows):
+        data.sorted_cache.clear()
+        data.windows = tuple(windows)
+    if key not in data.sorted_cache:
+        assert data.ranks is not None
+        ranks = data.ranks[offset : offset + rows]
+        order = torch.argsort(ranks)
+        edges = torch.tensor([e for w in windows for e in w], dtype=ranks.dtype, device=ranks.device)
+        bounds = torch.searchsorted(ranks[order], edges).tolist()
+        data.sorted_cache[key] = (order, bounds)
+    return data.sorted_cache[key]
+
+
+def _pass(
+    data: _Data,
+    split: _Split,
+    params: Sequence[torch.Tensor],
+    *,
+    with_grad: bool,
+    views: Sequence[_View] | None = None,
+    counting: int | None = None,
+) -> list[_Eval]:
+    """One pass over `split` for the probes with float64 `params` (W in the standardised space,
+    then b), stacked as one [K*C, D] weight: losses, error counts and, optionally, gradients;
+    for head `counting`, its errors by true class.
+
+    `views` say what each head sees (default: every row with the task's labels). Heads with
+    a window (MDL prefixes, train split only) come after the others: each block's rows are
+    put in rank order once, and every stretch of that order is one product for exactly the
+    heads whose windows cover it, so a head computes on its own rows only, and rows that
+    several heads share are read once for all of them. Sums stay on the device, so a GPU is
+    not synchronised per block."""
     assert data.scale64 is not None and data.delta64 is not None and data.n_features is not None
     c, k, dev = data.num_classes, len(params), data.device
     kc = k * c
+    views = list(views) if views is not None else [_TASK] * k
+    assert len(views) == k
+    is_train = split is data.train
+    windows = [v.window for v in views if v.window is not None] if is_train else []
+    plain = k - len(windows)  # heads on every row
+    # heads with windows come last, and learn the task's labels
+    assert not windows or all(v.window is None for v in views[:plain])
+    assert not windows or not any(v.control for v in views[plain:])
     # Fold the standardisation into the weights: W z + b = (W s) x_c + (b - (W s) delta),
     # with x_c the held (centred) features and delta = m - shift0.
     scale32, delta32 = data.scale64.float(), data.delta64.float()
@@ -818,50 +1024,118 @@ def _pass(data: _Data, split: _Split, params: Sequence[torch.Tensor], *, with_gr
     c32.sub_(v32 @ delta32)
     products = data.products
     v = products.weights(v32)
-    loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
-    errors = torch.zeros(k, dtype=torch.int64, device=dev)
-    grad_v = torch.zeros((kc, data.n_features), dtype=torch.float32, device=dev) if with_grad else None
-    grad_c = torch.zeros(kc, dtype=torch.float32, device=dev) if with_grad else None
-    minus_one = torch.full((1, 1, 1), -1.0, device=dev)
+    sums = _Sums(data, k, with_grad=with_grad, counting=counting)
+    mixed = any(view.control for view in views[:plain])
+    control_y = data.control_y.get(split.name) if mixed else None
+    offset = 0
     with closing(split.blocks()) as blocks:
         for x, y in blocks:
             rows = len(y)
             xin = products.features(x)
-            grouped = products.logits(c32, xin, v).view(rows, k, c)
-            truth = y.view(rows, 1, 1).expand(rows, k, 1)
-            picked = grouped.gather(2, truth).squeeze(2)  # [rows, K] logit of the true class
-            if grad_v is None or grad_c is None:
-                top, predicted = grouped.max(dim=2)
-                errors += (predicted != y[:, None]).sum(dim=0)
-                loss_sum += (torch.logsumexp(grouped, dim=2) - picked).sum(dim=0, dtype=torch.float64)
-                continue
-            top, predicted = grouped.max(dim=2)
-            errors += (predicted != y[:, None]).sum(dim=0)
-            # One fused softmax instead of separate subtract, exp, sum and divide passes over the
-            # [rows, K*C] block; its largest entry is 1 / sum(exp(logits - top)), so
-            # logsumexp = top - log(p_top) without another pass (and p_top >= 1/C never underflows).
-            probs = torch.softmax(grouped, dim=2)
-            del grouped
-            p_top = probs.gather(2, predicted.unsqueeze(2)).squeeze(2)
-            loss_sum += (top - p_top.log() - picked).sum(dim=0, dtype=torch.float64)
-            probs.scatter_add_(2, truth, minus_one.expand(rows, k, 1))  # minus one-hot: the residual
-            residual = probs.view(rows, kc)
-            products.accumulate_gradient(grad_v, residual, xin)
-            grad_c += residual.sum(dim=0)
+            if plain:
+                labels = y
+                if control_y is not None:
+                    yc = control_y[offset : offset + rows]
+                    labels = torch.stack([yc if view.control else y for view in views[:plain]], dim=1)
+                _heads_block(data, sums, 0, xin, v[: plain * c], c32[: plain * c], labels)
+            if windows:
+                order, bounds = _sorted_block(data, offset, rows, windows)
+                xs, ys = xin.index_select(0, order), y.index_select(0, order)
+                for lo, hi, first, last, merged in _stretches(bounds, plain):
+                    mask = None
+                    if merged:  # each head counts its own rows only
+                        where = torch.arange(lo, hi, device=dev)[:, None]
+                        own = bounds[2 * (first - plain) : 2 * (last - plain)]
+                        ends = torch.tensor(own, device=dev).view(-1, 2)
+                        mask = ((where >= ends[:, 0]) & (where < ends[:, 1])).float()
+                    _heads_block(
+                        data,
+                        sums,
+                        first,
+                        xs[lo:hi],
+                        v[first * c : last * c],
+                        c32[first * c : last * c],
+                        ys[lo:hi],
+                        mask,
+                    )
+            offset += rows
     n = split.n
-    losses = (loss_sum / n).tolist()
-    counts = errors.tolist()
+    sizes = [n] * plain + [max(0, min(hi, n) - lo) for lo, hi in windows]
+    losses = [float(total) / size if size else 0.0 for total, size in zip(sums.loss.tolist(), sizes)]
+    counts = sums.errors.tolist()
+    grad_v, grad_c = sums.grad_v, sums.grad_c
     if grad_v is not None and grad_c is not None:
         # back to the standardised space, for every head at once and in place:
         # dL/dW = (R^T x_c - (R^T 1) delta^T) * s / n
-        grad_v.addr_(grad_c, delta32, alpha=-1.0).mul_(scale32 / n)
-        grad_c /= n
+        grad_v.addr_(grad_c, delta32, alpha=-1.0)
+        if not windows:
+            grad_v.mul_(scale32 / n)
+            grad_c /= n
+        else:
+            per_head = torch.tensor([max(size, 1) for size in sizes], dtype=torch.float32, device=dev)
+            grad_v.view(k, c, -1).mul_(scale32).div_(per_head.view(k, 1, 1))
+            grad_c.view(k, c).div_(per_head.view(k, 1))
     out = []
     for i in range(k):
-        ev = _Eval(losses[i], counts[i], n)
+        ev = _Eval(losses[i], counts[i], sizes[i])
         if grad_v is not None and grad_c is not None:
             ev.grad_w, ev.grad_b = grad_v[i * c : (i + 1) * c], grad_c[i * c : (i + 1) * c]
+        if i == counting:
+            if sums.confusion is not None:
+                ev.confusion = sums.confusion.view(c, c)
+                ev.class_counts = ev.confusion.sum(dim=1)
+                ev.class_wrong = ev.class_counts - ev.confusion.diagonal()
+            else:
+                ev.class_counts, ev.class_wrong = sums.class_counts, sums.class_wrong
         out.append(ev)
+    return out
+
+
+# Stretches of a block's rank order shorter than this are merged with the next (their heads
+# masked to their own rows): every stretch costs a dozen small operations, whose overhead,
+# not their arithmetic, is what tiny stretches (the first MDL blocks) cost.
+_MERGE_ROWS = 1024
+
+
+def _stretches(bounds: Sequence[int], plain: int) -> list[tuple[int, int, int, int, bool]]:
+    """How a block sorted by rank is computed for heads with windows: (lo, hi, first head,
+    last head + 1, merged) per product. `bounds` are each window's (lo, hi) range of the
+    sorted rows.
+
+    Between consecutive bounds, a stretch of rows is used by exactly the heads whose ranges
+    cover it. The windows are nested prefixes (largest first) or disjoint blocks (latest
+    first), so those heads are consecutive and their weights a slice of the stack; where they
+    are not, each run of consecutive heads is its own product. Stretches shorter than
+    `_MERGE_ROWS` are merged with the ones after them, for every head that covers any of them."""
+    pairs = list(zip(bounds[0::2], bounds[1::2], strict=True))
+    edges = sorted(set(bounds))
+    out: list[tuple[int, int, int, int, bool]] = []
+    pending: tuple[int, int, int, int, bool] | None = None
+    for lo, hi in itertools.pairwise(edges):
+        covering = [plain + j for j, (a, b) in enumerate(pairs) if a <= lo and hi <= b]
+        runs: list[list[int]] = []
+        for i in covering:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        if len(runs) != 1:  # no head here, or heads apart: exact products, nothing merged
+            if pending is not None:
+                out.append(pending)
+                pending = None
+            out += [(lo, hi, first, last, False) for first, last in runs]
+            continue
+        first, last = runs[0]
+        merged = pending is not None
+        if pending is not None:
+            first, last = min(first, pending[2]), max(last, pending[3])
+            lo = pending[0]
+        pending = (lo, hi, first, last, merged)
+        if hi - lo >= _MERGE_ROWS:
+            out.append(pending)
+            pending = None
+    if pending is not None:
+        out.append(pending)
     return out
 
 
@@ -948,10 +1222,10 @@ def _lbfgs(n_params: int, *, device: str, spec: ProbeSpec) -> _Solver:
 
 
 class _Head:
-    """One probe: its data set, its l2, its solver state and its early stopping."""
+    """One probe: its data set, its l2, what it sees, its solver state and its early stopping."""
 
-    def __init__(self, data: _Data, index: int, l2: float, spec: ProbeSpec) -> None:
-        self.data, self.index, self.l2, self.spec = data, index, l2, spec
+    def __init__(self, data: _Data, index: int, l2: float, spec: ProbeSpec, view: _View = _TASK) -> None:
+        self.data, self.index, self.l2, self.spec, self.view = data, index, l2, spec, view
         self.evaluations = 0
         self.best_loss = math.inf
         self.best_epoch = 0
@@ -1037,7 +1311,13 @@ def _solve_lbfgs(heads: list[_Head]) -> None:
             return
         for data, group in _by_data(running):
             try:
-                evals = _pass(data, data.train, [h.request.params for h in group], with_grad=True)
+                evals = _pass(
+                    data,
+                    data.train,
+                    [h.request.params for h in group],
+                    with_grad=True,
+                    views=[h.view for h in group],
+                )
             except Exception as e:
                 data.fail(e)
                 continue
@@ -1050,7 +1330,13 @@ def _solve_lbfgs(heads: list[_Head]) -> None:
             if watched:
                 assert data.val is not None
                 try:
-                    evals = _pass(data, data.val, [h.request.params for h in watched], with_grad=False)
+                    evals = _pass(
+                        data,
+                        data.val,
+                        [h.request.params for h in watched],
+                        with_grad=False,
+                        views=[h.view for h in watched],
+                    )
                 except Exception as e:
                     data.fail(e)
                     continue
@@ -1077,6 +1363,17 @@ def _minibatch_grad(
     return loss, gw, gb
 
 
+def _with_offsets(
+    blocks: Generator[tuple[torch.Tensor, torch.Tensor], None, None],
+) -> Generator[tuple[int, torch.Tensor, torch.Tensor], None, None]:
+    """Blocks with the row number of their first row."""
+    offset = 0
+    with closing(blocks):
+        for x, y in blocks:
+            yield offset, x, y
+            offset += len(y)
+
+
 def _adam(head: _Head) -> tuple[torch.Tensor, int]:
     """Minibatch Adam on the same objective; return the last parameters and the epochs run."""
     data, spec = head.data, head.spec
@@ -1091,18 +1388,35 @@ def _adam(head: _Head) -> tuple[torch.Tensor, int]:
     batch = spec.batch_size
     train = data.train
 
+    view = head.view
+    control_y = data.control_y.get("train") if view.control else None
+
+    def as_seen(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A minibatch as this head sees it: its labels, and only the rows of its window."""
+        if control_y is not None:
+            y = control_y[rows]
+        if view.window is not None:
+            assert data.ranks is not None
+            ranks = data.ranks[rows]
+            keep = (ranks >= view.window[0]) & (ranks < view.window[1])
+            x, y = x[keep], y[keep]
+        return x, y
+
     def minibatches() -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         if train.slabs is not None and len(train.slabs) > 1:
+            starts = np.cumsum([0] + [len(sy) for _, sy in train.slabs]).tolist()
             order = torch.randperm(len(train.slabs), generator=generator).tolist()
-            blocks = iter([train.slabs[i] for i in order])
+            blocks = iter([(starts[i], *train.slabs[i]) for i in order])
         else:
-            blocks = train.blocks()
+            blocks = _with_offsets(train.blocks())
         with closing(blocks) if isinstance(blocks, Generator) else nullcontext(blocks) as it:
-            for x, y in it:
+            for offset, x, y in it:
                 perm = torch.randperm(len(y), generator=generator).to(device)
                 for start in range(0, len(y), batch):
                     idx = perm[start : start + batch]
-                    yield x[idx], y[idx]
+                    bx, by = as_seen(x[idx], y[idx], idx + offset)
+                    if len(by):
+                        yield bx, by
 
     previous = math.inf
     step = 0
@@ -1129,7 +1443,7 @@ def _adam(head: _Head) -> tuple[torch.Tensor, int]:
         val_loss = None
         if head.watched:
             assert data.val is not None
-            val_loss = _pass(data, data.val, [as64], with_grad=False)[0].loss
+            val_loss = _pass(data, data.val, [as64], with_grad=False, views=[view])[0].loss
         if head.validated(epoch, as64, val_loss):
             break
         objective = total / seen  # epoch average of minibatch objectives, a noisy estimate
@@ -1147,33 +1461,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_probes(
-    data: Sequence[ProbeData],
-    *,
-    spec: ProbeSpec,
-    device: str = "cpu",
-    l2s: Sequence[float] | None = None,
-) -> list[list[ProbeResult | Exception]]:
-    """Train a probe for every data set and every l2 value (default: `spec.l2`) together, on
-    one device, within `spec.memory_bytes`; return, per data set, one outcome per l2 value: a
-    `ProbeResult`, or the exception that failed it (a `DataError` for bad data, a
-    `BudgetError` when the budget cannot hold that data set's probes beside the others').
-
-    The probes of one data set are stacked and read their data together; each probe's answer
-    equals the one `train_probe` gives it alone, up to float32 rounding.
-    """
-    started = time.perf_counter()
-    device = resolve_device(device)
-    l2_values = [spec.l2] if l2s is None else [float(v) for v in l2s]
+def _checked_l2s(values: Sequence[float]) -> list[float]:
+    l2_values = [float(v) for v in values]
     if not l2_values or any(not math.isfinite(v) or v < 0 for v in l2_values):
         raise ProbeserveError(f"probe.l2: expected one or more values >= 0, got {l2_values}")
+    return l2_values
+
+
+def _load(
+    data: Sequence[ProbeData], *, spec: ProbeSpec, device: str, heads: int, sorted_rows: bool = False
+) -> tuple[_Ledger, list[_Data]]:
+    """The call's data sets on the device: fixed memory first where the feature counts are
+    known, then every split read once (train splits first, then val, then test), kept while
+    it fits. A data set that fails here carries its error."""
     for given in data:
         if given.num_classes < 2:
             raise DataError(f"num_classes is {given.num_classes}; a probe needs at least two classes")
     ledger = _Ledger(spec.memory_bytes)
-    datas = [_Data(given, heads=len(l2_values), spec=spec, device=device, ledger=ledger) for given in data]
-
-    # Fixed memory first where the feature counts are known, then the splits by priority.
+    datas = [
+        _Data(given, heads=heads, spec=spec, device=device, ledger=ledger, sorted_rows=sorted_rows)
+        for given in data
+    ]
     for d, given in zip(datas, data):
         if given.n_features is not None:
             try:
@@ -1189,59 +1497,364 @@ def train_probes(
                 d.scan(split, keep=True)
             except Exception as e:
                 d.fail(e)
+    return ledger, datas
+
+
+def _solve(heads: list[_Head], spec: ProbeSpec) -> None:
+    if spec.solver == "lbfgs":
+        _solve_lbfgs(heads)
+        return
+    for h in heads:
+        if not h.running:
+            continue
+        try:
+            h.final = _adam(h)
+        except Exception as e:
+            h.error = e
+
+
+def train_probes(
+    data: Sequence[ProbeData],
+    *,
+    spec: ProbeSpec,
+    device: str = "cpu",
+    l2s: Sequence[float] | None = None,
+) -> list[list[ProbeResult | Exception]]:
+    """Train a probe for every data set and every l2 value (default: `spec.l2`, one value or
+    a grid) together, on one device, within `spec.memory_bytes`; return, per data set, one
+    outcome per l2 value: a `ProbeResult`, or the exception that failed it (a `DataError` for
+    bad data, a `BudgetError` when the budget cannot hold that data set's probes beside the
+    others'). Nothing is chosen here (`answer_probes` chooses), and `spec.control` and
+    `spec.mdl` are not trained.
+
+    The probes of one data set are stacked and read their data together; each probe's answer
+    equals the one it gets trained alone, up to float32 rounding.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    l2_values = _checked_l2s(spec.l2_grid() if l2s is None else l2s)
+    ledger, datas = _load(data, spec=spec, device=device, heads=len(l2_values))
     _sync(device)
     loaded = time.perf_counter()
 
     heads = [_Head(d, i, l2, spec) for d in datas if d.error is None for i, l2 in enumerate(l2_values)]
-    if spec.solver == "lbfgs":
-        _solve_lbfgs(heads)
-    else:
-        for h in heads:
-            if not h.running:
-                continue
-            try:
-                h.final = _adam(h)
-            except Exception as e:
-                h.error = e
+    _solve(heads, spec)
     _sync(device)
     solved = time.perf_counter()
 
     outcomes: list[list[ProbeResult | Exception]] = []
     for d in datas:
         mine = [h for h in heads if h.data is d]
-        done = [h for h in mine if h.error is None and h.final is not None]
-        scored: dict[int, tuple[_Eval, _Eval | None, _Eval | None]] = {}
-        if d.error is None and done:
-            try:
-                kept = [h.kept()[0] for h in done]
-                ev_train = _pass(d, d.train, kept, with_grad=False)
-                ev_val = _pass(d, d.val, kept, with_grad=False) if d.val is not None else [None] * len(done)
-                ev_test = (
-                    _pass(d, d.test, kept, with_grad=False) if d.test is not None else [None] * len(done)
-                )
-                for h, a, b, c in zip(done, ev_train, ev_val, ev_test):
-                    scored[id(h)] = (a, b, c)
-            except Exception as e:
-                d.fail(e)
-        results: list[ProbeResult | Exception] = []
-        for i in range(len(l2_values)):
-            head = next((h for h in mine if h.index == i), None)
-            if d.error is not None:
-                results.append(d.error)
-            elif head is None or head.error is not None:
-                results.append(head.error if head and head.error else ProbeserveError("probe did not run"))
-            else:
-                results.append(
-                    _result(head, *scored[id(head)], started=started, loaded=loaded, solved=solved)
-                )
-        outcomes.append(results)
+        scored = _score(d, mine, started=started, loaded=loaded, solved=solved)
+        outcomes.append([d.error if d.error is not None else scored[i] for i in range(len(l2_values))])
+    _finish(outcomes, started, ledger)
+    return outcomes
+
+
+def _finish(outcomes: Iterable[Iterable[Any]], started: float, ledger: _Ledger) -> None:
+    """Every result of a call gets the call's wall time and peak memory."""
     seconds = time.perf_counter() - started
     for results in outcomes:
         for r in results:
             if isinstance(r, ProbeResult):
                 r.seconds = seconds
                 r.peak_bytes = ledger.peak
-    return outcomes
+
+
+def _score(
+    d: _Data,
+    heads: list[_Head],
+    *,
+    started: float,
+    loaded: float,
+    solved: float,
+    choose: bool = False,
+) -> dict[int, ProbeResult | Exception]:
+    """Score `heads` (all of one data set, on the same view) on every split, stacked: {head
+    index: result or error}. With `choose`, the validation pass comes first, the head chosen
+    on it (`choose_l2`) gets its test errors counted by class, and its index is under -1."""
+    out: dict[int, ProbeResult | Exception] = {}
+    if d.error is not None:
+        return out
+    done = [h for h in heads if h.error is None and h.final is not None]
+    for h in heads:
+        if h not in done:
+            out[h.index] = h.error if h.error is not None else ProbeserveError("probe did not run")
+    if not done:
+        return out
+    views = [h.view for h in done]
+    try:
+        kept = [h.kept()[0] for h in done]
+        ev_val = (
+            _pass(d, d.val, kept, with_grad=False, views=views) if d.val is not None else [None] * len(done)
+        )
+        counting = None
+        if choose:
+            counting = choose_l2([h.l2 for h in done], ev_val)
+            out[-1] = done[counting].index  # type: ignore[assignment]
+        ev_test = (
+            _pass(d, d.test, kept, with_grad=False, views=views, counting=counting)
+            if d.test is not None
+            else [None] * len(done)
+        )
+        ev_train = _pass(d, d.train, kept, with_grad=False, views=views)
+    except Exception as e:
+        d.fail(e)
+        return out
+    for h, a, b, c in zip(done, ev_train, ev_val, ev_test):
+        out[h.index] = _result(h, a, b, c, started=started, loaded=loaded, solved=solved)
+    return out
+
+
+def choose_l2(l2s: Sequence[float], val: Sequence[Any]) -> int:
+    """Index of the l2 value chosen on validation: the lowest validation error; among equal
+    errors the lower validation loss, then the larger l2 (the simpler probe).
+
+    Error, not loss, because error is what a row reports and compares across layers (as
+    DINOv2's and SentEval's linear evaluations choose on accuracy); the loss only breaks the
+    ties that a small validation split makes common. `val` holds, per value, something with
+    `errors` and `loss` (an evaluation or a `ProbeResult`'s fields), or None for no split."""
+    if len(l2s) == 1:
+        return 0
+    if any(v is None for v in val):
+        raise ProbeserveError(
+            f"probe.l2: choosing among {len(l2s)} values needs a validation split; give one, or a single l2"
+        )
+
+    def rank(i: int) -> tuple[float, float, float]:
+        v = val[i]
+        return (v.errors, v.loss if math.isfinite(v.loss) else math.inf, -l2s[i])
+
+    return min(range(len(l2s)), key=rank)
+
+
+@dataclass
+class MdlResult:
+    """The online code length of a data set's train labels (Voita & Titov, 2020).
+
+    The first block is sent with the uniform code (log2 C bits a label); each later block with
+    the code of a probe trained on everything before it (-log2 p(y | x) bits a label). A
+    layer whose labels are easy to learn from few examples has a short code; `compression`
+    is the uniform code's length over the online one (1: nothing learnt)."""
+
+    bits: float
+    uniform_bits: float
+    block_ends: list[int]  # rows sent by the end of each block, in transmission order
+    block_bits: list[float]  # bits of each block
+
+    @property
+    def compression(self) -> float:
+        return self.uniform_bits / self.bits if self.bits > 0 else math.inf
+
+
+@dataclass
+class Answer:
+    """What a probe call answers for one data set: the probe of every l2 value, the one chosen
+    on validation, and the control task's probe and the MDL code length when asked for."""
+
+    grid: list[ProbeResult | Exception]  # one per value of `spec.l2`, in its order
+    chosen_index: int
+    control: ProbeResult | None = None  # trained on control labels at the chosen l2
+    mdl: MdlResult | None = None
+
+    @property
+    def chosen(self) -> ProbeResult:
+        result = self.grid[self.chosen_index]
+        assert isinstance(result, ProbeResult)
+        return result
+
+
+def control_labels(
+    key: str, seed: int, sizes: Mapping[str, int], train_counts: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Control labels, one per example (Hewitt & Liang, 2019): drawn independently from the
+    train split's label distribution, so that the control task has the task's class balance
+    and nothing else. Fixed by (`key`, `seed`, split): the same in every process."""
+    p = np.asarray(train_counts, dtype=np.float64)
+    p /= p.sum()
+    return {
+        split: _generator(key, seed, "control", split).choice(len(p), size=n, p=p).astype(np.int64)
+        for split, n in sizes.items()
+    }
+
+
+def control_labels_by_value(
+    key: str, seed: int, values: Mapping[str, np.ndarray], train_counts: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Control labels per value (Hewitt & Liang's per word type): every example with the same
+    value gets the same label, drawn from the train split's label distribution by a hash of
+    (`key`, `seed`, the value), so it does not depend on which other values occur."""
+    p = np.asarray(train_counts, dtype=np.float64)
+    cdf = np.cumsum(p / p.sum())
+    out = {}
+    for split, vals in values.items():
+        uniques, inverse = np.unique(np.asarray(vals), return_inverse=True)
+        u = np.array(
+            [
+                int.from_bytes(
+                    hashlib.sha256(f"{key}\0{seed}\0{type(v).__name__}:{v}".encode()).digest()[:8], "big"
+                )
+                / 2**64
+                for v in uniques.tolist()
+            ]
+        )
+        labels = np.minimum(np.searchsorted(cdf, u, side="right"), len(p) - 1)
+        out[split] = labels[inverse.reshape(-1)].astype(np.int64)
+    return out
+
+
+def mdl_ranks(key: str, n: int) -> np.ndarray:
+    """Each train row's place in the MDL transmission order: a seeded random order, because a
+    split stored sorted (images listed class by class) would make every prefix one class."""
+    order = _generator(key, 0, "mdl-order", "train").permutation(n)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = np.arange(n, dtype=np.int64)
+    return ranks
+
+
+def mdl_ends(fractions: Sequence[float], n: int) -> list[int]:
+    """Rows sent by the end of each block: the fractions of `n`, the first at least 1."""
+    ends = [max(1, min(n, math.floor(f * n))) for f in fractions]
+    ends[-1] = n
+    for i in range(1, len(ends)):
+        ends[i] = max(ends[i], ends[i - 1])
+    return ends
+
+
+def _generator(key: str, seed: int, purpose: str, split: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{key}\0{seed}\0{purpose}\0{split}".encode()).digest()
+    return np.random.default_rng(np.frombuffer(digest, dtype=np.uint32).tolist())
+
+
+def answer_probes(
+    data: Sequence[ProbeData], *, spec: ProbeSpec, device: str = "cpu"
+) -> list[Answer | Exception]:
+    """A sweep's probe call: for every data set, train `spec.l2`'s probes (stacked), choose one
+    on validation (`choose_l2`), and, when the spec asks, train the control task's probe and
+    the MDL prefix probes at the chosen l2 (stacked too: the prefixes read each row once for
+    all the probes that use it). Return, per data set, its `Answer` or the exception that
+    failed it; every probe's answer equals the one it gets trained alone.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    l2_values = _checked_l2s(spec.l2_grid())
+    control = spec.control is not None
+    fractions = list(spec.mdl.fractions) if spec.mdl is not None else []
+    later = (1 if control else 0) + max(0, len(fractions) - 1)
+    ledger, datas = _load(
+        data, spec=spec, device=device, heads=max(len(l2_values), later), sorted_rows=bool(fractions)
+    )
+    for d in datas:
+        if d.error is None:
+            try:
+                d.prepare(
+                    control=control,
+                    mdl=bool(fractions),
+                    control_seed=spec.control.seed if spec.control else 0,
+                )
+            except Exception as e:
+                d.fail(e)
+    _sync(device)
+    loaded = time.perf_counter()
+
+    heads = [_Head(d, i, l2, spec) for d in datas if d.error is None for i, l2 in enumerate(l2_values)]
+    _solve(heads, spec)
+    _sync(device)
+    solved = time.perf_counter()
+    grids: dict[int, dict[int, ProbeResult | Exception]] = {}
+    for d in datas:
+        grids[id(d)] = _score(
+            d, [h for h in heads if h.data is d], started=started, loaded=loaded, solved=solved, choose=True
+        )
+
+    # The control task and the MDL prefixes, at each data set's chosen l2.
+    later_heads: list[_Head] = []
+    ends: dict[int, list[int]] = {}
+    for d in datas:
+        if d.error is not None or -1 not in grids[id(d)]:
+            continue
+        chosen = grids[id(d)][grids[id(d)][-1]]  # type: ignore[index]
+        assert isinstance(chosen, ProbeResult)
+        if control:
+            later_heads.append(_Head(d, -1, chosen.l2, spec, _View(control=True)))
+        if fractions:
+            ends[id(d)] = block_ends = mdl_ends(fractions, d.train.n)
+            # largest prefix first: the heads that use a stretch of the rank order are consecutive
+            for j in reversed(range(len(block_ends) - 1)):
+                if block_ends[j + 1] > block_ends[j]:
+                    later_heads.append(_Head(d, j, chosen.l2, spec, _View(window=(0, block_ends[j]))))
+    _solve(later_heads, spec)
+    _sync(device)
+
+    answers: list[Answer | Exception] = []
+    for d in datas:
+        grid = grids[id(d)]
+        if d.error is not None or -1 not in grid:
+            failed = d.error or next((r for r in grid.values() if isinstance(r, Exception)), None)
+            answers.append(failed or ProbeserveError("probe did not run"))
+            continue
+        answer = Answer(grid=[grid[i] for i in range(len(l2_values))], chosen_index=cast(int, grid[-1]))  # type: ignore[arg-type]
+        mine = [h for h in later_heads if h.data is d]
+        try:
+            _answer_later(d, answer, mine, ends.get(id(d)), started=started, loaded=loaded, solved=solved)
+        except Exception as e:
+            traceback.clear_frames(e.__traceback__)
+            answers.append(e)
+            continue
+        answers.append(answer)
+    _finish(
+        [[*a.grid, a.control] for a in answers if isinstance(a, Answer)],
+        started,
+        ledger,
+    )
+    return answers
+
+
+def _answer_later(
+    d: _Data,
+    answer: Answer,
+    heads: list[_Head],
+    ends: list[int] | None,
+    *,
+    started: float,
+    loaded: float,
+    solved: float,
+) -> None:
+    """Score the control probe (every split, its own labels) and the MDL prefix probes (each
+    on the block after its prefix) of one data set: one stacked train pass for all of them."""
+    if not heads:
+        return
+    for h in heads:
+        if h.error is not None:
+            raise h.error
+        if d.error is not None:
+            raise d.error
+        assert h.final is not None
+    control = [h for h in heads if h.view.control]
+    prefixes = [h for h in heads if h.view.window is not None]
+    kept = [h.kept()[0] for h in heads]
+    scoring = [h.view if h.view.control else _View(window=(ends[h.index], ends[h.index + 1])) for h in heads]  # type: ignore[index]
+    ev_train = _pass(d, d.train, kept, with_grad=False, views=scoring)
+    if control:
+        (h,) = control
+        ctrl_kept = [h.kept()[0]]
+        ev_val = _pass(d, d.val, ctrl_kept, with_grad=False, views=[h.view]) if d.val is not None else [None]
+        ev_test = (
+            _pass(d, d.test, ctrl_kept, with_grad=False, views=[h.view], counting=0)
+            if d.test is not None
+            else [None]
+        )
+        answer.control = _result(
+            h, ev_train[0], ev_val[0], ev_test[0], started=started, loaded=loaded, solved=solved
+        )
+    if prefixes:
+        assert ends is not None
+        bits_of = {h.index: ev.loss * ev.n / math.log(2) for h, ev in zip(heads, ev_train) if h in prefixes}
+        log2c = math.log2(d.num_classes)
+        blocks = [ends[0] * log2c] + [bits_of.get(j, 0.0) for j in range(len(ends) - 1)]
+        answer.mdl = MdlResult(
+            bits=float(sum(blocks)), uniform_bits=d.train.n * log2c, block_ends=ends, block_bits=blocks
+        )
 
 
 def _result(
@@ -1263,6 +1876,10 @@ def _result(
     # (W * scale) h + (b - (W * scale) mean).
     w_raw = w_std * d.scale64
     b_raw = b_std - w_raw @ d.mean64
+
+    def host(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.cpu().numpy()
+
     return ProbeResult(
         train_error=train_eval.error,
         val_error=val_eval.error if val_eval else None,
@@ -1288,6 +1905,12 @@ def _result(
         solve_seconds=solved - loaded,
         train_resident=d.train.resident,
         compute_dtype=d.spec.compute_dtype,
+        test_class_counts=host(test_eval.class_counts) if test_eval else None,
+        test_class_wrong=host(test_eval.class_wrong) if test_eval else None,
+        test_confusion=host(test_eval.confusion) if test_eval else None,
+        errors_train=train_eval.errors,
+        errors_val=val_eval.errors if val_eval else 0,
+        errors_test=test_eval.errors if test_eval else 0,
     )
 
 
@@ -1300,13 +1923,16 @@ def train_probe(
     spec: ProbeSpec,
     device: str = "cpu",
 ) -> ProbeResult:
-    """Train one probe on `train`, early-stopped on `val`, and evaluate it on every split.
+    """Train one probe on `train`, early-stopped on `val`, and evaluate it on every split;
+    with a grid in `spec.l2`, its probes are trained together and the one chosen on
+    validation is returned.
 
     Raises `DataError` for an empty split, a train split with a single class, labels outside
     [0, num_classes), non-finite activations, or splits whose feature counts differ; raises
     `BudgetError` when `spec.memory_bytes` cannot hold the probe's parameters and buffers.
     """
-    ((outcome,),) = train_probes([ProbeData(train, val, test, num_classes)], spec=spec, device=device)
+    alone = spec.model_copy(update={"control": None, "mdl": None})
+    (outcome,) = answer_probes([ProbeData(train, val, test, num_classes)], spec=alone, device=device)
     if isinstance(outcome, Exception):
         raise outcome
-    return outcome
+    return outcome.chosen

@@ -34,12 +34,17 @@ ROW_COLUMNS = [
     "train_error",
     "val_error",
     "test_error",
+    "test_error_low",  # its 95% interval (Wilson)
+    "test_error_high",
     "chance_error",
     "test_loss",
     "n_features",
     "epochs",
     "best_epoch",
     "hit_max_epochs",
+    "l2",  # chosen on validation from probe.l2's grid
+    "selectivity",  # probe.control: control_error - test_error
+    "mdl_compression",  # probe.mdl
     "seconds",
     "device",
     "finished_at",
@@ -116,9 +121,17 @@ def _plots_section(table: pa.Table, run: str) -> str:
     g = plots.grid(table, run=run)
     parts = [
         _img(plots.figure_png(plots.heatmap_figure(g)), "test error by step and layer"),
-        _img(plots.figure_png(plots.layers_figure(g)), "test error by layer"),
+        _img(plots.figure_png(plots.layers_figure(g)), "test error by layer (95% intervals shaded)"),
         _img(plots.figure_png(plots.steps_figure(g)), "test error by step"),
     ]
+    try:
+        cg = plots.class_grid(table, run=run)
+    except ProbeserveError:
+        pass  # rows written before per-class errors were kept
+    else:
+        parts.append(
+            _img(plots.figure_png(plots.classes_figure(cg)), f"test error per class by layer, step {cg.step}")
+        )
     return "<h2>Plots</h2>" + "\n".join(parts)
 
 
@@ -255,7 +268,8 @@ def _run_section(out: Storage, root: str, table: pa.Table, run: str, s3_endpoint
     parts.append(
         '<div class="scroll">'
         + html_table(
-            rows,
+            # l2 spans 1e-6 to 1e-1: in full, not at the 4 decimals of the other numbers
+            [{**r, "l2": None if r.get("l2") is None else f"{r['l2']:g}"} for r in rows],
             ROW_COLUMNS,
             text=["layer", "status", "device", "checkpoint", "error"],
             classes=lambda r, c: "failed" if c == "status" and r["status"] != "ok" else "",

@@ -105,6 +105,43 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
         "errors may still fall with more epochs; null when failed",
     ),
     ("precision", pa.string(), "precision of the extraction's forward pass: fp32, bf16 or fp16"),
+    # issue 14: l2 chosen on validation, intervals, per-class errors, control tasks, MDL
+    ("l2", pa.float64(), "the l2 of this row's probe: of probe.l2's values, the lowest val error"),
+    ("l2_grid", pa.list_(pa.float64()), "probe.l2's values, all trained (stacked) on the same data"),
+    ("grid_val_errors", pa.list_(pa.float64()), "val error of each l2_grid value (null: that probe failed)"),
+    ("grid_val_losses", pa.list_(pa.float64()), "val loss of each l2_grid value"),
+    ("train_error_low", pa.float64(), "Wilson 95% interval of train_error: lower end"),
+    ("train_error_high", pa.float64(), "upper end"),
+    ("val_error_low", pa.float64(), "Wilson 95% interval of val_error: lower end"),
+    ("val_error_high", pa.float64(), "upper end"),
+    ("test_error_low", pa.float64(), "Wilson 95% interval of test_error: lower end"),
+    ("test_error_high", pa.float64(), "upper end"),
+    ("class_names", pa.list_(pa.string()), "the class of each label, where the data names them"),
+    ("test_class_counts", pa.list_(pa.int64()), "test examples of each class"),
+    ("test_class_errors", pa.list_(pa.float64()), "test error of each class (null: no test example)"),
+    (
+        "test_class_confused_with",
+        pa.list_(pa.int32()),
+        "per class, the label its test examples are most often mistaken for (null: never wrong)",
+    ),
+    ("test_class_confused_count", pa.list_(pa.int64()), "how many of its test examples were"),
+    (
+        "confusion",
+        pa.list_(pa.list_(pa.int64())),
+        "test counts [true label][predicted label], up to probe.confusion_max_classes classes",
+    ),
+    ("control_error", pa.float64(), "probe.control: test error of the same probe on control labels"),
+    ("control_error_low", pa.float64(), "Wilson 95% interval of control_error: lower end"),
+    ("control_error_high", pa.float64(), "upper end"),
+    ("control_train_error", pa.float64(), "probe.control: train error on control labels (memorisation)"),
+    ("selectivity", pa.float64(), "control_error - test_error (Hewitt & Liang 2019)"),
+    (
+        "mdl_bits",
+        pa.float64(),
+        "probe.mdl: online code length of the train labels, bits (Voita & Titov 2020)",
+    ),
+    ("mdl_compression", pa.float64(), "uniform code length (n_train log2 num_classes) / mdl_bits"),
+    ("mdl_block_bits", pa.list_(pa.float64()), "bits of each online-code block (the first: uniform code)"),
 ]
 MAX_SKIPPED = 100  # names of undecodable examples kept in a row (the manifest keeps more)
 SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in COLUMNS])
@@ -414,3 +451,93 @@ def error_grid(
             line[f"step {s}"] = None if r is None else (r[metric] if r["status"] == "ok" else "FAILED")
         grid.append(line)
     return columns, grid
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty, and what plots draw from it
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(rate: Any, n: Any, *, z: float = Z95) -> tuple[Any, Any]:
+    """The Wilson score interval (95% by default) of an error rate: the fraction `rate` of
+    `n` examples misclassified.
+
+    Wilson rather than the normal approximation because probe errors are often near 0 (a
+    linearly separable layer) or based on few examples (a rare class), where the normal
+    interval collapses to a point or leaves [0, 1]; it keeps its nominal coverage there far
+    better (Brown, Cai & DasGupta, 2001). Works on scalars and NumPy arrays alike; where
+    `n` is 0 both ends are NaN."""
+    import numpy as np
+
+    n_arr = np.asarray(n, dtype=np.float64)
+    p = np.asarray(rate, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z2 = z * z
+        denom = 1.0 + z2 / n_arr
+        centre = (p + z2 / (2 * n_arr)) / denom
+        half = z * np.sqrt(p * (1 - p) / n_arr + z2 / (4 * n_arr * n_arr)) / denom
+        # exactly 0 (1) when nothing (everything) was wrong, not a rounding error away
+        low = np.where(p <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+        high = np.where(p >= 1, 1.0, np.clip(centre + half, 0.0, 1.0))
+    low = np.where(n_arr > 0, low, np.nan)
+    high = np.where(n_arr > 0, high, np.nan)
+    if low.ndim == 0:
+        return float(low), float(high)
+    return low, high
+
+
+def layer_curve(rows: Iterable[Mapping[str, Any]], *, step: int, run: str | None = None) -> dict[str, list]:
+    """What an error-versus-layer plot with intervals draws at one step: the ok rows of that
+    step in forward order, as columns `layer_index`, `layer`, `test_error`, `test_error_low`,
+    `test_error_high` (and `control_error`, `selectivity`, `mdl_bits` where present). Rows
+    written before the intervals existed get them from `test_error` and `n_test`."""
+    picked = sorted(
+        (r for r in rows if r["step"] == step and r["status"] == "ok" and (run is None or r["run"] == run)),
+        key=lambda r: r["layer_index"],
+    )
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "layer_index",
+            "layer",
+            "test_error",
+            "test_error_low",
+            "test_error_high",
+            "control_error",
+            "selectivity",
+            "mdl_bits",
+        )
+    }
+    for r in picked:
+        low, high = r.get("test_error_low"), r.get("test_error_high")
+        if low is None and r.get("test_error") is not None and r.get("n_test"):
+            low, high = wilson_interval(float(r["test_error"]), r["n_test"])
+        for k in out:
+            out[k].append({"test_error_low": low, "test_error_high": high}.get(k, r.get(k)))
+    return out
+
+
+def class_errors_by_layer(
+    rows: Iterable[Mapping[str, Any]], *, step: int, run: str | None = None
+) -> tuple[list[str], list[str], Any]:
+    """What a per-class error plot draws at one step: (layers in forward order, class names,
+    a [layers, classes] float array of test error per class, NaN where a class has no test
+    example or a row has no per-class errors). Class names are the data's, else the labels."""
+    import numpy as np
+
+    picked = sorted(
+        (r for r in rows if r["step"] == step and r["status"] == "ok" and (run is None or r["run"] == run)),
+        key=lambda r: r["layer_index"],
+    )
+    num_classes = max((r["num_classes"] or 0 for r in picked), default=0)
+    names = next((list(r["class_names"]) for r in picked if r.get("class_names")), None)
+    if names is None:
+        names = [str(i) for i in range(num_classes)]
+    grid = np.full((len(picked), num_classes), np.nan)
+    for i, r in enumerate(picked):
+        errors = r.get("test_class_errors")
+        if errors:
+            grid[i, : len(errors)] = [np.nan if e is None else e for e in errors]
+    return [r["layer"] for r in picked], names, grid

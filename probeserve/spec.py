@@ -10,6 +10,7 @@ forbids unknown fields so that a typo is an error, not a silently ignored settin
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -463,12 +464,93 @@ _DATA_KINDS = [
 ]
 
 
+# The default `probe.l2`: 8 values spread evenly in log scale from 1e-6 to 1e-1 (numpy's
+# logspace(-6, -1, 8)), each rounded to one significant digit; the rounding keeps 1e-4, the
+# single default before the grid, in it. Every value is trained (stacked, one read of the
+# data) and the one with the lowest validation error is the answer.
+DEFAULT_L2_GRID = (1e-6, 5e-6, 3e-5, 1e-4, 7e-4, 4e-3, 2e-2, 1e-1)
+OLD_DEFAULT_L2 = 1e-4  # `probe.l2` before the grid: runs recorded then carry it in their hash
+MAX_L2_VALUES = 64  # every value is a stacked head with its own solver state
+# Voita & Titov (2020)'s online-code blocks: the first 0.1% of the train split is sent with
+# the uniform code, then each prefix's probe encodes the next block.
+MDL_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
+
+
+def _l2_value(v: Any, where: str) -> float:
+    """One l2 value, with pydantic's words for what is wrong (a bool is no number)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(f"{where}expected a number or a list of numbers, got {_yaml_type(v)}")
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(
+            f"{where}Input should be a valid number, unable to parse string as a number"
+        ) from None
+    if not math.isfinite(f):
+        raise ValueError(f"{where}Input should be a finite number")
+    if f < 0:
+        raise ValueError(f"{where}Input should be greater than or equal to 0")
+    return f
+
+
+class ControlSpec(_Strict):
+    """A control task (Hewitt & Liang, 2019): the same probe trained on random labels.
+
+    The labels are drawn from the train split's label distribution, seeded by `seed` and by
+    the identity of the run's data, so they are the same at every checkpoint, every layer and
+    in every rerun. Per example by default; with `column`, per value of that column of a
+    `parquet` table (examples that share a value share their control label, as Hewitt & Liang
+    give each word type one).
+    """
+
+    column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="parquet data: one control label per value of this column; None: one per example",
+    )
+    seed: int = 0
+
+
+class MdlSpec(_Strict):
+    """Minimum description length probing (Voita & Titov, 2020): the online code length of
+    the train labels, probes trained on growing prefixes each encoding the next block."""
+
+    fractions: list[float] = Field(
+        default=list(MDL_FRACTIONS),
+        min_length=2,
+        description="ends of the blocks, as fractions of the train split: increasing, the last 1.0",
+    )
+
+    @field_validator("fractions")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError("every fraction must be in (0, 1]")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("fractions must increase")
+        if v[-1] != 1.0:
+            raise ValueError("the last fraction must be 1.0 (the whole train split is encoded)")
+        return v
+
+
+def _on_off(v: Any) -> Any:
+    """`true` turns an opt-in section on with its defaults, `false` (or null) leaves it off."""
+    if v is True:
+        return {}
+    if v is False:
+        return None
+    return v
+
+
 class ProbeSpec(_Strict):
     """The probe: softmax(W h + b), cross-entropy + l2/2 * ||W||^2, early-stopped on val.
 
     `lbfgs` is a full-batch quasi-Newton method that reaches the convex optimum; each epoch
     is one iteration over the whole train split, streamed in `batch_size` chunks when it
     does not fit in `memory_bytes`. `adam` is minibatch for very large splits.
+
+    `l2` is one value or a grid: every value is trained, stacked over one read of the data,
+    and the answer is the probe with the lowest validation error (`probe.choose_l2`).
     """
 
     solver: Literal["lbfgs", "adam"] = "lbfgs"
@@ -476,7 +558,10 @@ class ProbeSpec(_Strict):
     batch_size: int = Field(default=8192, gt=0, description="rows per chunk (adam: per step)")
     max_epochs: int = Field(default=300, gt=0)
     patience: int | None = Field(default=10, gt=0, description="epochs without val improvement; None: off")
-    l2: float = Field(default=1e-4, ge=0, description="weight decay on W (not b), per example")
+    l2: float | list[float] = Field(
+        default=list(DEFAULT_L2_GRID),
+        description="weight decay on W (not b), per example: one value, or a grid chosen on validation error",
+    )
     standardize: bool = Field(default=True, description="z-score features with train statistics")
     tolerance: float = Field(default=1e-6, gt=0, description="stop when the relative loss change is smaller")
     memory_bytes: int = Field(
@@ -492,12 +577,53 @@ class ProbeSpec(_Strict):
         "in bfloat16 with float32 accumulation (tensor cores on a GPU); moves the optimum slightly",
     )
 
+    control: ControlSpec | None = Field(
+        default=None, description="a control task: the same probe on seeded random labels (true: per example)"
+    )
+    mdl: MdlSpec | None = Field(
+        default=None, description="the online code length of the train labels (true: on)"
+    )
+    confusion_max_classes: int = Field(
+        default=100,
+        gt=0,
+        description="rows keep the test confusion matrix up to this many classes (num_classes^2 counts)",
+    )
+
     @field_validator("seed")
     @classmethod
     def _torch_seed(cls, v: int) -> int:
         if not _SEED_MIN <= v <= _SEED_MAX:
             raise ValueError(f"{v} is outside torch's seed range, -2**63 to 2**64 - 1")
         return v
+
+    @field_validator("l2", mode="before")
+    @classmethod
+    def _l2(cls, v: Any) -> float | list[float]:
+        if isinstance(v, bool):
+            return v  # `_bool_number_errors` names it (pydantic alone would read true as 1)
+        if not isinstance(v, (list, tuple)):
+            return _l2_value(v, "")
+        if not v:
+            raise ValueError("an empty list; give one value or a list of values >= 0")
+        if len(v) > MAX_L2_VALUES:
+            raise ValueError(
+                f"{len(v)} values; at most {MAX_L2_VALUES} (each is a probe trained beside the others)"
+            )
+        values = [_l2_value(x, f"[{i}]: ") for i, x in enumerate(v)]
+        seen = sorted(values)
+        for a, b in itertools.pairwise(seen):
+            if a == b:
+                raise ValueError(f"{a} appears twice")
+        return values
+
+    @field_validator("control", "mdl", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        return _on_off(v)
+
+    def l2_grid(self) -> list[float]:
+        """The l2 values to train, in the order given."""
+        return list(self.l2) if isinstance(self.l2, list) else [self.l2]
 
 
 class ResourcesSpec(_Strict):
@@ -589,7 +715,15 @@ class StorageSpec(_Strict):
         return self.s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
 
 
-_ADDED_AT_DEFAULT = [("probe", "compute_dtype", "float32")]  # (section, field, default) for `hash`
+# (section, field, default) for `hash`: fields added later that, at their default, leave every
+# answer as it was. (Not `probe.l2`: its new default, a grid, changes answers, so a spec that
+# does not set it has a new hash; `old_default_hint` says so when a run name is refused.)
+_ADDED_AT_DEFAULT = [
+    ("probe", "compute_dtype", "float32"),
+    ("probe", "control", None),
+    ("probe", "mdl", None),
+    ("probe", "confusion_max_classes", 100),
+]
 
 
 class SweepSpec(_Strict):
@@ -642,6 +776,29 @@ class SweepSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _control_column(self) -> SweepSpec:
+        control = self.probe.control
+        if control is None or control.column is None:
+            return self
+        if self.data.kind == "images":
+            why = (
+                "image data has no column but the class folder, which is the label itself: control labels "
+                "per class are the real classes renamed (or merged), so the control task would measure what "
+                "the task does, not what a probe memorises; leave out column for a control label per example"
+            )
+        elif self.data.kind != "parquet":
+            why = f"data.kind {self.data.kind} has no columns; leave it out for a control label per example"
+        elif control.column == self.data.label_column:
+            why = (
+                f"{control.column!r} is data.label_column: control labels per class are the real classes "
+                "renamed, so the control task would measure what the task does; name a column whose values "
+                "recur across examples (a word type, a source id)"
+            )
+        else:
+            return self
+        return _field_error(("probe", "control", "column"), control.column, why)
+
     def hash(self) -> str:
         """Identity of everything that changes a probe's answer (not where it runs).
 
@@ -661,6 +818,30 @@ class SweepSpec(_Strict):
             keep["resources.precision"] = self.resources.precision
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _field_error(loc: tuple[str, ...], value: Any, message: str) -> Any:
+    """Raise a pydantic error at `loc` from a model validator (so it is named like any field's)."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    raise ValidationError.from_exception_data(
+        "SweepSpec",
+        [InitErrorDetails(type=PydanticCustomError("spec_field", message), loc=loc, input=value)],
+    )
+
+
+def old_default_hint(spec: SweepSpec, stored_hash: Any) -> str | None:
+    """Why a run recorded before `probe.l2` became a grid refuses `spec`, when that is the
+    only difference: the stored hash is this spec's with `probe.l2: 0.0001`."""
+    if spec.probe.l2 != list(DEFAULT_L2_GRID):
+        return None
+    as_before = spec.model_copy(update={"probe": spec.probe.model_copy(update={"l2": OLD_DEFAULT_L2})})
+    if as_before.hash() != stored_hash:
+        return None
+    return (
+        f"probe.l2's default is now a grid of {len(DEFAULT_L2_GRID)} values chosen on validation; "
+        f"set probe.l2: {OLD_DEFAULT_L2} to add to run {spec.run} as before, or use a new run name"
+    )
 
 
 def field_path(parts: tuple[int | str, ...] | list[int | str]) -> str:

@@ -49,7 +49,7 @@ from probeserve.errors import (
     describe_error,
 )
 from probeserve.markers import HEARTBEAT_S, STALE_BEATS, Heartbeat, marker_state  # noqa: F401
-from probeserve.spec import SweepSpec, dump_spec
+from probeserve.spec import SweepSpec, dump_spec, old_default_hint
 from probeserve.storage import LocalStorage, Storage, join, open_storage
 
 if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
@@ -365,11 +365,17 @@ class Sweep:
                     results.run_key(self.spec.run, "spec.yaml"), dump_spec(self.spec).encode()
                 )
             if stored.get("spec_hash") != self.spec_hash:
+                hint = old_default_hint(self.spec, stored.get("spec_hash"))
                 raise SpecError(
                     [
                         f"run: run {self.spec.run!r} in {self.output.uri} was made with a different spec "
-                        f"(hash {stored.get('spec_hash')} vs {self.spec_hash}: model, data, reducer, probe or "
-                        "layers.inputs changed); choose another run name or output.uri"
+                        f"(hash {stored.get('spec_hash')} vs {self.spec_hash}: "
+                        + (
+                            f"{hint})"
+                            if hint
+                            else "model, data, reducer, probe or layers.inputs changed); "
+                            "choose another run name or output.uri"
+                        )
                     ]
                 )
             if self.output.stat(yaml_key) is None:  # the run that bound the name died before it
@@ -829,8 +835,46 @@ def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str) -> tuple[dict[str, A
         source("test"),
         num_classes=manifest["num_classes"],
         n_features=manifest["n_features"],
+        key=data_key(sweep.spec),
+        control=_control_by_column(sweep, manifest),
     )
     return manifest, data
+
+
+def data_key(spec: SweepSpec) -> str:
+    """The identity of a run's probe examples (its data spec, not how many processes decode
+    it): what seeds the control labels and the MDL order, so that they are the same at every
+    checkpoint and layer of the run, and in every rerun."""
+    data = spec.data.model_dump(mode="json")
+    data.pop("num_workers", None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+_CONTROL_CACHE: dict[str, dict[str, np.ndarray]] = {}  # per process: a table is read once
+
+
+def _control_by_column(sweep: Sweep, manifest: dict) -> dict[str, np.ndarray] | None:
+    """`probe.control.column`'s control labels per split (parquet data), or None for control
+    labels per example (the probe draws those itself from `data_key`)."""
+    control = sweep.spec.probe.control
+    if control is None or control.column is None:
+        return None
+    from probeserve.data import parquet_column
+    from probeserve.probe import control_labels_by_value
+
+    ident = f"{data_key(sweep.spec)}|{control.column}|{control.seed}"
+    if ident not in _CONTROL_CACHE:
+        values = parquet_column(
+            sweep.spec.data,  # type: ignore[arg-type]  # the spec allows a column for parquet data only
+            control.column,
+            sweep.dataset,  # type: ignore[arg-type]  # parquet data: a ProbeDataset
+            field="probe.control.column",
+            s3_endpoint=sweep.spec.storage.resolved_endpoint(),
+        )
+        counts = manifest["class_counts"]["train"]
+        _CONTROL_CACHE.clear()
+        _CONTROL_CACHE[ident] = control_labels_by_value(data_key(sweep.spec), control.seed, values, counts)
+    return _CONTROL_CACHE[ident]
 
 
 def _named(e: Exception, layer: str) -> Exception:
@@ -842,12 +886,38 @@ def _named(e: Exception, layer: str) -> Exception:
 
 
 def _probe_row(
-    sweep: Sweep, ckpt: Checkpoint, layer: str, manifest: dict, res, seconds: float
+    sweep: Sweep, ckpt: Checkpoint, layer: str, manifest: dict, answer, seconds: float
 ) -> dict[str, Any]:
+    """The row of one item from its `probe.Answer`: the chosen probe's errors with their
+    intervals, the l2 grid, per-class test errors, and the control task and MDL when asked."""
+    res = answer.chosen
     train_counts = manifest["class_counts"]["train"]
     test_counts = manifest["class_counts"]["test"]
     majority = int(np.argmax(train_counts))
     chance = 1.0 - test_counts[majority] / max(1, sum(test_counts))
+    grid = answer.grid
+
+    def interval(name: str, rate: float | None, n: int) -> dict[str, float | None]:
+        low, high = results.wilson_interval(rate, n) if rate is not None and n else (None, None)
+        return {f"{name}_low": low, f"{name}_high": high}
+
+    control = answer.control
+    extra: dict[str, Any] = {}
+    if control is not None:
+        extra.update(
+            control_error=control.test_error,
+            control_train_error=control.train_error,
+            selectivity=None
+            if control.test_error is None or res.test_error is None
+            else control.test_error - res.test_error,
+            **interval("control_error", control.test_error, control.n_test),
+        )
+    if answer.mdl is not None:
+        extra.update(
+            mdl_bits=answer.mdl.bits,
+            mdl_compression=answer.mdl.compression,
+            mdl_block_bits=answer.mdl.block_bits,
+        )
     return results.make_row(
         run=sweep.spec.run,
         spec_hash=sweep.spec_hash,
@@ -876,11 +946,46 @@ def _probe_row(
         n_skipped=manifest.get("n_skipped", 0),
         skipped=[n for names in manifest.get("skipped", {}).values() for n in names][: results.MAX_SKIPPED],
         weights_cast=describe_casts(manifest.get("weights_cast") or {}),
+        l2=res.l2,
+        l2_grid=sweep.spec.probe.l2_grid(),
+        grid_val_errors=[None if isinstance(r, Exception) else r.val_error for r in grid],
+        grid_val_losses=[None if isinstance(r, Exception) else r.val_loss for r in grid],
+        **interval("train_error", res.train_error, res.n_train),
+        **interval("val_error", res.val_error, res.n_val),
+        **interval("test_error", res.test_error, res.n_test),
+        class_names=manifest.get("class_names"),
+        **_per_class(res, sweep.spec.probe.confusion_max_classes),
+        **extra,
         hit_max_epochs=hit_max_epochs(
             epochs=res.epochs, best_epoch=res.best_epoch, n_val=res.n_val, spec=sweep.spec
         ),
         precision=manifest.get("precision", "fp32"),  # manifests before the field: fp32
     )
+
+
+def _per_class(res, max_classes: int) -> dict[str, Any]:
+    """Per-class test columns of a row: counts, errors, each class's most frequent wrong
+    prediction, and the confusion matrix while num_classes <= `max_classes` (at ImageNet's
+    1,000 classes it would be a million counts a row: 8 MB over 17 layers is 136 MB a
+    checkpoint, so above the cap only the per-class lists, 4 x num_classes values, stay)."""
+    counts, wrong = res.test_class_counts, res.test_class_wrong
+    if counts is None or wrong is None:
+        return {}
+    out: dict[str, Any] = {
+        "test_class_counts": counts.tolist(),
+        "test_class_errors": [None if n == 0 else float(w) / float(n) for w, n in zip(wrong, counts)],
+    }
+    confusion = res.test_confusion
+    if confusion is not None:
+        off = confusion.copy()
+        np.fill_diagonal(off, 0)
+        most = off.argmax(axis=1)
+        top = off[np.arange(len(off)), most]
+        out["test_class_confused_with"] = [int(m) if t else None for m, t in zip(most, top)]
+        out["test_class_confused_count"] = [int(t) for t in top]
+        if len(confusion) <= max_classes:
+            out["confusion"] = confusion.tolist()
+    return out
 
 
 def hit_max_epochs(*, epochs: int, best_epoch: int, n_val: int, spec: SweepSpec) -> bool:
@@ -901,12 +1006,12 @@ def hit_max_epochs(*, epochs: int, best_epoch: int, n_val: int, spec: SweepSpec)
 
 def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") -> dict[str, Any]:
     """Train and score the probe of one (checkpoint, layer) from its shards; return the row."""
-    from probeserve.probe import train_probes
+    from probeserve.probe import answer_probes
 
     t0 = time.perf_counter()
     manifest, data = _probe_data(sweep, ckpt, layer)
     try:
-        ((outcome,),) = train_probes([data], spec=sweep.spec.probe, device=device)
+        (outcome,) = answer_probes([data], spec=sweep.spec.probe, device=device)
     except ProbeserveError as e:
         raise _named(e, layer) from None
     if isinstance(outcome, Exception):
@@ -916,9 +1021,9 @@ def probe(sweep: Sweep, ckpt: Checkpoint, layer: str, *, device: str = "cpu") ->
 
 def probe_group(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: str = "cpu") -> list[Any]:
     """Train the probes of several layers of one checkpoint together on one device (one call
-    of `probe.train_probes`, within one `probe.memory_bytes`); return, per layer, its row or
+    of `probe.answer_probes`, within one `probe.memory_bytes`); return, per layer, its row or
     the exception that failed it alone. Each row's `seconds` is its share of the wall time."""
-    from probeserve.probe import train_probes
+    from probeserve.probe import answer_probes
 
     t0 = time.perf_counter()
     outcomes: list[Any] = [None] * len(layers)
@@ -928,9 +1033,9 @@ def probe_group(sweep: Sweep, ckpt: Checkpoint, layers: list[str], *, device: st
             inputs.append((i, *_probe_data(sweep, ckpt, layer)))
         except Exception as e:
             outcomes[i] = _named(e, layer)
-    trained = train_probes([data for _, _, data in inputs], spec=sweep.spec.probe, device=device)
+    trained = answer_probes([data for _, _, data in inputs], spec=sweep.spec.probe, device=device)
     share = (time.perf_counter() - t0) / max(1, len(layers))
-    for (i, manifest, _), (outcome,) in zip(inputs, trained, strict=True):
+    for (i, manifest, _), outcome in zip(inputs, trained, strict=True):
         layer = layers[i]
         if isinstance(outcome, Exception):
             outcomes[i] = _named(outcome, layer)

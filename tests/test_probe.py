@@ -389,7 +389,7 @@ def test_a_budget_too_small_for_the_parameters_is_one_clear_error() -> None:
     first = _data(x, y, 200, 50, 3, batch_size=64)
     reader = _FailingSource(x[:200], y[:200], fail_on_pass=0, batch_size=20)
     second = ProbeData(reader, None, None, 3)
-    spec = ProbeSpec(memory_bytes=170_000, batch_size=64, max_epochs=30)
+    spec = ProbeSpec(memory_bytes=170_000, batch_size=64, max_epochs=30, l2=1e-4)  # one probe each
     threads = threading.active_count()
     ok, too_many = train_probes([first, second], spec=spec)
     assert ok[0].peak_bytes <= spec.memory_bytes
@@ -404,7 +404,7 @@ def test_a_budget_too_small_for_the_parameters_is_one_clear_error() -> None:
 def test_known_feature_counts_reserve_memory_before_reading() -> None:
     x, y = _blobs(300, 40, 3, seed=16)
     data = _data(x, y, 200, 50, 3, n_features=39)  # a manifest that disagrees with the shards
-    (outcome,) = train_probes([data], spec=ProbeSpec())[0]
+    (outcome,) = train_probes([data], spec=ProbeSpec(l2=1e-4))[0]
     assert isinstance(outcome, DataError)
     assert "train split: a chunk has 40 features, expected 39" in str(outcome)
 
@@ -437,7 +437,9 @@ def test_a_read_error_on_the_prefetch_thread_fails_the_probe_and_stops_the_threa
     source = _FailingSource(x, y, fail_on_pass=4)
     before = threading.active_count()
     with pytest.raises(OSError, match="connection reset while reading part-00003"):
-        train_probe(source, None, None, num_classes=3, spec=ProbeSpec(memory_bytes=200_000, batch_size=100))
+        train_probe(
+            source, None, None, num_classes=3, spec=ProbeSpec(memory_bytes=200_000, batch_size=100, l2=1e-4)
+        )
     assert source.passes == 4 and source.closed == 4  # streamed: read again, each pass closed
     assert threading.active_count() == before
 
@@ -477,7 +479,7 @@ def test_a_streamed_pass_stopped_early_releases_its_reader() -> None:
 
 def test_torch_tensor_chunks_give_the_numpy_answer() -> None:
     x, y = _blobs(900, 25, 4, seed=18)
-    spec = ProbeSpec(patience=None, tolerance=1e-9)
+    spec = ProbeSpec(patience=None, tolerance=1e-9, l2=1e-4)
     as_numpy = train_probe(in_memory(x, y, batch_size=200), None, None, num_classes=4, spec=spec)
 
     def tensors():
@@ -516,9 +518,13 @@ def test_compute_dtype_changes_the_spec_hash_only_when_set() -> None:
         "data": {"kind": "gaussian"},
         "output": {"uri": "o"},
     }
-    # the hash this spec had before `probe.compute_dtype` existed: runs recorded then keep
-    # their run name (a branch that adds a field without this care changes it, and fails here)
-    assert spec_from_dict(base).hash() == "85939bc4532e37e0"
+    # the hash this spec had before `probe.compute_dtype` existed (and when probe.l2's default
+    # was 0.0001): runs recorded then keep their run name (a branch that adds a field without
+    # this care changes it, and fails here)
+    old_default = {**base, "probe": {"l2": 0.0001}}
+    assert spec_from_dict(old_default).hash() == "85939bc4532e37e0"
+    # the default grid changes the answer, so the hash: pinned, like the old one
+    assert spec_from_dict(base).hash() == "da77a028d33c6f44"
     as_bf16 = spec_from_dict({**base, "probe": {"compute_dtype": "bfloat16"}})
     assert as_bf16.hash() != spec_from_dict(base).hash()
 

@@ -44,8 +44,9 @@ def test_report_is_self_contained_with_spec_failures_progress_and_timings(sweep_
     assert page.startswith("<!DOCTYPE html>")
     assert not external_refs(page) and "<script" not in page.lower()
     assert "http://" not in page and "https://" not in page
-    # three plots, embedded
-    assert page.count('src="data:image/png;base64,') == 3
+    # three plots and the per-class plot (the rows have per-class errors), embedded
+    assert page.count('src="data:image/png;base64,') == 4
+    assert 'alt="test error per class by layer, step 10"' in page  # the last step with them
     # the spec that produced the run, as stored
     spec_yaml = open(os.path.join(sweep_out, "runs", "t", "spec.yaml"), encoding="utf-8").read()
     assert "factory: tiny" in spec_yaml and "factory: tiny" in page
@@ -161,7 +162,7 @@ def test_report_renders_in_a_headless_browser_without_console_errors(sweep_out, 
     dom = _chromium(tmp_path, page.as_uri(), "--dump-dom")
     assert dom.returncode == 0 and not _console_lines(dom.stderr)
     assert "Test error by layer and step" in dom.stdout and "<table>" in dom.stdout
-    assert dom.stdout.count("data:image/png;base64,") == 3 and "FAILED" in dom.stdout
+    assert dom.stdout.count("data:image/png;base64,") == 4 and "FAILED" in dom.stdout  # 3 + per class
     # the console check can fail: a page with a script error is caught
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body><script>notDefined();</script></body></html>")
@@ -186,7 +187,7 @@ def test_plots_and_report_on_s3(s3_server, tmp_path, monkeypatch):
     png = client.get_object(Bucket=bucket, Key="plots/h.png")["Body"].read()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     page = client.get_object(Bucket=bucket, Key="report.html")["Body"].read().decode()
-    assert "<b>4</b> done" in page and "factory: tiny" in page and page.count("data:image/png") == 3
+    assert "<b>4</b> done" in page and "factory: tiny" in page and page.count("data:image/png") == 4
     assert not external_refs(page)
     with pytest.raises(ProbeserveError, match="no such run"):
         report.build_report(spec.output.uri, run="other")

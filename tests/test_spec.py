@@ -158,8 +158,8 @@ def _float_fields(model, prefix: str):
     for name, field in model.model_fields.items():
         ann = field.annotation
         args = typing.get_args(ann) or (ann,)
-        if float in args:
-            yield f"{prefix}{name}"
+        if float in args:  # a list of floats is checked through its first item
+            yield f"{prefix}{name}" + ("[0]" if typing.get_origin(ann) is list else "")
         for a in args:
             if isinstance(a, type) and issubclass(a, BaseModel):
                 yield from _float_fields(a, f"{prefix}{name}.")
@@ -189,8 +189,9 @@ def test_every_float_field_refuses_inf_and_nan():
     ]
     for path, base in cases:
         for bad in (float("inf"), float("-inf"), float("nan")):
+            listed = path.endswith("[0]")
             with pytest.raises(SpecError) as info:
-                spec_from_dict(_with(path, bad, base))
+                spec_from_dict(_with(path.removesuffix("[0]"), [bad] if listed else bad, base))
             assert info.value.errors == [f"{path}: Input should be a finite number"], (path, bad)
 
 

@@ -156,6 +156,7 @@ def _spec(epochs: int, compute_dtype: str, memory_bytes: int, batch_size: int):
     # never stops early: early stopping runs (a validation pass every epoch) but patience
     # outlasts the run, and the tolerance is below any change
     return ProbeSpec(
+        l2=1e-4,  # one probe (the default is a grid); `l2s` stacks several where a case asks
         max_epochs=epochs,
         patience=10**6,
         tolerance=1e-300,
@@ -342,7 +343,7 @@ if args["threads"]:
     torch.set_num_threads(args["threads"])
 store = open_storage(sys.argv[2])
 keys = {s: sorted(o.key for o in store.list(s + "/")) for s in ("train", "val", "test")}
-spec = ProbeSpec(memory_bytes=args["memory_bytes"], batch_size=args["batch_size"], max_epochs=args["max_epochs"])
+spec = ProbeSpec(l2=1e-4, memory_bytes=args["memory_bytes"], batch_size=args["batch_size"], max_epochs=args["max_epochs"])
 src = lambda s: (lambda: iter_chunks(store, keys[s], batch_rows=spec.batch_size))
 t0 = time.perf_counter()
 res = train_probe(src("train"), src("val"), src("test"), num_classes=args["c"], spec=spec)

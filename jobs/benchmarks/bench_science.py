@@ -1,0 +1,194 @@
+"""Benchmark: what issue 14's answers cost and whether choosing l2 on validation pays.
+
+Three measurements, printed as ratios in one run:
+
+1. **The l2 grid's cost** (target: <= 2x). Fashion-MNIST raw pixels as `bench_probe.py` reads
+   them (55,000 train / 5,000 val, a seeded split of the training file / 10,000 test; 784
+   features, pixels / 255), on the CPU: `train_probes` with one l2 (1e-4, the default before
+   the grid) against the default grid of 8 values trained together (stacked as one
+   [80, 784] weight). Wall and CPU time of each, and the epochs each probe ran.
+2. **The chosen l2 against the old fixed default** (target: chosen test error never worse
+   than 1e-4's by more than 0.002, on any layer). The demo's sweep (`probeserve demo`: its
+   `mnist_convnet` checkpoints, layers, reducer and Fashion-MNIST data; `--quick` sizes by
+   default, `--full` for the demo's own) with `probe.l2` left at the default grid: every
+   (checkpoint, layer) is extracted and probed with `answer_probes`, whose grid holds 1e-4,
+   so each row's chosen probe and the 1e-4 probe come from the same call (a stacked head
+   answers what it answers alone: `tests/test_science.py`).
+3. **What `probe.control` and `probe.mdl` add** on the same items: wall time of
+   `answer_probes` with both on against the grid alone.
+
+    python jobs/benchmarks/bench_science.py [--idx-dir DIR] [--out DIR] [--full] [--only grid|demo]
+
+Wall times are taken once each, so on a shared machine they move with whatever else runs
+there; CPU time (`time.process_time`, all threads) is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_probe import DEFAULT_IDX_DIR, find, read_idx
+
+OLD_DEFAULT = 1e-4
+
+
+def _timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_grid(idx_dir: Path) -> bool:
+    import torch
+
+    from probeserve.probe import ProbeData, in_memory, train_probes
+    from probeserve.spec import DEFAULT_L2_GRID, ProbeSpec
+
+    images = read_idx(find(idx_dir, "train-images-idx3-ubyte")).reshape(60000, -1)
+    labels = read_idx(find(idx_dir, "train-labels-idx1-ubyte")).astype(np.int64)
+    test_x = read_idx(find(idx_dir, "t10k-images-idx3-ubyte")).reshape(10000, -1).astype(np.float32) / 255
+    test_y = read_idx(find(idx_dir, "t10k-labels-idx1-ubyte")).astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(images))
+    val_rows, train_rows = order[:5000], order[5000:]
+    x, y = images[train_rows].astype(np.float32) / 255, labels[train_rows]
+    xv, yv = images[val_rows].astype(np.float32) / 255, labels[val_rows]
+
+    def data() -> ProbeData:
+        return ProbeData(in_memory(x, y), in_memory(xv, yv), in_memory(test_x, test_y), 10)
+
+    print(
+        f"1. l2 grid on Fashion-MNIST pixels: train {len(x)}, val {len(xv)}, test {len(test_x)}, "
+        f"784 features, 10 classes; CPU, torch threads {torch.get_num_threads()}"
+    )
+    spec = ProbeSpec()
+    (one,), one_wall, one_cpu = _timed(lambda: train_probes([data()], spec=spec, l2s=[OLD_DEFAULT])[0])
+    grid, grid_wall, grid_cpu = _timed(lambda: train_probes([data()], spec=spec, l2s=DEFAULT_L2_GRID)[0])
+    print(
+        f"   one probe (l2 {OLD_DEFAULT:g}):  {one_wall:6.1f} s wall  {one_cpu:6.1f} s CPU  "
+        f"epochs {one.epochs}, function evaluations {one.evaluations}, test error {one.test_error:.4f}"
+    )
+    print(
+        f"   grid of {len(grid)} together:      {grid_wall:6.1f} s wall  {grid_cpu:6.1f} s CPU  "
+        f"epochs {[r.epochs for r in grid]}"
+    )
+    for r in grid:
+        print(f"     l2 {r.l2:<7g} val error {r.val_error:.4f}  test error {r.test_error:.4f}")
+    ratio = grid_wall / one_wall
+    print(
+        f"   grid / one probe: {ratio:.2f}x wall, {grid_cpu / one_cpu:.2f}x CPU time   target <= 2x (wall); "
+        f"head-evaluations {sum(r.evaluations for r in grid)} vs {one.evaluations}"
+    )
+    return ratio <= 2.0
+
+
+def demo_items(out: str, *, full: bool):
+    """The demo's sweep with probe.l2 at its default grid: checkpoints trained (or reused),
+    every item extracted. Returns (sweep, items)."""
+    from probeserve.data import find_fashion_mnist
+    from probeserve.demo import QUICK_STEPS, STEPS, demo_spec, train_and_checkpoint
+    from probeserve.runners.local import group_by_checkpoint
+    from probeserve.spec import spec_from_dict
+    from probeserve.sweep import Sweep, extract_missing
+
+    path = find_fashion_mnist()
+    if path is None:
+        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
+    spec_dict = demo_spec(out, path, quick=not full)
+    del spec_dict["probe"]["l2"]  # the demo sets 1e-3; here: the default grid
+    spec_dict["run"] = "science"
+    spec_dict["resources"]["device"] = "cpu"
+    spec = spec_from_dict(spec_dict, source="bench spec")
+    train_and_checkpoint(spec, STEPS if full else QUICK_STEPS, quick=not full)
+    sweep = Sweep(spec)
+    plan = sweep.plan()
+    sweep.record_spec()
+    items = [item for item, _ in plan.items]
+    for group in group_by_checkpoint(items):
+        extract_missing(sweep, group, device="cpu")
+    return sweep, items
+
+
+def bench_demo(out: str, *, full: bool, with_extras: bool = True) -> bool:
+    from probeserve.probe import answer_probes
+    from probeserve.spec import DEFAULT_L2_GRID, ControlSpec, MdlSpec
+    from probeserve.sweep import _probe_data
+
+    sweep, items = demo_items(out, full=full)
+    spec = sweep.spec.probe
+    sizes = sweep.spec.data
+    print(
+        f"\n2. chosen l2 vs l2 {OLD_DEFAULT:g} on the demo's sweep ({'full' if full else 'quick'} size: "
+        f"train {sizes.train_size}, val {sizes.val_size}, test {sizes.test_size}; {len(items)} items)"
+    )
+    at_default = list(DEFAULT_L2_GRID).index(OLD_DEFAULT)
+    diffs, by_loss = [], []
+    grid_wall = both_wall = 0.0
+    with_both = spec.model_copy(update={"control": ControlSpec(), "mdl": MdlSpec()})
+    print(
+        f"   {'step':>4}  {'layer':<7} {'l2 (val error)':>14} {'test error':>10}  {'at 1e-4':>8}  "
+        f"{'difference':>10}  |  {'l2 (val loss)':>13} {'test error':>10} {'difference':>10}"
+    )
+    for item in items:
+        _, data = _probe_data(sweep, item.checkpoint, item.layer)
+        (answer,), wall, _ = _timed(lambda data=data: answer_probes([data], spec=spec))
+        grid_wall += wall
+        chosen, default = answer.chosen, answer.grid[at_default]
+        # the other rule one could use: the lowest validation loss
+        on_loss = min(answer.grid, key=lambda r: (r.val_loss, -r.l2))
+        diffs.append(chosen.test_error - default.test_error)
+        by_loss.append(on_loss.test_error - default.test_error)
+        print(
+            f"   {item.checkpoint.step:>4}  {item.layer:<7} {chosen.l2:>14g} {chosen.test_error:>10.4f}  "
+            f"{default.test_error:>8.4f}  {diffs[-1]:>+10.4f}  |  {on_loss.l2:>13g} {on_loss.test_error:>10.4f} "
+            f"{by_loss[-1]:>+10.4f}"
+        )
+        if with_extras:
+            _, data = _probe_data(sweep, item.checkpoint, item.layer)
+            (_,), wall, _ = _timed(lambda data=data: answer_probes([data], spec=with_both))
+            both_wall += wall
+    worst = max(diffs)
+    print(
+        f"   chosen on val error (probeserve's rule) - 1e-4: worst {worst:+.4f}, mean {np.mean(diffs):+.4f}, "
+        f"better on {sum(d < 0 for d in diffs)} of {len(diffs)} items   target: worst <= +0.002"
+    )
+    print(
+        f"   chosen on val loss (for comparison)      - 1e-4: worst {max(by_loss):+.4f}, "
+        f"mean {np.mean(by_loss):+.4f}, better on {sum(d < 0 for d in by_loss)} of {len(by_loss)} items"
+    )
+    if with_extras:
+        print(
+            f"\n3. control task + MDL on the same items: {both_wall:.1f} s wall against {grid_wall:.1f} s for "
+            f"the grid alone: {both_wall / grid_wall:.2f}x"
+        )
+    return worst <= 0.002
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--idx-dir", default=DEFAULT_IDX_DIR, type=Path)
+    parser.add_argument(
+        "--out", help="where the demo's checkpoints and shards go (default: a temporary folder)"
+    )
+    parser.add_argument("--full", action="store_true", help="the demo's own sizes, not --quick's")
+    parser.add_argument("--only", choices=["grid", "demo"])
+    parser.add_argument("--skip-extras", action="store_true", help="leave out measurement 3")
+    args = parser.parse_args()
+    ok = True
+    if args.only in (None, "grid"):
+        ok &= bench_grid(args.idx_dir)
+    if args.only in (None, "demo"):
+        out = args.out or tempfile.mkdtemp(prefix="bench-science-")
+        ok &= bench_demo(out, full=args.full, with_extras=not args.skip_extras)
+    print("targets met" if ok else "TARGETS MISSED")
+
+
+if __name__ == "__main__":
+    main()
