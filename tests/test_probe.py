@@ -347,6 +347,27 @@ def test_stacked_l2_heads_equal_training_each_alone() -> None:
     assert len({r.epochs for r in together}) > 1
 
 
+def test_a_training_pass_gives_each_stacked_heads_loss_and_gradient() -> None:
+    # the training pass writes its softmax out (for speed); against the float64 objective, per
+    # head, with logits large enough (tens) that an unshifted exp would overflow float32
+    from probeserve.probe import _load, _pass
+
+    x, y = _blobs(700, 30, 6, seed=5)
+    spec = ProbeSpec()
+    _, (d,) = _load(
+        [ProbeData(in_memory(x, y, batch_size=256), None, None, 6)], spec=spec, device="cpu", heads=3
+    )
+    z, _, _ = _standardise(x)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(6 * 31, dtype=torch.float64, generator=g) * scale for scale in (0.01, 1.0, 20.0)]
+    evals = _pass(d, d.train, params, with_grad=True)
+    for p, ev in zip(params, evals, strict=True):
+        want_loss, want_grad = _objective_and_grad(p.numpy(), z, y, 6, 0.0)
+        assert ev.loss == pytest.approx(want_loss, rel=1e-5)
+        got = torch.cat([ev.grad_w.reshape(-1), ev.grad_b]).double().numpy()
+        np.testing.assert_allclose(got, want_grad, rtol=0, atol=1e-5 * max(1.0, np.abs(want_grad).max()))
+
+
 def test_layers_trained_together_equal_training_each_alone() -> None:
     # different data, feature counts and class counts; the budget holds the small layer's
     # train split but streams the large one's

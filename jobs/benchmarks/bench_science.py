@@ -6,7 +6,8 @@ Three measurements, printed as ratios in one run:
    them (55,000 train / 5,000 val, a seeded split of the training file / 10,000 test; 784
    features, pixels / 255), on the CPU: `train_probes` with one l2 (1e-4, the default before
    the grid) against the default grid of 8 values trained together (stacked as one
-   [80, 784] weight). Wall and CPU time of each, and the epochs each probe ran.
+   [80, 784] weight). Wall and CPU time of each, and the epochs each probe ran; then where a
+   training pass's time goes, for 1 and 8 heads (its products; the softmax).
 2. **The chosen l2 against the old fixed default** (target: chosen test error never worse
    than 1e-4's by more than 0.002, on any layer). The demo's sweep (`probeserve demo`: its
    `mnist_convnet` checkpoints, layers, reducer and Fashion-MNIST data; `--quick` sizes by
@@ -73,11 +74,12 @@ def bench_grid(idx_dir: Path) -> bool:
     grid, grid_wall, grid_cpu = _timed(lambda: train_probes([data()], spec=spec, l2s=DEFAULT_L2_GRID)[0])
     print(
         f"   one probe (l2 {OLD_DEFAULT:g}):  {one_wall:6.1f} s wall  {one_cpu:6.1f} s CPU  "
-        f"epochs {one.epochs}, function evaluations {one.evaluations}, test error {one.test_error:.4f}"
+        f"epochs {one.epochs}, function evaluations {one.evaluations}, test error {one.test_error:.4f}; "
+        f"solver {one.solve_seconds:.1f} s wall"
     )
     print(
         f"   grid of {len(grid)} together:      {grid_wall:6.1f} s wall  {grid_cpu:6.1f} s CPU  "
-        f"epochs {[r.epochs for r in grid]}"
+        f"epochs {[r.epochs for r in grid]}; solver {grid[0].solve_seconds:.1f} s wall"
     )
     for r in grid:
         print(f"     l2 {r.l2:<7g} val error {r.val_error:.4f}  test error {r.test_error:.4f}")
@@ -87,6 +89,59 @@ def bench_grid(idx_dir: Path) -> bool:
         f"head-evaluations {sum(r.evaluations for r in grid)} vs {one.evaluations}"
     )
     return ratio <= 2.0
+
+
+def bench_passes(idx_dir: Path) -> None:
+    """Where a training pass's time goes, for 1 and 8 stacked heads: the CPU time of one pass
+    over the same 55,000 rows as measurement 1, of its two matrix products alone, and, on its
+    largest block, of the softmax written out against `torch.softmax` and `max`."""
+    import torch
+
+    from probeserve.probe import ProbeData, _load, _pass, in_memory
+    from probeserve.spec import ProbeSpec
+
+    images = read_idx(find(idx_dir, "train-images-idx3-ubyte")).reshape(60000, -1)
+    labels = read_idx(find(idx_dir, "train-labels-idx1-ubyte")).astype(np.int64)
+    rows = np.random.default_rng(0).permutation(len(images))[5000:]
+    x, y = images[rows].astype(np.float32) / 255, labels[rows]
+    _, (d,) = _load([ProbeData(in_memory(x, y), None, None, 10)], spec=ProbeSpec(), device="cpu", heads=8)
+    assert d.train.slabs is not None
+    blocks = [sx.float() for sx, _ in d.train.slabs]
+
+    def cpu(fn, repeat: int = 5) -> float:
+        fn()
+        started = time.process_time()
+        for _ in range(repeat):
+            fn()
+        return (time.process_time() - started) / repeat
+
+    print(
+        f"\n   training passes over {len(x)} rows in blocks of {[len(b) for b in blocks]}, "
+        f"CPU time, torch threads {torch.get_num_threads()}:"
+    )
+    generator = torch.Generator().manual_seed(0)
+    for k in (1, 8):
+        params = [torch.randn(10 * 785, dtype=torch.float64, generator=generator) * 0.01 for _ in range(k)]
+        whole = cpu(lambda params=params: _pass(d, d.train, params, with_grad=True))
+        v = torch.randn(10 * k, 784, generator=generator)
+        c = torch.zeros(10 * k)
+        products = cpu(lambda v=v, c=c: [torch.addmm(c, b, v.T).T @ b for b in blocks])
+        print(
+            f"     {k} head(s): pass {whole * 1e3:6.1f} ms ({whole / k * 1e3:5.1f} ms a head), "
+            f"its two products {products * 1e3:6.1f} ms ({products / whole:.0%})"
+        )
+    g = torch.randn(len(blocks[-1]), 8, 10, generator=generator)
+
+    def written_out() -> None:
+        top = g.amax(dim=2, keepdim=True)
+        probs = (g - top).exp_()
+        probs.div_(probs.sum(dim=2, keepdim=True))
+
+    print(
+        f"     softmax of a [{len(g)}, 8 x 10] block: torch.softmax {cpu(lambda: torch.softmax(g, dim=2)) * 1e3:.1f} ms, "
+        f"max with indices {cpu(lambda: g.max(dim=2)) * 1e3:.1f} ms; written out (amax, exp, sum, divide) "
+        f"{cpu(written_out) * 1e3:.1f} ms"
+    )
 
 
 def demo_items(out: str, *, full: bool):
@@ -184,6 +239,7 @@ def main() -> None:
     ok = True
     if args.only in (None, "grid"):
         ok &= bench_grid(args.idx_dir)
+        bench_passes(args.idx_dir)
     if args.only in (None, "demo"):
         out = args.out or tempfile.mkdtemp(prefix="bench-science-")
         ok &= bench_demo(out, full=args.full, with_extras=not args.skip_extras)
