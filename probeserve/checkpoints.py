@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from probeserve.errors import CheckpointError, StorageError
+from probeserve.errors import CheckpointError, StorageError, first_line
 from probeserve.spec import CheckpointsSpec
 from probeserve.staging import StagingDir
 from probeserve.storage import LocalStorage, NotAFile, Storage, join, open_storage
@@ -320,7 +320,7 @@ def _load_file(path: str, where: str) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # the safe unpickler raises several types; none ran code
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e) or type(e).__name__
             raise CheckpointError(f"{where}: refused by torch's weights-only loader: {first}") from None
         if isinstance(obj, Mapping):
             for nested in ("state_dict", "model"):

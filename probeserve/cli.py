@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from probeserve.errors import ProbeserveError, SpecError
-from probeserve.runners.base import run_spec  # here too: demo.py imports it from this module
+from probeserve.console import format_table, human_bytes, print_results_table, print_run_summary
+from probeserve.errors import ProbeserveError, SpecError, first_line
+from probeserve.runners.base import run_spec
 
 log = logging.getLogger("probeserve")
 
@@ -28,24 +29,6 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-
-
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
-    """Plain fixed-width text table; floats with 4 decimals."""
-
-    def cell(v: object) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return str(v)
-
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
 
 
 def _spec(args: argparse.Namespace):
@@ -174,14 +157,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from probeserve.sweep import Sweep
 
@@ -199,83 +174,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "layer": item.layer,
                 "index": item.layer_index,
                 "status": "done" if status == "ok" else status,
-                "activation_bytes": _human_bytes(est),
+                "activation_bytes": human_bytes(est),
             }
         )
     print(format_table(rows, ["step", "layer", "index", "status", "activation_bytes"]))
     counts = plan.counts()
     print(
         f"\n{len(plan.items)} item(s): {counts['ok']} done, {counts['failed']} failed, "
-        f"{counts['pending']} pending; activations to extract: about {_human_bytes(todo_bytes)}"
+        f"{counts['pending']} pending; activations to extract: about {human_bytes(todo_bytes)}"
     )
     for c in plan.discovery.incomplete:
         print(f"skipped (no completion marker yet): {c.key}")
     for key, why in plan.discovery.rejected:
         print(f"skipped ({why}): {key}")
     return 0
-
-
-def print_results_table(output_uri: str, run: str, s3_endpoint: str | None) -> list[dict]:
-    """Print a run's test errors as a layer-by-step table, naming the run; return its rows.
-
-    A probe that hit `probe.max_epochs` is marked with `*`."""
-    from probeserve import results
-
-    rows = results.load(output_uri, run=run, s3_endpoint=s3_endpoint).to_pylist()
-    columns, grid = results.error_grid(rows)
-    capped = {(r["layer"], f"step {r['step']}") for r in rows if r.get("hit_max_epochs")}
-    for line in grid:
-        for col in columns[1:]:
-            if (line["layer"], col) in capped and isinstance(line[col], float):
-                line[col] = f"{line[col]:.4f}*"
-    note = "; * hit probe.max_epochs" if capped else ""
-    print(f"run {run}: test error by layer (rows, in forward order) and checkpoint step (columns){note}:")
-    print(format_table(grid, columns))
-    return rows
-
-
-def activation_bytes(spec) -> int:
-    """Bytes of activation shards stored for the spec's run (one listing of its prefix)."""
-    from probeserve import layout
-    from probeserve.results import open_output
-
-    out = open_output(spec.output.uri, s3_endpoint=spec.storage.resolved_endpoint(), must_exist=False)
-    return sum(o.size for o in out.list(layout.activations_prefix(spec.run)))
-
-
-def print_run_summary(spec, summary, rows: list[dict]) -> None:
-    """What a run did, what it keeps, and which probes hit their epoch cap (after the table)."""
-    from probeserve import layout
-    from probeserve.storage import redact
-
-    uri = redact(spec.output.uri.rstrip("/"))
-    print(
-        f"\nrun {spec.run}: {summary.ok} item(s) done now, {summary.skipped_done} already done, "
-        f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; results in {uri}/{layout.results_prefix()}"
-    )
-    kept = activation_bytes(spec)
-    where = f"{uri}/{layout.activations_prefix(spec.run)}"
-    if spec.output.keep_activations:
-        print(
-            f"kept {_human_bytes(kept)} of activations in {where} (output.keep_activations: true; "
-            "false deletes a layer's once its probe is committed)"
-        )
-    elif kept:
-        print(
-            f"kept {_human_bytes(kept)} of activations in {where} (output.keep_activations: false: "
-            "they belong to items not done, or to an interrupted run)"
-        )
-    else:
-        print("kept no activations (output.keep_activations: false)")
-    ok = [r for r in rows if r["status"] == "ok"]
-    capped = [r for r in ok if r.get("hit_max_epochs")]
-    if capped:
-        cap = spec.probe.max_epochs
-        print(
-            f"{len(capped)} of {len(ok)} probes hit probe.max_epochs={cap} before early stopping or "
-            f"converging (* above; column hit_max_epochs): their errors may still fall. Raise it for "
-            f"a new run: --set probe.max_epochs={2 * cap} --set run=NAME."
-        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -441,16 +353,16 @@ _GOOD_OUT = "a file path, file:///path/answer.csv or s3://bucket/path/answer.csv
 def _out_location(out: str, results_uri: str) -> tuple[str, str]:
     """(folder URI, file name) of `--out`, or a one-line error naming `--out`.
 
-    The answer goes exactly where `--out` says, as one file: never a folder, never inside the
-    results folder (where every file is read as a result row).
+    The answer goes exactly where `--out` says (`storage.file_location`), as one file: never a
+    folder, never inside the results folder (where every file is read as a result row).
     """
     import os
-    import posixpath
     import re
     from urllib.parse import urlsplit
 
     from probeserve import layout
     from probeserve.spec import check_uri
+    from probeserve.storage import file_location
 
     try:
         check_uri(out)
@@ -458,20 +370,16 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
         what = re.split(r"; |, like ", str(e))[0]  # the problem, not check_uri's spec-field advice
         raise ProbeserveError(f"--out {out!r}: {what}; give {_GOOD_OUT}") from None
     parts = urlsplit(out)
+    folder, name = file_location(out)
     if parts.scheme == "s3":
-        parent, name = posixpath.split(parts.path)
         if not name:
             raise ProbeserveError(f"--out {out!r}: names no object; give {_GOOD_OUT}")
-        folder = f"s3://{parts.netloc}{parent}"
     else:
         path = parts.path if parts.scheme == "file" else out
-        if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        if not name or os.path.isdir(path):
             raise ProbeserveError(
                 f"--out {out!r}: is a folder; give a file name, like {out.rstrip('/')}/answer.csv"
             )
-        folder, name = os.path.split(os.path.abspath(path))
-        if name in ("", ".", ".."):
-            raise ProbeserveError(f"--out {out!r}: names no file; give {_GOOD_OUT}")
     results_dir = layout.output_root(results_uri).rstrip("/") + "/" + layout.RESULTS_DIR
     if results_dir.startswith("file://"):
         results_dir = urlsplit(results_dir).path
@@ -489,6 +397,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
     from probeserve import results
+    from probeserve.storage import publish_file
 
     where = _out_location(args.out, args.results) if args.out is not None else None  # before any work
     if args.format == "parquet" and where is None:
@@ -509,7 +418,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise ProbeserveError("--sql: the statement returns no rows; use a SELECT")
         out = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e) or type(e).__name__
         if "configuration" in first and ("disabled" in first or "locked" in first):
             first += " (a query sees the results table only; --allow-external-access lifts this)"
         raise ProbeserveError(f"--sql: {first}") from None
@@ -519,24 +428,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         out = out.drop_columns([c for c in OPTIONAL_COLUMNS if out.column(c).null_count == out.num_rows])
     data = _encode(out, args.format)
     if where is not None:
-        _publish(where, data, s3_endpoint=args.s3_endpoint)
+        publish_file(args.out, data, s3_endpoint=args.s3_endpoint)
         print(f"{out.num_rows} row(s) written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     return 0
-
-
-def _publish(where: tuple[str, str], data: bytes, *, s3_endpoint: str | None) -> None:
-    """Write one whole object atomically: `where` is (folder URI, name) from `_out_location`.
-
-    Locally the bytes go to a temporary name in that folder, renamed over the name; on S3 one
-    PUT. Nothing else is written.
-    """
-    from probeserve.storage import open_storage
-
-    folder, name = where
-    open_storage(folder, s3_endpoint=s3_endpoint).publish_bytes(name, data)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

@@ -246,8 +246,9 @@ def activate_hint(prefix: str = sys.prefix, environ: Mapping[str, str] | None = 
 
 
 def run_demo(*, out: str = "demo-output", quick: bool = False, runner: str = "ray") -> int:
-    from probeserve.cli import print_results_table, print_run_summary, run_spec
+    from probeserve.console import print_results_table, print_run_summary
     from probeserve.data import find_fashion_mnist
+    from probeserve.runners.base import run_spec
     from probeserve.spec import spec_from_dict
 
     shown = out.rstrip("/") or out  # as the user wrote it, for the commands printed at the end

@@ -4,6 +4,8 @@ thing to fix (spec field, object key, layer name); the CLI prints it on one line
 
 from __future__ import annotations
 
+import re
+
 
 class ProbeserveError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
@@ -49,3 +51,23 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, ProbeserveError):
         return str(e)
     return f"{type(e).__name__}: {e}"
+
+
+_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*(?:[^.]*\.\s+)?")
+
+
+def first_line(e: BaseException) -> str:
+    """The first meaningful line of an error's message; "" when it has none.
+
+    Where a message from a library (torch, Ray, DuckDB, a safe unpickler) is quoted inside one
+    of ours, only its first line fits. torch errors can carry C++ frames ("Exception raised
+    from ...", "C++ CapturedTraceback:", "frame #0: ...") after the message, and allocation
+    failures start with the C++ assertion that failed ("[enforce fail at alloc_cpu.cpp:127]
+    err == 0."); neither says anything to a user. A caller that must say something writes
+    `first_line(e) or type(e).__name__`.
+    """
+    for line in str(e).splitlines():
+        line = _ENFORCE.sub("", line.strip())
+        if line:
+            return line
+    return ""

@@ -8,7 +8,7 @@ the factory does not take, a result that is not a module) becomes a `ModelError`
 the factory, because these are spec mistakes, not bugs. So does a factory that ends the
 process (`sys.exit`, a `KeyboardInterrupt` it raises itself): building a model is not a
 reason for probeserve to exit with the factory's status. torch's own errors are cut to their
-first line, without the C++ frames some builds append.
+first line, without the C++ frames some builds append (`errors.first_line`).
 
 The built-ins reproduce the models of Alain & Bengio (2016): the deep MLP of section 3.4
 (with its auxiliary heads and the pathological skip connection) and the TensorFlow MNIST
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probeserve.errors import ModelError
+from probeserve.errors import ModelError, first_line
 from probeserve.spec import ModelSpec, memory_error
 
 _ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
@@ -610,24 +610,6 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*(?:[^.]*\.\s+)?")
-
-
-def one_line(e: BaseException) -> str:
-    """The first meaningful line of an error's message.
-
-    torch errors can carry C++ frames ("Exception raised from ...", "C++ CapturedTraceback:",
-    "frame #0: ...") after the message, and allocation failures start with the C++ assertion
-    that failed ("[enforce fail at alloc_cpu.cpp:127] err == 0."); neither says anything to a
-    user.
-    """
-    for line in str(e).splitlines():
-        line = _ENFORCE.sub("", line.strip())
-        if line:
-            return line
-    return ""
-
-
 @contextlib.contextmanager
 def _telling_real_interrupts() -> Iterator[dict[str, bool]]:
     """Note whether a real SIGINT (Ctrl-C) arrives while user code runs.
@@ -660,7 +642,7 @@ def _stopped(factory: str, e: BaseException, doing: str) -> ModelError:
     if isinstance(e, SystemExit):
         how = f"called sys.exit({e.code!r})"
     else:
-        how = f"raised {type(e).__name__}" + (f": {one_line(e)}" if one_line(e) else "")
+        how = f"raised {type(e).__name__}" + (f": {first_line(e)}" if first_line(e) else "")
     return ModelError(
         f"model.factory {factory!r}: {how} while {doing}; user code must raise an exception, not end the process"
     )
@@ -700,7 +682,7 @@ def _resolve_factory(factory: str) -> Callable[..., Any]:
         raise
     except Exception as e:  # user code: an import can fail in any way, all of them are spec errors
         raise ModelError(
-            f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {one_line(e)}"
+            f"model.factory {factory!r}: cannot import module {module_name!r}: {type(e).__name__}: {first_line(e)}"
         ) from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -776,10 +758,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
     except ModelError:
         raise
     except (TypeError, ValueError) as e:
-        field, message = _kwarg_field(spec.kwargs, one_line(e))
+        field, message = _kwarg_field(spec.kwargs, first_line(e))
         raise ModelError(f"{field}: factory {spec.factory!r} rejected its arguments: {message}") from None
     except Exception as e:  # user code: report it on one line, naming the factory
-        raise ModelError(f"model.factory {spec.factory!r} raised {type(e).__name__}: {one_line(e)}") from None
+        raise ModelError(
+            f"model.factory {spec.factory!r} raised {type(e).__name__}: {first_line(e)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"model.factory {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module"

@@ -26,12 +26,10 @@ import contextlib
 import io
 import math
 import os
-import posixpath
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -40,10 +38,12 @@ import pyarrow.compute as pc
 from probeserve import results
 from probeserve.errors import ProbeserveError
 from probeserve.results import METRICS
+from probeserve.storage import publish_file
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from typing_extensions import Unpack  # typing's own from Python 3.11
 
 KINDS = ("layers", "heatmap", "steps", "animation", "classes")
 # Error metrics with a 95% interval: the row's own columns, or Wilson's from the split's count.
@@ -802,25 +802,6 @@ def classes_figure(cg: ClassGrid) -> Figure:
     return fig
 
 
-def _is_remote(out: str) -> bool:
-    scheme = urlsplit(out).scheme
-    return len(scheme) > 1 and scheme != "file"
-
-
-def publish(out: str, data: bytes, *, s3_endpoint: str | None = None) -> str:
-    """Write `data` to a path or URI atomically (a reader never sees half a file); return `out`."""
-    from probeserve.storage import open_storage
-
-    if _is_remote(out):
-        parent, name = posixpath.split(out.rstrip("/"))
-        open_storage(parent, s3_endpoint=s3_endpoint).publish_bytes(name, data)
-        return out
-    path = urlsplit(out).path if out.startswith("file://") else out
-    folder, name = os.path.split(os.path.abspath(path))
-    open_storage(folder).publish_bytes(name, data)
-    return out
-
-
 def figure_png(fig: Figure, *, dpi: int = 110) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     buf = io.BytesIO()
@@ -848,13 +829,24 @@ def _save(fig: Figure, out: str, s3_endpoint: str | None) -> str:
             fig.savefig(buf, format=fmt, dpi=110)
     finally:
         _pyplot().close(fig)
-    return publish(out, buf.getvalue(), s3_endpoint=s3_endpoint)
+    return publish_file(out, buf.getvalue(), s3_endpoint=s3_endpoint)
 
 
 # ---- the public API: a table in, a file out ----
 
 
-def plot_layers(
+class PlotOptions(TypedDict, total=False):
+    """What each plot takes besides its table and `out`: the flags of `probeserve plot`."""
+
+    run: str | None  # the run to plot (needed when the table holds several)
+    metric: str  # one of results.METRICS (default: test_error)
+    steps: Sequence[int] | None  # checkpoint steps (default: all, or a spread for `layers`)
+    layers: Sequence[str] | None  # layer names (default: all)
+    s3_endpoint: str | None  # where `out` is on an S3-compatible server
+
+
+def _plot_grid(
+    kind: str,
     table: pa.Table,
     out: str,
     *,
@@ -864,40 +856,31 @@ def plot_layers(
     layers: Sequence[str] | None = None,
     s3_endpoint: str | None = None,
 ) -> str:
+    """The layers, heatmap and steps plots: the grid of the chosen values, drawn as `kind`."""
+    g = grid(table, run=run, metric=metric, steps=steps, layers=layers)
+    if kind == "layers":
+        fig = layers_figure(g, rows=range(len(g.steps)) if steps is not None else None)
+    elif kind == "heatmap":
+        fig = heatmap_figure(g)
+    else:
+        assert kind == "steps", kind
+        fig = steps_figure(g)
+    return _save(fig, out, s3_endpoint)
+
+
+def plot_layers(table: pa.Table, out: str, **options: Unpack[PlotOptions]) -> str:
     """Error versus layer, one line per step (default: up to 6 spread over the run)."""
-    g = grid(table, run=run, metric=metric, steps=steps, layers=layers)
-    rows = range(len(g.steps)) if steps is not None else None
-    return _save(layers_figure(g, rows=rows), out, s3_endpoint)
+    return _plot_grid("layers", table, out, **options)
 
 
-def plot_heatmap(
-    table: pa.Table,
-    out: str,
-    *,
-    run: str | None = None,
-    metric: str = "test_error",
-    steps: Sequence[int] | None = None,
-    layers: Sequence[str] | None = None,
-    s3_endpoint: str | None = None,
-) -> str:
+def plot_heatmap(table: pa.Table, out: str, **options: Unpack[PlotOptions]) -> str:
     """Step by layer, colour = error: the ripple at a glance."""
-    g = grid(table, run=run, metric=metric, steps=steps, layers=layers)
-    return _save(heatmap_figure(g), out, s3_endpoint)
+    return _plot_grid("heatmap", table, out, **options)
 
 
-def plot_steps(
-    table: pa.Table,
-    out: str,
-    *,
-    run: str | None = None,
-    metric: str = "test_error",
-    steps: Sequence[int] | None = None,
-    layers: Sequence[str] | None = None,
-    s3_endpoint: str | None = None,
-) -> str:
+def plot_steps(table: pa.Table, out: str, **options: Unpack[PlotOptions]) -> str:
     """Error versus step, one line per layer (default: all of them)."""
-    g = grid(table, run=run, metric=metric, steps=steps, layers=layers)
-    return _save(steps_figure(g), out, s3_endpoint)
+    return _plot_grid("steps", table, out, **options)
 
 
 def plot_classes(
@@ -966,7 +949,7 @@ def animate(
         finally:
             plt.close(fig)
         with open(local, "rb") as f:
-            return publish(out, f.read(), s3_endpoint=s3_endpoint)
+            return publish_file(out, f.read(), s3_endpoint=s3_endpoint)
 
 
 def animation_fps(num_frames: int) -> int:

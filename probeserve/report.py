@@ -3,8 +3,9 @@
 The page holds everything needed to read a run without probeserve installed: progress
 counts, the plots (PNG embedded as base64, no external URL or script), the test-error grid,
 failures with their error text, checkpoints, timings, the spec that produced the results
-and every row. It is published atomically (`publish`), so a watcher can rewrite it after
-each checkpoint while someone has it open, and a reader never sees half a page.
+and every row. It is published atomically (`storage.publish_file`), so a watcher can
+rewrite it after each checkpoint while someone has it open, and a reader never sees half a
+page.
 
 Every string that comes from the results or the spec is HTML-escaped.
 """
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from probeserve import layout, plots, results
 from probeserve.errors import ProbeserveError
-from probeserve.storage import Storage, open_storage, redact
+from probeserve.storage import Storage, open_storage, publish_file, redact
 
 # Columns of the full rows table, in the order a reader scans them.
 ROW_COLUMNS = [
@@ -349,4 +350,4 @@ def write_report(
 ) -> str:
     """Build the report and publish it atomically at `out` (a path or URI); return `out`."""
     page = build_report(results_uri, run=run, s3_endpoint=s3_endpoint, refresh_seconds=refresh_seconds)
-    return plots.publish(out, page.encode("utf-8"), s3_endpoint=s3_endpoint)
+    return publish_file(out, page.encode("utf-8"), s3_endpoint=s3_endpoint)

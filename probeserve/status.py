@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from probeserve import layout, results
 from probeserve.checkpoints import discover
-from probeserve.errors import ProbeserveError
+from probeserve.errors import ProbeserveError, first_line
 from probeserve.markers import marker_state
 from probeserve.spec import CheckpointsSpec, StorageSpec
 from probeserve.storage import Storage, StorageError, open_storage
@@ -42,7 +42,7 @@ def run_status(
         try:
             rows.append(_one_run(out, name, s3_endpoint))
         except (ProbeserveError, ValidationError, ValueError, KeyError, TypeError) as e:
-            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            what = first_line(e) or type(e).__name__
             rows.append({"run": name, "error": f"{type(e).__name__}: {what}"})
     return rows
 

@@ -576,3 +576,36 @@ def open_storage(uri: str, *, s3_endpoint: str | None = None) -> Storage:
             f"{redact(uri)}: unsupported scheme '{parts.scheme}://' (use a path, file:// or s3://)"
         )
     return LocalStorage(uri)
+
+
+def file_location(uri: str) -> tuple[str, str]:
+    """(folder, name) of the one file a path or URI names; the name is "" when it names a folder.
+
+    A plain path or a file:// URI is made absolute here, so a relative `--out answer.csv` lands
+    in the folder the command runs in. Any other URI (s3://bucket/dir/answer.csv) is split as
+    text at its last `/`, so the object is named exactly as written (a `?` or `#` included,
+    which URL parsing would take for a query or a fragment); a bucket alone names no object.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme and len(parts.scheme) > 1 and parts.scheme != "file":  # one letter: a Windows drive
+        folder, _, name = uri.rpartition("/")
+        return (folder, name) if "://" in folder else (uri, "")
+    path = parts.path if parts.scheme == "file" else uri
+    if path.endswith(("/", os.sep)):
+        return os.path.abspath(path), ""
+    folder, name = os.path.split(os.path.abspath(path))
+    return folder, name
+
+
+def publish_file(uri: str, data: bytes, *, s3_endpoint: str | None = None) -> str:
+    """Write one whole file at a path or URI atomically (a reader never sees half of it); return `uri`.
+
+    What `query --out`, `plot` and `report` write: locally the bytes go to a temporary name in
+    the target's folder and are renamed over the name; on S3 they are one PUT. Nothing else is
+    written.
+    """
+    folder, name = file_location(uri)
+    if not name:
+        raise StorageError(f"{redact(uri)}: names a folder, not a file")
+    open_storage(folder, s3_endpoint=s3_endpoint).publish_bytes(name, data)
+    return uri

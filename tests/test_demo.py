@@ -174,9 +174,9 @@ def test_run_names_its_run_says_what_it_keeps_and_flags_capped_probes(tmp_path, 
 
 
 def _human(n: int) -> str:
-    from probeserve.cli import _human_bytes
+    from probeserve.console import human_bytes
 
-    return _human_bytes(n)
+    return human_bytes(n)
 
 
 def test_run_without_kept_activations_says_so(tmp_path, capsys):

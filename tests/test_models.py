@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from probeserve.errors import ModelError
+from probeserve.errors import ModelError, first_line
 from probeserve.models import BUILTIN_MODELS, build_model, example_input, mlp, mnist_convnet, tiny
 from probeserve.spec import ModelSpec
 
@@ -382,3 +382,24 @@ def test_a_real_ctrl_c_while_building_still_interrupts(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "model.factory" not in err
+
+
+@pytest.mark.parametrize(
+    "message, line",
+    [
+        ("plain", "plain"),
+        ("\n  first \nsecond", "first"),
+        (
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: out of memory\nframe #0",
+            "DefaultCPUAllocator: out of memory",
+        ),
+        (
+            "shape mismatch\nException raised from check at aten/x.cpp:1 (most recent call first):\nframe #0: 0x1",
+            "shape mismatch",
+        ),
+        ("", ""),
+        (" \n ", ""),
+    ],
+)
+def test_first_line_of_an_error_is_its_first_meaningful_line(message, line):
+    assert first_line(RuntimeError(message)) == line

@@ -10,7 +10,16 @@ import threading
 import pytest
 
 from probeserve.errors import StorageError
-from probeserve.storage import LocalStorage, S3Storage, is_temp_name, open_storage, redact, temp_name
+from probeserve.storage import (
+    LocalStorage,
+    S3Storage,
+    file_location,
+    is_temp_name,
+    open_storage,
+    publish_file,
+    redact,
+    temp_name,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -230,3 +239,45 @@ def test_open_storage_schemes(tmp_path):
 def test_redact():
     assert redact("http://a:b@host:9000/x") == "http://host:9000/x"
     assert redact("http://host/x") == "http://host/x"
+
+
+# ---- one file at a path or URI: what query --out, plot and report write ----
+
+
+@pytest.mark.parametrize(
+    "uri, folder, name",
+    [
+        ("answer.csv", "{cwd}", "answer.csv"),  # relative: the folder the command runs in
+        ("sub/answer.csv", "{cwd}/sub", "answer.csv"),
+        ("file:///data/x/answer.csv", "/data/x", "answer.csv"),
+        ("s3://bucket/answer.csv", "s3://bucket", "answer.csv"),
+        ("s3://bucket/dir/a?b#c.csv", "s3://bucket/dir", "a?b#c.csv"),  # named as written
+        ("s3://bucket/dir/", "s3://bucket/dir", ""),
+        ("s3://bucket", "s3://bucket", ""),
+        ("out/", "{cwd}/out", ""),
+        ("file:///data/x/", "/data/x", ""),
+    ],
+)
+def test_file_location_splits_paths_and_uris(tmp_path, monkeypatch, uri, folder, name):
+    monkeypatch.chdir(tmp_path)
+    assert file_location(uri) == (folder.format(cwd=os.getcwd()), name)
+
+
+def test_publish_file_writes_one_whole_file_and_refuses_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert publish_file("sub/a.txt", b"one") == "sub/a.txt"
+    assert publish_file(f"file://{tmp_path}/sub/a.txt", b"two").endswith("a.txt")
+    assert (tmp_path / "sub" / "a.txt").read_bytes() == b"two"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["a.txt"]  # no temporary file left beside it
+    with pytest.raises(StorageError, match="names a folder, not a file"):
+        publish_file("sub/", b"x")
+
+
+@pytest.mark.integration
+def test_publish_file_puts_one_object_named_as_written(s3_server):
+    bucket = s3_server.new_bucket()
+    uri = f"s3://{bucket}/dir/a#1.png"
+    assert publish_file(uri, b"png", s3_endpoint=s3_server.endpoint) == uri
+    s = open_storage(f"s3://{bucket}", s3_endpoint=s3_server.endpoint)
+    assert [o.key for o in s.list("")] == ["dir/a#1.png"]
+    assert s.read_bytes("dir/a#1.png") == b"png"

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import Any
 
-from probeserve.errors import ProbeserveError
+from probeserve.errors import ProbeserveError, first_line
 from probeserve.progress import Progress
 from probeserve.results import LOST
 from probeserve.runners.base import RunSummary, group_by_checkpoint, start
@@ -211,7 +211,7 @@ def connect(address: str | None) -> None:
     try:
         ray.init(address="local" if local else address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         if local:
             raise ProbeserveError(f"cannot start a local Ray: {first}") from None
         raise ProbeserveError(f"--address {address}: cannot connect to a Ray cluster: {first}") from None
