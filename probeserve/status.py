@@ -50,8 +50,13 @@ def run_status(
 def _one_run(out: Storage, name: str, s3_endpoint: str | None) -> dict[str, Any]:
     # only the sections status needs: a spec written by an older or newer probeserve, with
     # fields this one does not know, still says where its checkpoints are
-    recorded = results.read_json(out, layout.run_key(name, "spec.json"))["spec"]
+    record = results.read_json(out, layout.run_key(name, "spec.json"))
+    recorded = record["spec"]
     checkpoints = _known_fields(CheckpointsSpec, recorded["checkpoints"])
+    ran_in = record.get("ran_in")
+    if isinstance(ran_in, str) and "://" not in checkpoints.uri and not os.path.isabs(checkpoints.uri):
+        # relative to the folder the run ran in, which the run recorded (older records did not)
+        checkpoints = checkpoints.model_copy(update={"uri": os.path.join(ran_in, checkpoints.uri)})
     storage = _known_fields(StorageSpec, recorded.get("storage") or {})
     layers_key = layout.run_key(name, "layers.json")
     if out.stat(layers_key) is None:

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -350,7 +351,13 @@ class Sweep:
         results.check_layout(self.output)
         key = results.run_key(self.spec.run, "spec.json")
         yaml_key = results.run_key(self.spec.run, "spec.yaml")
-        body = json.dumps({"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}, indent=2)
+        record: dict[str, Any] = {"spec_hash": self.spec_hash, "spec": self.spec.model_dump(mode="json")}
+        ckpt_uri = self.spec.checkpoints.uri
+        if "://" not in ckpt_uri and not os.path.isabs(ckpt_uri):
+            # a relative checkpoints.uri means the folder this run ran in; `status` run from
+            # another folder (with a `ckpts/` of its own) would otherwise count other checkpoints
+            record["ran_in"] = os.getcwd()
+        body = json.dumps(record, indent=2)
         if self.output.stat(key) is None and self.output.create_only(key, body.encode()):
             self.output.publish_bytes(yaml_key, dump_spec(self.spec).encode())
         else:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -663,6 +664,22 @@ def test_status_of_a_run_with_a_relative_checkpoints_uri_says_where_to_run_it(tm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    # from another folder with a `ckpts/` of its own (two checkpoints), the run's own are counted:
+    # the run recorded the folder it ran in
+    write_checkpoints(
+        spec.model_copy(
+            update={"checkpoints": spec.checkpoints.model_copy(update={"uri": str(elsewhere / relative)})}
+        ),
+        steps=(0, 1),
+    )
+    assert main(["status", spec.output.uri]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[2].split()[:4] == ["t", "1", "4", "4"]
+    # a record made before runs recorded their folder says why status cannot count it
+    shutil.rmtree(elsewhere / relative.split(os.sep)[0])
+    record_path = tmp_path / "out" / "runs" / "t" / "spec.json"
+    record = json.loads(record_path.read_text())
+    assert record.pop("ran_in") == str(tmp_path)
+    record_path.write_text(json.dumps(record))
     assert main(["status", spec.output.uri]) == 1
     assert capsys.readouterr().err.strip() == (
         f"run t: cannot read its records: StorageError: checkpoints.uri: {elsewhere / relative} does not "
