@@ -1297,12 +1297,13 @@ class _Head:
         grad_b.copy_(ev.grad_b)
         self.send((f, grad))
 
-    def validated(self, epoch: int, params: torch.Tensor, val_loss: float | None) -> bool:
-        """Record epoch `epoch`'s validation loss; return True when training should stop."""
-        if val_loss is None or self.spec.patience is None:
+    def validated(self, epoch: int, params: torch.Tensor, val: _Eval | None) -> bool:
+        """Record epoch `epoch`'s validation pass (its loss decides); return True when
+        training should stop."""
+        if val is None or self.spec.patience is None:
             return False
-        if val_loss < self.best_loss:
-            self.best_loss, self.best_epoch = val_loss, epoch
+        if val.loss < self.best_loss:
+            self.best_loss, self.best_epoch = val.loss, epoch
             self.best_params = params  # the solvers never change a parameter vector in place
             return False
         return epoch - self.best_epoch >= self.spec.patience
@@ -1350,7 +1351,7 @@ def _solve_lbfgs(heads: list[_Head]) -> None:
         ended = [h for h in running if h.running and isinstance(h.request, _EpochEnd)]
         for data, group in _by_data(ended):
             watched = [h for h in group if h.watched]
-            losses: dict[int, float] = {}
+            vals: dict[int, _Eval] = {}
             if watched:
                 assert data.val is not None
                 try:
@@ -1364,9 +1365,9 @@ def _solve_lbfgs(heads: list[_Head]) -> None:
                 except Exception as e:
                     data.fail(e)
                     continue
-                losses = {id(h): ev.loss for h, ev in zip(watched, evals)}
+                vals = {id(h): ev for h, ev in zip(watched, evals)}
             for h in group:
-                h.send(h.validated(h.request.epoch, h.request.params, losses.get(id(h))))
+                h.send(h.validated(h.request.epoch, h.request.params, vals.get(id(h))))
 
 
 def _minibatch_grad(
@@ -1464,11 +1465,11 @@ def _adam(head: _Head) -> tuple[torch.Tensor, int]:
         if not math.isfinite(total):
             raise DataError("the loss became non-finite; try a smaller learning_rate")
         as64 = params.to(torch.float64)
-        val_loss = None
+        val = None
         if head.watched:
             assert data.val is not None
-            val_loss = _pass(data, data.val, [as64], with_grad=False, views=[view])[0].loss
-        if head.validated(epoch, as64, val_loss):
+            val = _pass(data, data.val, [as64], with_grad=False, views=[view])[0]
+        if head.validated(epoch, as64, val):
             break
         objective = total / seen  # epoch average of minibatch objectives, a noisy estimate
         if _relative_change(previous, objective) < spec.tolerance:

@@ -17,8 +17,13 @@ Three measurements, printed as ratios in one run:
    answers what it answers alone: `tests/test_science.py`).
 3. **What `probe.control` and `probe.mdl` add** on the same items: wall time of
    `answer_probes` with both on against the grid alone.
+4. **What dropping losing heads early would buy** (`--only drop`, not in the default run;
+   probeserve does not drop heads): the grid's every head recorded at every epoch on
+   Fashion-MNIST pixels and the demo's items, then rules such as successive halving replayed
+   on those curves: their cost against one probe (from the measured seconds of a pass of k
+   heads) and their chosen probe's test error against the 1e-4 probe and the exact grid.
 
-    python jobs/benchmarks/bench_science.py [--idx-dir DIR] [--out DIR] [--full] [--only grid|demo]
+    python jobs/benchmarks/bench_science.py [--idx-dir DIR] [--out DIR] [--full] [--only grid|demo|drop]
 
 Wall times are taken once each, so on a shared machine they move with whatever else runs
 there; CPU time (`time.process_time`, all threads) is the steadier figure.
@@ -91,10 +96,11 @@ def bench_grid(idx_dir: Path) -> bool:
     return ratio <= 2.0
 
 
-def bench_passes(idx_dir: Path) -> None:
+def bench_passes(idx_dir: Path, ks: tuple[int, ...] = (1, 8)) -> dict[int, float]:
     """Where a training pass's time goes, for 1 and 8 stacked heads: the CPU time of one pass
     over the same 55,000 rows as measurement 1, of its two matrix products alone, and, on its
-    largest block, of the softmax written out against `torch.softmax` and `max`."""
+    largest block, of the softmax written out against `torch.softmax` and `max`. Returns the
+    seconds of a pass of k heads, for each k in `ks`."""
     import torch
 
     from probeserve.probe import ProbeData, _load, _pass, in_memory
@@ -120,9 +126,10 @@ def bench_passes(idx_dir: Path) -> None:
         f"CPU time, torch threads {torch.get_num_threads()}:"
     )
     generator = torch.Generator().manual_seed(0)
-    for k in (1, 8):
+    seconds: dict[int, float] = {}
+    for k in ks:
         params = [torch.randn(10 * 785, dtype=torch.float64, generator=generator) * 0.01 for _ in range(k)]
-        whole = cpu(lambda params=params: _pass(d, d.train, params, with_grad=True))
+        whole = seconds[k] = cpu(lambda params=params: _pass(d, d.train, params, with_grad=True))
         v = torch.randn(10 * k, 784, generator=generator)
         c = torch.zeros(10 * k)
         products = cpu(lambda v=v, c=c: [torch.addmm(c, b, v.T).T @ b for b in blocks])
@@ -142,6 +149,12 @@ def bench_passes(idx_dir: Path) -> None:
         f"max with indices {cpu(lambda: g.max(dim=2)) * 1e3:.1f} ms; written out (amax, exp, sum, divide) "
         f"{cpu(written_out) * 1e3:.1f} ms"
     )
+    if 1 in seconds and 8 in seconds:
+        print(
+            f"     an 8-head pass costs {seconds[8] / seconds[1]:.2f}x a 1-head pass: the grid's floor while "
+            "every head trains as many epochs as one probe does"
+        )
+    return seconds
 
 
 def demo_items(out: str, *, full: bool):
@@ -226,6 +239,161 @@ def bench_demo(out: str, *, full: bool, with_extras: bool = True) -> bool:
     return worst <= 0.002
 
 
+def _recording_curves():
+    """A context in which every task head of a probe call records, at each epoch, its
+    validation loss and error and its test error (one test pass more per epoch: slow, only
+    for measurement 4). Yields {head index: [(epoch, val loss, val error, test error)]}."""
+    from contextlib import contextmanager
+
+    from probeserve import probe as P
+
+    @contextmanager
+    def recording():
+        curves: dict[int, list[tuple[int, float, float, float]]] = {}
+        original = P._Head.validated
+
+        def validated(self, epoch, params, val):
+            if val is not None and self.view == P._TASK and self.data.test is not None:
+                test = P._pass(self.data, self.data.test, [params], with_grad=False, views=[self.view])[0]
+                curves.setdefault(self.index, []).append((epoch, val.loss, val.error, test.error))
+            return original(self, epoch, params, val)
+
+        P._Head.validated = validated
+        try:
+            yield curves
+        finally:
+            P._Head.validated = original
+
+    return recording()
+
+
+def _simulate(l2s, curves, rule, pass_seconds):
+    """Replay a grid's recorded epochs under a rule that drops heads early. Heads do not
+    interact (each has its own solver and stop), so a head that is not dropped runs exactly
+    as recorded, and a dropped one keeps what early stopping kept by then. Returns (index
+    chosen as `choose_l2` chooses, {index: kept (epoch, val loss, val error, test error)},
+    seconds of training passes, from `pass_seconds(k heads)`)."""
+    last = {h: c[-1][0] for h, c in curves.items()}
+    stop, alive, seconds, epoch = dict(last), set(curves), 0.0, 0
+    while True:
+        epoch += 1
+        alive = {h for h in alive if last[h] >= epoch}
+        if not alive:
+            break
+        seconds += pass_seconds(len(alive))
+        for h in rule(epoch, alive, curves, l2s):
+            stop[h] = epoch
+            alive.discard(h)
+    kept = {h: min((r for r in curves[h] if r[0] <= stop[h]), key=lambda r: r[1]) for h in curves}
+    chosen = min(kept, key=lambda h: (kept[h][2], kept[h][1], -l2s[h]))
+    return chosen, kept, seconds
+
+
+def _so_far(curve, epoch):
+    return min((r for r in curve if r[0] <= epoch), key=lambda r: r[1])
+
+
+def _halving(milestones):
+    """Successive halving (Jamieson & Talwalkar, 2016): at each milestone epoch keep the
+    better half of the heads still running, ranked as `choose_l2` ranks."""
+
+    def rule(epoch, alive, curves, l2s):
+        if epoch not in milestones:
+            return []
+        ranked = sorted(alive, key=lambda h: (*_so_far(curves[h], epoch)[2:0:-1], -l2s[h]))
+        return ranked[max(1, (len(ranked) + 1) // 2) :]
+
+    return rule
+
+
+def _margin(relative):
+    """Drop a head whose best validation loss so far is worse than the best head's by more
+    than `relative`."""
+
+    def rule(epoch, alive, curves, l2s):
+        best = {h: _so_far(curves[h], epoch)[1] for h in alive}
+        lead = min(best.values())
+        return [h for h in alive if best[h] > (1 + relative) * lead]
+
+    return rule
+
+
+def bench_early_drop(idx_dir: Path, out: str, *, full: bool) -> None:
+    """Measurement 4: what dropping losing heads early would save and what it would answer
+    (probeserve does not do it). Every head's curve is recorded once (the grid trained in
+    full); each rule is replayed on the curves (`_simulate`), its cost from the measured
+    seconds of a pass of k heads, against the 1e-4 probe's epochs at a 1-head pass."""
+    import torch
+
+    from probeserve.probe import ProbeData, answer_probes, in_memory, train_probes
+    from probeserve.spec import DEFAULT_L2_GRID, ProbeSpec
+    from probeserve.sweep import _probe_data
+
+    ks = (1, 2, 4, 8)
+    seconds = bench_passes(idx_dir, ks)
+
+    def pass_seconds(k: int) -> float:
+        return float(np.interp(k, ks, [seconds[j] for j in ks]))
+
+    l2s = list(DEFAULT_L2_GRID)
+    sets: dict[str, dict[int, list]] = {}
+    images = read_idx(find(idx_dir, "train-images-idx3-ubyte")).reshape(60000, -1)
+    labels = read_idx(find(idx_dir, "train-labels-idx1-ubyte")).astype(np.int64)
+    test_x = read_idx(find(idx_dir, "t10k-images-idx3-ubyte")).reshape(10000, -1).astype(np.float32) / 255
+    test_y = read_idx(find(idx_dir, "t10k-labels-idx1-ubyte")).astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(images))
+    x, y = images[order[5000:]].astype(np.float32) / 255, labels[order[5000:]]
+    xv, yv = images[order[:5000]].astype(np.float32) / 255, labels[order[:5000]]
+    with _recording_curves() as curves:
+        data = ProbeData(in_memory(x, y), in_memory(xv, yv), in_memory(test_x, test_y), 10)
+        train_probes([data], spec=ProbeSpec(), l2s=l2s)
+    sets["pixels"] = dict(curves)
+    sweep, items = demo_items(out, full=full)
+    for item in items:
+        _, data = _probe_data(sweep, item.checkpoint, item.layer)
+        with _recording_curves() as curves:
+            answer_probes([data], spec=sweep.spec.probe)
+        sets[f"{item.checkpoint.step}/{item.layer}"] = dict(curves)
+
+    rules = {
+        "every head to its own stop (what probeserve does)": lambda *a: [],
+        "successive halving at epochs 8, 16, 32": _halving({8, 16, 32}),
+        "successive halving at epochs 10, 20, 40": _halving({10, 20, 40}),
+        "successive halving at epochs 15, 30": _halving({15, 30}),
+        "drop at 2% worse validation loss": _margin(0.02),
+        "drop at 0.5% worse validation loss": _margin(0.005),
+    }
+    at_default = l2s.index(OLD_DEFAULT)
+    print(
+        f"\n4. dropping losing heads early (not done by probeserve), replayed on recorded curves: Fashion-MNIST "
+        f"pixels and the demo's {len(items)} items ({'full' if full else 'quick'} size); torch threads "
+        f"{torch.get_num_threads()}; cost = training passes of the heads still running, at the seconds measured "
+        f"above, over the 1e-4 probe's epochs at a 1-head pass (line-search passes and validation left out)"
+    )
+    print(
+        f"   {'rule':<50} {'cost / one probe':>20}  {'chosen - 1e-4 test error':>25}  "
+        f"{'chosen - exact grid':>20}  same l2"
+    )
+    for name, rule in rules.items():
+        costs, against_default, against_exact, same = [], [], [], 0
+        for curves in sets.values():
+            exact, exact_kept, _ = _simulate(l2s, curves, rules[next(iter(rules))], pass_seconds)
+            chosen, kept, cost = _simulate(l2s, curves, rule, pass_seconds)
+            costs.append(cost / (curves[at_default][-1][0] * pass_seconds(1)))
+            against_default.append(kept[chosen][3] - exact_kept[at_default][3])
+            against_exact.append(kept[chosen][3] - exact_kept[exact][3])
+            same += chosen == exact
+        print(
+            f"   {name:<50} mean {np.mean(costs):4.2f}x max {max(costs):4.2f}x  "
+            f"worst {max(against_default):+.4f} mean {np.mean(against_default):+.4f}  "
+            f"worst {max(against_exact):+.4f}      {same}/{len(sets)}"
+        )
+    print(
+        f"   pixels alone: every head to its own stop {_simulate(l2s, sets['pixels'], rules[next(iter(rules))], pass_seconds)[2] / (sets['pixels'][at_default][-1][0] * pass_seconds(1)):.2f}x "
+        "(measurement 1 times the whole call)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--idx-dir", default=DEFAULT_IDX_DIR, type=Path)
@@ -233,7 +401,11 @@ def main() -> None:
         "--out", help="where the demo's checkpoints and shards go (default: a temporary folder)"
     )
     parser.add_argument("--full", action="store_true", help="the demo's own sizes, not --quick's")
-    parser.add_argument("--only", choices=["grid", "demo"])
+    parser.add_argument(
+        "--only",
+        choices=["grid", "demo", "drop"],
+        help="drop: measurement 4 alone (it is not in the default run)",
+    )
     parser.add_argument("--skip-extras", action="store_true", help="leave out measurement 3")
     args = parser.parse_args()
     ok = True
@@ -243,6 +415,9 @@ def main() -> None:
     if args.only in (None, "demo"):
         out = args.out or tempfile.mkdtemp(prefix="bench-science-")
         ok &= bench_demo(out, full=args.full, with_extras=not args.skip_extras)
+    if args.only == "drop":
+        bench_early_drop(args.idx_dir, args.out or tempfile.mkdtemp(prefix="bench-science-"), full=args.full)
+        return
     print("targets met" if ok else "TARGETS MISSED")
 
 
