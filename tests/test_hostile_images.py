@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -174,6 +175,21 @@ def test_a_class_folder_that_is_a_link_is_followed(tmp_path, caplog):
     assert "cycle (a link to a folder that holds it)" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("split_column", "fold"), ("image_column", "jpg"), ("label_column", "cls")]
+)
+@pytest.mark.parametrize("layout", ["auto", "folder"])
+def test_a_parquet_only_field_on_a_folder_is_named(tmp_path, field, value, layout):
+    """A column name for a folder tree was ignored without a word; it is refused, naming the
+    field, unless it is at its default."""
+    root = _folder(tmp_path / "d")
+    why = "data.layout is folder" if layout == "folder" else "it holds image files"
+    with pytest.raises(DataError, match=rf"^data.{field}: '{value}' names a Parquet column, .*\({why}"):
+        resolve(_spec(root, layout=layout, **{field: value}), s3_endpoint=None)
+    default = ImagesData.model_fields[field].default
+    assert len(resolve(_spec(root, layout=layout, **{field: default}), s3_endpoint=None).splits["test"]) == 6
+
+
 def test_a_data_uri_that_is_a_device_is_not_called_missing(tmp_path):
     """`data.uri: /dev/null` said "/dev/null does not exist"."""
     os.mkfifo(tmp_path / "fifo")
@@ -210,3 +226,82 @@ def test_a_label_no_probe_could_have_is_named_in_parquet_data(tmp_path):
         DataError, match=r"label 3000000000 in the \w+ split; labels must be class indices below"
     ):
         load_dataset(ParquetData(kind="parquet", uri=path, val_size=2))
+
+
+def _only_scan(monkeypatch, *allowed) -> list[str]:
+    """Make listing a folder outside `allowed` (by real path) fail the test at once, rather
+    than walk the machine; return the folders listed."""
+    scanned: list[str] = []
+    real_scandir = os.scandir
+    allowed_real = [os.path.realpath(a) for a in allowed]
+
+    def scandir(path="."):
+        real = os.path.realpath(path)
+        if not any(real == a or real.startswith(a + os.sep) for a in allowed_real):
+            raise AssertionError(f"listed {path} ({real}), outside the data")
+        scanned.append(str(path))
+        if len(scanned) > 1000:
+            raise AssertionError(f"listed more than 1000 folders: {scanned[-3:]}")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return scanned
+
+
+def test_a_link_to_a_folder_that_holds_the_data_is_not_walked(tmp_path, monkeypatch, caplog):
+    """A link to `/` in an image folder made the index walk the whole machine, and a link to
+    the data folder's parent walked everything beside it (here, another data set's images).
+    Such a link is left out with a warning naming it; a link to a class folder elsewhere is
+    still followed."""
+    root = _folder(tmp_path / "data" / "d")
+    _folder(tmp_path / "data" / "other", classes=("green",))  # beside the data: not wanted
+    os.rename(f"{root}/val/red", tmp_path / "red")
+    os.symlink(tmp_path / "red", f"{root}/val/red")  # elsewhere, and wanted
+    os.symlink("/", f"{root}/train/red/root")
+    os.symlink(tmp_path / "data", f"{root}/train/up")
+    os.symlink(root, f"{root}/val/itself")
+    scanned = _only_scan(monkeypatch, root, tmp_path / "red")
+    index = resolve(_spec(root), s3_endpoint=None)
+    assert index.classes == ["blue", "red"]
+    keys = sorted(str(k) for s in index.splits.values() for k in s.keys)
+    assert len(keys) == 18 and not any("green" in k or "/root/" in k or "/up/" in k for k in keys)
+    assert len(scanned) == 7, scanned  # d, train, val, their classes (one of them the linked red)
+    for link in ("train/red/root", "train/up", "val/itself"):
+        assert f"{root}/{link} (a link to a folder that holds it)" in caplog.text, caplog.text
+
+
+def test_a_folder_reached_by_two_paths_is_listed_once(tmp_path, monkeypatch, caplog):
+    """Two paths to one folder listed its images twice: `everything -> train` came before
+    `train` and made a second copy of the training data, and `val/red -> ../train/red` put
+    train's images in the test split. Each folder is listed once, under its own path in the
+    data folder; the other path is named in a warning."""
+    root = _folder(tmp_path / "d")
+    os.symlink("train", f"{root}/everything")
+    shutil.rmtree(f"{root}/val/red")
+    os.symlink("../train/red", f"{root}/val/red")
+    scanned = _only_scan(monkeypatch, root)
+    index = resolve(_spec(root, splits={"train": "train", "test": "val"}), s3_endpoint=None)
+    assert len(scanned) == 6, scanned  # d, train, val, train/blue, train/red, val/blue
+    train_keys = [str(k) for s in ("train", "val") for k in index.splits[s].keys]
+    assert len(train_keys) == 12 and all(k.startswith("train/") for k in train_keys)
+    assert sorted(str(k) for k in index.splits["test"].keys) == [f"val/blue/{i:03d}.png" for i in range(3)]
+    assert f"{root}/everything (the folder {root}/train again; listed once)" in caplog.text
+    assert f"{root}/val/red (the folder {root}/train/red again; listed once)" in caplog.text
+
+
+def test_a_lattice_of_links_is_listed_in_linear_time(tmp_path, monkeypatch):
+    """Two links to the next folder, twenty deep: 2**20 paths to the last folder, and as many
+    listings (the walk followed every path). Each folder is listed once."""
+    root = _folder(tmp_path / "d")
+    deep = tmp_path / "d" / "train" / "blue" / "deep"
+    for i in range(20):
+        (deep / str(i)).mkdir(parents=True)
+        for link in ("a", "b"):
+            os.symlink(f"../{i + 1}", deep / str(i) / link)
+    (deep / "20").mkdir()
+    Image.new("RGB", (12, 14)).save(deep / "20" / "x.png")
+    scanned = _only_scan(monkeypatch, root)
+    index = resolve(_spec(root), s3_endpoint=None)
+    assert len(scanned) == 7 + 22, scanned  # the folders of _folder, deep, and 0 to 20
+    keys = [str(k) for s in index.splits.values() for k in s.keys]
+    assert keys.count("train/blue/deep/20/x.png") == 1 and len(keys) == 19

@@ -298,49 +298,66 @@ def _local_files(root: str) -> list[tuple[str, int]]:
 
     Unlike `LocalStorage.list`, which guards checkpoints, this follows links to folders: a
     class folder that is a link (`train/n01440764 -> /mnt/imagenet/...`, common where ImageNet
-    is shared) would otherwise vanish from the data without a word, and with it a class. A
-    folder that is its own ancestor (a link cycle) is walked once. What cannot be an example
-    is left out with a warning that names it: a FIFO (reading it would block a decode worker
-    or the index forever), a socket, a device, a link to nothing, and a name that is not
-    UTF-8 (the index and the result rows hold names as text)."""
+    is shared) would otherwise vanish from the data without a word, and with it a class.
+
+    The walk is bounded by the folders the data is made of, whatever the links say:
+
+    - a link to a folder that holds it (`..`, the data folder, one of its ancestors, `/`) is
+      not followed: it is a cycle at best, and at worst a walk of the whole machine;
+    - each real folder is listed once. Two paths to one folder (a link to a sibling, two links
+      to one place, a lattice of links that doubles the paths at every level) would list the
+      same images twice, under two labels or in train and test. The path with the fewest
+      links wins (a folder's own path inside the data folder has none), then the first in
+      sorted order, so a link never displaces a real folder, and the listing does not depend
+      on the order the file system returns names in.
+
+    What cannot be an example is left out with a warning that names it: a FIFO (reading it
+    would block a decode worker or the index forever), a socket, a device, a link to nothing,
+    and a name that is not UTF-8 (the index and the result rows hold names as text)."""
+    import heapq
     import os
     import stat
 
     found: list[tuple[str, int]] = []
-    left_out: list[str] = []
-
-    def ident(path: str) -> tuple[int, int]:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-
-    ancestors = {root: {ident(root)}}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        chain = ancestors.pop(dirpath, set())
-        keep = []
-        for name in dirnames:
+    left_out: list[str] = []  # files
+    not_followed: list[str] = []  # folders
+    listed: dict[tuple[int, int], str] = {}  # (device, inode) of a folder -> the path listed
+    # folders to list: (links on the path, key prefix, path); fewest links first, then by key
+    pending: list[tuple[int, str, str]] = [(0, "", root)]
+    while pending:
+        links, prefix, folder = heapq.heappop(pending)
+        try:
+            st = os.stat(folder)
+            ident = (st.st_dev, st.st_ino)
+            if ident in listed:
+                not_followed.append(f"{folder} (the folder {listed[ident]} again; listed once)")
+                continue
+            listed[ident] = folder
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            not_followed.append(f"{folder} ({e.strerror or e})")
+            continue
+        for entry in entries:
+            name = entry.name
             if name.startswith("."):
-                continue  # hidden folders (.ipynb_checkpoints): never data
-            path = os.path.join(dirpath, name)
+                continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints): never data
+            path = os.path.join(folder, name)
+            key = prefix + name
             try:
-                folder = ident(path)
+                is_folder = entry.is_dir()  # follows a link
             except OSError:
+                is_folder = False
+            if is_folder:
+                is_link = entry.is_symlink()
+                if is_link:
+                    target, here = os.path.realpath(path), os.path.realpath(folder)
+                    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                        not_followed.append(f"{path} (a link to a folder that holds it)")
+                        continue
+                heapq.heappush(pending, (links + is_link, key + "/", path))
                 continue
-            if folder in chain:
-                left_out.append(f"{path} (a link to a folder that holds it)")
-                continue
-            ancestors[path] = chain | {folder}
-            keep.append(name)
-        dirnames[:] = keep
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-            if (
-                key.startswith(".")
-                or "/." in key
-                or not key.lower().endswith((".parquet", *IMAGE_EXTENSIONS))
-            ):
-                continue  # hidden, or not data: skipped without a word, as before
-            path = os.path.join(dirpath, name)
+            if not key.lower().endswith((".parquet", *IMAGE_EXTENSIONS)):
+                continue  # not data: skipped without a word, as before
             try:
                 key.encode("utf-8")
             except UnicodeEncodeError:
@@ -355,19 +372,41 @@ def _local_files(root: str) -> list[tuple[str, int]]:
                 left_out.append(f"{path} (not a regular file)")
                 continue
             found.append((key, st.st_size))
-    if left_out:
-        log.warning(
-            "data.uri: %d file(s) under %s left out: %s%s",
-            len(left_out),
-            root,
-            "; ".join(left_out[:5]),
-            " ..." if len(left_out) > 5 else "",
-        )
+    for what, names in (("folder(s)", not_followed), ("file(s)", left_out)):
+        if names:
+            log.warning(
+                "data.uri: %d %s under %s left out: %s%s",
+                len(names),
+                what,
+                root,
+                "; ".join(names[:5]),
+                " ..." if len(names) > 5 else "",
+            )
     return sorted(found)
+
+
+# fields that only the Parquet layout reads: set for a folder tree, they would be ignored
+PARQUET_ONLY = ("image_column", "label_column", "split_column")
+
+
+def _check_folder_fields(spec: ImagesData, where: str) -> None:
+    """Refuse a Parquet-only field set away from its default on a folder tree: a user who set
+    `split_column: fold` meant it to decide something, and ignoring it would probe other
+    splits than the ones they asked for, without a word."""
+    why = "data.layout is folder" if spec.layout == "folder" else "it holds image files, no .parquet files"
+    for name in PARQUET_ONLY:
+        value = getattr(spec, name)
+        if value != ImagesData.model_fields[name].default:
+            raise DataError(
+                f"data.{name}: {value!r} names a Parquet column, but {where} is an image folder tree "
+                f"({why}), where the folders give the labels and splits (data.splits maps them); "
+                f"remove data.{name}"
+            )
 
 
 def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> ImageIndex:
     where = redact(storage.uri)
+    _check_folder_fields(spec, where)
     by_group: dict[str, dict[str, list[str]]] = {}
     loose: dict[str, int] = {}
     for key in sorted(keys):
