@@ -6,6 +6,7 @@ links, and labels no probe could have."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -305,3 +306,113 @@ def test_a_lattice_of_links_is_listed_in_linear_time(tmp_path, monkeypatch):
     assert len(scanned) == 7 + 22, scanned  # the folders of _folder, deep, and 0 to 20
     keys = [str(k) for s in index.splits.values() for k in s.keys]
     assert keys.count("train/blue/deep/20/x.png") == 1 and len(keys) == 19
+
+
+# --- careless data: what the data says must be what the probe uses ---------------------------
+
+
+def _parquet_dir(root, files: dict[str, pa.Table]) -> str:
+    os.makedirs(root, exist_ok=True)
+    for name, table in files.items():
+        pq.write_table(table, f"{root}/{name}")
+    return str(root)
+
+
+def _rows(labels, **meta) -> pa.Table:
+    img = _png(Image.new("RGB", (9, 9)))
+    table = pa.table({"image": [img] * len(labels), "label": labels})
+    return table.replace_schema_metadata(meta) if meta else table
+
+
+def _class_label(names) -> bytes:
+    features = {"label": {"_type": "ClassLabel", "names": names}}
+    return json.dumps({"info": {"features": features}}).encode()
+
+
+def test_files_that_name_their_classes_differently_are_refused(tmp_path):
+    """Two Hugging Face exports whose ClassLabels list the classes in another order: label 0
+    was 'cat' in train and 'dog' in test, the class names were dropped and the probe scored
+    the one against the other without a word."""
+    root = _parquet_dir(
+        tmp_path / "pq",
+        {
+            "train-0.parquet": _rows([0, 1] * 4, huggingface=_class_label(["cat", "dog"])),
+            "validation-0.parquet": _rows([0, 1] * 2, huggingface=_class_label(["dog", "cat"])),
+        },
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^data.label_column: the files name different classes for 'label' \(label 0 is 'cat' in "
+        r"train-0.parquet, 'dog' in validation-0.parquet\)",
+    ):
+        resolve(_spec(root), s3_endpoint=None)
+
+
+@pytest.mark.parametrize("where", ["train", "validation"])
+def test_an_unsigned_label_beyond_int64_is_named(tmp_path, where):
+    """A uint64 label of 2**64-1 became -1 when cast: among others it was called negative,
+    and a split made only of them was taken for an unlabelled one and dropped silently."""
+    huge = pa.array([2**64 - 1] * 4, pa.uint64())
+    files = {"train-0.parquet": _rows([0, 1] * 4), "validation-0.parquet": _rows([0, 1] * 2)}
+    files["test-0.parquet"] = _rows([0, 1] * 2)
+    files[f"{where}-0.parquet"] = files[f"{where}-0.parquet"].set_column(
+        1,
+        "label",
+        huge if where == "validation" else pa.concat_arrays([huge, pa.array([0, 1] * 2, pa.uint64())]),
+    )
+    root = _parquet_dir(tmp_path / "pq", files)
+    with pytest.raises(DataError, match=rf"^data.label_column: label {2**64 - 1} in .*{where}-0.parquet"):
+        resolve(_spec(root), s3_endpoint=None)
+
+
+@pytest.mark.parametrize(("labels", "named"), [([0, 5], "5"), (["a", "zzz"], r"2 \('zzz'\)")])
+def test_a_class_that_only_the_test_rows_have_is_refused(tmp_path, labels, named):
+    """A class in the test rows that no train row has: the probe could never predict it, and
+    every such example counted as an error (the folder layout already refused this)."""
+    train = ["a", "b"] if isinstance(labels[0], str) else [0, 1]
+    root = _parquet_dir(
+        tmp_path / "pq", {"train-0.parquet": _rows(train * 4), "validation-0.parquet": _rows(labels * 2)}
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"^data.label_column: label {named} is in the 'validation' rows \(test\) but in none",
+    ):
+        resolve(_spec(root), s3_endpoint=None)
+
+
+def test_a_labelled_source_the_default_leaves_out_is_named(tmp_path, caplog):
+    """`train/ valid/ test/`: the default mapping carves val from train and drops `valid/`,
+    which its user may well have meant as val; it did so without a word."""
+    root = _folder(tmp_path / "d", splits=(("train", 6), ("valid", 2), ("test", 3)))
+    index = resolve(_spec(root), s3_endpoint=None)
+    assert index.sources["val"]["carved_from_train"] and index.sources["test"]["source"] == "test"
+    assert "data.uri: 'valid' (4) among the folders of" in caplog.text
+    assert "set data.splits to use it" in caplog.text
+    caplog.clear()
+    resolve(_spec(root, splits={"train": "train", "val": "valid", "test": "test"}), s3_endpoint=None)
+    assert "not used" not in caplog.text
+
+
+def test_an_image_file_larger_than_any_image_is_left_out_unread(tmp_path, caplog, monkeypatch):
+    """A 40 GB disk image named .png was in the index: a decode worker read it whole and was
+    killed for memory, on every pass. A file over MAX_IMAGE_BYTES is left out, named."""
+    from probeserve.images import index as index_mod
+
+    root = _folder(tmp_path / "d")
+    big = f"{root}/train/red/disk.png"
+    with open(big, "wb") as f:
+        f.truncate(index_mod.MAX_IMAGE_BYTES + 1)  # sparse: no space taken
+    index = resolve(_spec(root), s3_endpoint=None)
+    keys = {str(k) for s in index.splits.values() for k in s.keys}
+    assert len(keys) == 18 and "train/red/disk.png" not in keys
+    assert "train/red/disk.png (2.0 GiB)" in caplog.text
+
+
+def test_an_empty_class_folder_in_train_is_named(tmp_path):
+    """`train/red/` empty and `val/red/` full was reported as "val/red/ is a class that train/
+    does not have", which sent users looking at a folder that is there."""
+    root = _folder(tmp_path / "d")
+    for name in os.listdir(f"{root}/train/red"):
+        os.remove(f"{root}/train/red/{name}")
+    with pytest.raises(DataError, match=r"^data.uri: .*/train/red/ has no image files, but .*/val/red/ has"):
+        resolve(_spec(root), s3_endpoint=None)

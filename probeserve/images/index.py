@@ -52,6 +52,11 @@ INDEX_FILE = "index.parquet"
 _META_KEY = b"probeserve.image_index"
 _FORMAT = 1
 _BIG_ROW_GROUP_ROWS = 4096  # larger row groups are read in pieces many times: warn about them
+# An image file larger than this is left out of the index, unread. Pillow refuses images of
+# more than 2 * Image.MAX_IMAGE_PIXELS (179M) pixels as decompression bombs, which even at 6
+# bytes a pixel uncompressed (16-bit RGB PPM) is 1.07 GB; a worker reads a file whole, so a
+# 40 GB disk image named .png (or a link to one) would get it killed for memory, every pass.
+MAX_IMAGE_BYTES = 2 << 30
 
 
 @dataclass
@@ -256,6 +261,7 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
             raise DataError(f"data.uri: {root} does not exist")
         images: list[str] = []
         parquets: list[tuple[str, int]] = []
+        too_big: list[str] = []
         listing = _local_files(root) if root is not None else ((o.key, o.size) for o in storage.list(""))
         for key, size in listing:
             if any(part.startswith(".") for part in key.split("/")):
@@ -264,7 +270,10 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
             if low.endswith(".parquet"):
                 parquets.append((key, size))
             elif low.endswith(IMAGE_EXTENSIONS):
-                images.append(key)
+                if size > MAX_IMAGE_BYTES:
+                    too_big.append(f"{key} ({size / 2**30:.1f} GiB)")
+                else:
+                    images.append(key)
         if not images and not parquets and root is None and uri.endswith(".parquet"):
             single = storage.stat("")
             if single is not None:  # one object: keys relative to its "folder", named by file
@@ -273,6 +282,16 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
                 return _resolve_parquet(spec, parent, [(name, single.size)], single=True)
     except StorageError as e:
         raise DataError(f"data.uri: {e}") from None
+    if too_big:
+        log.warning(
+            "data.uri: %d image file(s) under %s of more than %d GiB left out (no image Pillow decodes "
+            "is that large; reading one whole would cost a decode worker as much memory): %s%s",
+            len(too_big),
+            redact(storage.uri),
+            MAX_IMAGE_BYTES >> 30,
+            "; ".join(too_big[:5]),
+            " ..." if len(too_big) > 5 else "",
+        )
     layout = spec.layout
     if layout == "auto":
         if images and parquets:
@@ -432,6 +451,16 @@ def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> Imag
     groups: dict[str, _Group] = {}
     for g in {s for s in sources.values() if s is not None}:
         unknown = sorted(set(by_group[g]) - set(class_id))
+        root = getattr(storage, "root", None)
+        if unknown and root is not None:
+            import os
+
+            empty = [c for c in unknown if os.path.isdir(os.path.join(root, train_source, c))]
+            if empty:  # "a class that train/ does not have" sent users looking at a folder that is there
+                raise DataError(
+                    f"data.uri: {where}/{train_source}/{empty[0]}/ has no image files, but {where}/{g}/{empty[0]}/ "
+                    f"has ({len(empty)} such class(es)); a probe cannot learn a class it never sees"
+                )
         if unknown:
             raise DataError(
                 f"data.uri: {where}/{g}/{unknown[0]}/ is a class that {train_source}/ does not have "
@@ -485,6 +514,19 @@ def _resolve_parquet(
             r["labels"] = np.asarray([ids[v] for v in r["labels"].tolist()], dtype=np.int64)
     elif len(names) == 1:
         classes = list(next(iter(names)))
+    elif len(names) > 1:
+        # label 0 is one class in some files and another in others: probing across them
+        # would mix classes up without a word
+        (key_a, a), (key_b, b) = [
+            next((k, r["names"]) for (k, _), r in zip(files, read) if tuple(r["names"] or ()) == n)
+            for n in sorted(names)[:2]
+        ]
+        diff = next(i for i in range(max(len(a), len(b))) if a[i : i + 1] != b[i : i + 1])
+        raise DataError(
+            f"data.label_column: the files name different classes for {spec.label_column!r} "
+            f"(label {diff} is {_name_at(a, diff)} in {key_a}, {_name_at(b, diff)} in {key_b}); "
+            "labels must mean the same class in every file"
+        )
 
     # source splits: values of split_column, or the split each file is named after
     if spec.split_column is not None:
@@ -500,11 +542,6 @@ def _resolve_parquet(
         group_of = [
             np.full(len(r["labels"]), _file_group(key), dtype=object) for (key, _), r in zip(files, read)
         ]
-        ignored = sorted({_file_group(k) for k, _ in files} - set(SPLITS) - {"validation"})
-        if ignored and spec.splits is None:
-            log.info(
-                "data.uri: Parquet files named %s are not a train/val/test split; ignored", ", ".join(ignored)
-            )
 
     labels = np.concatenate([r["labels"] for r in read])
     groups_all = np.concatenate(group_of).astype(str) if labels.size else np.zeros(0, dtype=str)
@@ -532,6 +569,20 @@ def _resolve_parquet(
                 "labels must be class indices >= 0"
             )
     sources = _map_sources(spec, found, labelled, what)
+    train_source = sources["train"]
+    assert train_source is not None
+    train_labels = set(np.unique(labels[groups_all == train_source]).tolist())
+    for split, g in sources.items():
+        if g is None or g == train_source:
+            continue
+        unknown = sorted(set(np.unique(labels[groups_all == g]).tolist()) - train_labels)
+        if unknown:
+            label = unknown[0] if classes is None else f"{unknown[0]} ({classes[unknown[0]]!r})"
+            raise DataError(
+                f"data.label_column: label {label} is in the {g!r} rows ({split}) but in none of the "
+                f"{train_source!r} rows (train), {len(unknown)} such; a probe cannot learn a class "
+                "it never sees (the folder layout refuses the same)"
+            )
     groups = {}
     for g in {s for s in sources.values() if s is not None}:
         rows = np.flatnonzero(groups_all == g)
@@ -622,12 +673,14 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
     if pa.types.is_integer(t):
         from probeserve.data import MAX_CLASSES
 
-        labels, string = label_col.to_numpy(zero_copy_only=False).astype(np.int64), False
-        if labels.size and labels.max() >= MAX_CLASSES:
+        raw = label_col.to_numpy(zero_copy_only=False)
+        # checked before the cast: a uint64 label of 2**64-1 would become -1, "unlabelled"
+        if raw.size and raw.max() >= MAX_CLASSES:
             raise DataError(
-                f"data.label_column: label {int(labels.max())} in {where}; labels must be class indices "
+                f"data.label_column: label {int(raw.max())} in {where}; labels must be class indices "
                 f"below {MAX_CLASSES} (a probe has an output for every index up to the largest)"
             )
+        labels, string = raw.astype(np.int64), False
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         labels, string = np.asarray(label_col.to_pylist(), dtype=object), True
     else:
@@ -661,6 +714,10 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
         else np.zeros(0, np.int64),
         "row": np.arange(n, dtype=np.int64),
     }
+
+
+def _name_at(names: list[str], i: int) -> str:
+    return repr(names[i]) if i < len(names) else "not named"
 
 
 def _is_image_type(t: Any) -> bool:
@@ -718,6 +775,17 @@ def _map_sources(
                 "Set data.splits"
             )
         sources = {"train": "train", "val": val if test == "test" else None, "test": test}
+    if spec.splits is None:
+        unused = sorted(labelled - set(sources.values()))
+        if unused:
+            # `valid/` next to train/ and test/: the user may well have meant it as val
+            log.warning(
+                "data.uri: %s among %s not used (the default takes train, val or validation, and test); "
+                "set data.splits to use %s",
+                ", ".join(f"{g!r} ({found[g]})" for g in unused),
+                what,
+                "it" if len(unused) == 1 else "them",
+            )
     if sources["val"] == sources["train"]:
         sources["val"] = None  # val from the train source: carved from it
     if sources["test"] == sources["train"]:
