@@ -416,3 +416,22 @@ def test_an_empty_class_folder_in_train_is_named(tmp_path):
         os.remove(f"{root}/train/red/{name}")
     with pytest.raises(DataError, match=r"^data.uri: .*/train/red/ has no image files, but .*/val/red/ has"):
         resolve(_spec(root), s3_endpoint=None)
+
+
+def test_a_split_of_which_no_image_decodes_is_named(tmp_path):
+    """Zero-byte files for a whole split: every probe failed with "test split is empty", which
+    said nothing of why. The pass names the split, the first image and the reason."""
+    from probeserve.data import load_dataset
+
+    root = _folder(tmp_path / "d")
+    for dirpath, _, names in os.walk(f"{root}/val"):
+        for name in names:
+            open(os.path.join(dirpath, name), "wb").close()
+    ds = load_dataset(_spec(root))
+    assert sum(len(y) for _, y in ds.batches("train", 4)) == 10  # train decodes
+    with pytest.raises(
+        DataError,
+        match=r"^data.uri: none of the 6 images of the test split could be decoded \(the first, "
+        r"val/\w+/00\d.png: 0 bytes \(an empty file or cell\)\)",
+    ):
+        list(ds.batches("test", 4))

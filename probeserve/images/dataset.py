@@ -225,6 +225,7 @@ class ImageDataset:
             runner, results = pool, pool.map(tasks())
         skipped: list[str] = []
         skipped_at: list[int] = []
+        first_why = ""
         try:
             for i, (images, failed) in enumerate(results):
                 a, b = spans[i]
@@ -233,6 +234,7 @@ class ImageDataset:
                     keep[pos] = False
                     skipped_at.append(a + pos)
                     skipped.append(s.name(a + pos))
+                    first_why = first_why or why
                     if len(skipped) <= _LOGGED_SKIPS:
                         log.warning(
                             "data: skipping %s (%s split): cannot decode it: %s", skipped[-1], split, why
@@ -252,6 +254,13 @@ class ImageDataset:
             )
         self._skipped[split] = skipped
         self._skipped_at[split] = np.asarray(skipped_at, dtype=np.int64)
+        if skipped and len(skipped) == len(s):
+            # every probe of the checkpoint would fail with "split is empty", which says nothing
+            # of why: zero-byte files, an image column of paths without bytes, the wrong column
+            raise DataError(
+                f"data.uri: none of the {len(s)} images of the {split} split could be decoded "
+                f"(the first, {skipped[0]}: {first_why})"
+            )
 
     def _u8_batches(
         self, split: str, batch_size: int, *, pin: bool
