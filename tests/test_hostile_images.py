@@ -435,3 +435,18 @@ def test_a_split_of_which_no_image_decodes_is_named(tmp_path):
         r"val/\w+/00\d.png: 0 bytes \(an empty file or cell\)\)",
     ):
         list(ds.batches("test", 4))
+
+
+@pytest.mark.parametrize("deeper", ["train", "train/red"])
+def test_a_data_uri_one_level_too_deep_is_named(tmp_path, caplog, deeper):
+    """`uri: .../imagenet/train` logged a warning per class folder (a thousand for ImageNet),
+    then asked for data.splits, which could not help. One warning, and an error that says
+    what to give instead."""
+    root = _folder(tmp_path / "d", classes=("blue", "green", "red", "white"))
+    with pytest.raises(
+        DataError,
+        match=rf"^data.uri: no {{split}}/{{class}}/{{file}} images under .*/d/{deeper}, but .* is it a split",
+    ):
+        resolve(_spec(f"{root}/{deeper}"), s3_endpoint=None)
+    warnings = [r.getMessage() for r in caplog.records if "not in a class folder" in r.getMessage()]
+    assert len(warnings) == 1, warnings
