@@ -450,3 +450,20 @@ def test_a_data_uri_one_level_too_deep_is_named(tmp_path, caplog, deeper):
         resolve(_spec(f"{root}/{deeper}"), s3_endpoint=None)
     warnings = [r.getMessage() for r in caplog.records if "not in a class folder" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+def test_a_class_whose_train_images_all_fail_to_decode_is_named(tmp_path, caplog):
+    """Every train image of `red` a zero-byte file: the probe never saw the class and scored
+    every red test image as an error; only a count of undecodable images was logged."""
+    from probeserve.data import load_dataset
+
+    root = _folder(tmp_path / "d")
+    for name in os.listdir(f"{root}/train/red"):
+        open(f"{root}/train/red/{name}", "wb").close()
+    ds = load_dataset(_spec(root))
+    kept = np.concatenate([y for _, y in ds.batches("train", 4)])
+    assert (kept == 0).all() and len(kept) == (ds.index.splits["train"].labels == 0).sum()  # blue only
+    assert "no train image of class 'red' could be decoded" in caplog.text
+    caplog.clear()
+    list(ds.batches("test", 4))  # test keeps its red images: no such warning for it
+    assert "could be decoded" not in caplog.text

@@ -254,6 +254,18 @@ class ImageDataset:
             )
         self._skipped[split] = skipped
         self._skipped_at[split] = np.asarray(skipped_at, dtype=np.int64)
+        if skipped and split == "train" and len(skipped) < len(s):
+            kept = np.delete(s.labels, skipped_at)
+            lost = sorted(set(np.unique(s.labels).tolist()) - set(np.unique(kept).tolist()))
+            if lost:
+                # the probe cannot predict such a class: every val and test example of it is an error
+                names = [repr(self.class_names[c]) if self.class_names else str(c) for c in lost]
+                log.warning(
+                    "data: no train image of class %s could be decoded (%d such class(es)); the probe "
+                    "cannot predict it, and its val and test examples all count as errors",
+                    ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
+                    len(lost),
+                )
         if skipped and len(skipped) == len(s):
             # every probe of the checkpoint would fail with "split is empty", which says nothing
             # of why: zero-byte files, an image column of paths without bytes, the wrong column
