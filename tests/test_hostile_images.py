@@ -365,13 +365,22 @@ def test_an_unsigned_label_beyond_int64_is_named(tmp_path, where):
         resolve(_spec(root), s3_endpoint=None)
 
 
-@pytest.mark.parametrize(("labels", "named"), [([0, 5], "5"), (["a", "zzz"], r"2 \('zzz'\)")])
-def test_a_class_that_only_the_test_rows_have_is_refused(tmp_path, labels, named):
+@pytest.mark.parametrize(
+    ("labels", "named", "meta"),
+    [
+        ([0, 5], "5", {}),
+        (["a", "zzz"], r"2 \('zzz'\)", {}),
+        ([0, 2], r"2 \('bird'\)", {"huggingface": _class_label(["cat", "dog", "bird"])}),
+        ([0, 7], "7", {"huggingface": _class_label(["cat", "dog", "bird"])}),  # and not a class at all
+    ],
+)
+def test_a_class_that_only_the_test_rows_have_is_refused(tmp_path, labels, named, meta):
     """A class in the test rows that no train row has: the probe could never predict it, and
     every such example counted as an error (the folder layout already refused this)."""
     train = ["a", "b"] if isinstance(labels[0], str) else [0, 1]
     root = _parquet_dir(
-        tmp_path / "pq", {"train-0.parquet": _rows(train * 4), "validation-0.parquet": _rows(labels * 2)}
+        tmp_path / "pq",
+        {"train-0.parquet": _rows(train * 4, **meta), "validation-0.parquet": _rows(labels * 2, **meta)},
     )
     with pytest.raises(
         DataError,

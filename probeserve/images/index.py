@@ -587,7 +587,8 @@ def _resolve_parquet(
             continue
         unknown = sorted(set(np.unique(labels[groups_all == g]).tolist()) - train_labels)
         if unknown:
-            label = unknown[0] if classes is None else f"{unknown[0]} ({classes[unknown[0]]!r})"
+            named = classes is not None and unknown[0] < len(classes)  # not so: an error below
+            label = f"{unknown[0]} ({classes[unknown[0]]!r})" if classes is not None and named else unknown[0]
             raise DataError(
                 f"data.label_column: label {label} is in the {g!r} rows ({split}) but in none of the "
                 f"{train_source!r} rows (train), {len(unknown)} such; a probe cannot learn a class "
