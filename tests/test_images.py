@@ -735,6 +735,31 @@ def test_cli_names_the_data_field_and_exits_2(tmp_path, command, data, field):
         assert any(line.strip().startswith(field) or f": {field}" in line for line in lines), proc.stderr
 
 
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_a_parquet_only_field_on_a_folder_exits_2_and_binds_nothing(tmp_path, command):
+    """`data.split_column` (or another Parquet column) set for a folder tree was ignored without
+    a word: the probe used the folders' splits, not the ones the user asked for. `plan` and
+    `run` name the field, exit 2, and the run name stays free: no spec, no index is written."""
+    spec = spec_from_dict(_sweep_fields(tmp_path, {"kind": "gaussian", "dim": 4}))
+    write_checkpoint(spec, 0)
+    root = write_folder(tmp_path / "d", {"train": 3, "val": 1})
+    data = {"kind": "images", "uri": root, "image_size": 16, "val_size": 2, "split_column": "fold"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_sweep_fields(tmp_path, data)))
+    proc = _cli(command, str(path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: data.split_column: 'fold' names a Parquet column"
+    ), proc.stderr
+    assert not (tmp_path / "out" / "runs").exists()
+    # at its default the field is no error: the same spec without it runs
+    data.pop("split_column")
+    path.write_text(yaml.safe_dump(_sweep_fields(tmp_path, data, layers={"include": ["input"]})))
+    proc = _cli(command, str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
 # --- S3 --------------------------------------------------------------------------------------
 
 

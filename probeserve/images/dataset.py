@@ -225,6 +225,7 @@ class ImageDataset:
             runner, results = pool, pool.map(tasks())
         skipped: list[str] = []
         skipped_at: list[int] = []
+        first_why = ""
         try:
             for i, (images, failed) in enumerate(results):
                 a, b = spans[i]
@@ -233,6 +234,7 @@ class ImageDataset:
                     keep[pos] = False
                     skipped_at.append(a + pos)
                     skipped.append(s.name(a + pos))
+                    first_why = first_why or why
                     if len(skipped) <= _LOGGED_SKIPS:
                         log.warning(
                             "data: skipping %s (%s split): cannot decode it: %s", skipped[-1], split, why
@@ -252,6 +254,25 @@ class ImageDataset:
             )
         self._skipped[split] = skipped
         self._skipped_at[split] = np.asarray(skipped_at, dtype=np.int64)
+        if skipped and split == "train" and len(skipped) < len(s):
+            kept = np.delete(s.labels, skipped_at)
+            lost = sorted(set(np.unique(s.labels).tolist()) - set(np.unique(kept).tolist()))
+            if lost:
+                # the probe cannot predict such a class: every val and test example of it is an error
+                names = [repr(self.class_names[c]) if self.class_names else str(c) for c in lost]
+                log.warning(
+                    "data: no train image of class %s could be decoded (%d such class(es)); the probe "
+                    "cannot predict it, and its val and test examples all count as errors",
+                    ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
+                    len(lost),
+                )
+        if skipped and len(skipped) == len(s):
+            # every probe of the checkpoint would fail with "split is empty", which says nothing
+            # of why: zero-byte files, an image column of paths without bytes, the wrong column
+            raise DataError(
+                f"data.uri: none of the {len(s)} images of the {split} split could be decoded "
+                f"(the first, {skipped[0]}: {first_why})"
+            )
 
     def _u8_batches(
         self, split: str, batch_size: int, *, pin: bool

@@ -64,6 +64,8 @@ def preprocess(data: bytes, *, image_size: int, resize_size: int) -> np.ndarray:
     Raises `Undecodable` for bytes that are not a decodable image of a known format."""
     from PIL import Image, UnidentifiedImageError
 
+    if not data:
+        raise Undecodable("0 bytes (an empty file or cell)")
     try:
         with warnings.catch_warnings():
             # palette transparency, odd EXIF, large-image warnings: nothing to act on here

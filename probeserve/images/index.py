@@ -52,6 +52,11 @@ INDEX_FILE = "index.parquet"
 _META_KEY = b"probeserve.image_index"
 _FORMAT = 1
 _BIG_ROW_GROUP_ROWS = 4096  # larger row groups are read in pieces many times: warn about them
+# An image file larger than this is left out of the index, unread. Pillow refuses images of
+# more than 2 * Image.MAX_IMAGE_PIXELS (179M) pixels as decompression bombs, which even at 6
+# bytes a pixel uncompressed (16-bit RGB PPM) is 1.07 GB; a worker reads a file whole, so a
+# 40 GB disk image named .png (or a link to one) would get it killed for memory, every pass.
+MAX_IMAGE_BYTES = 2 << 30
 
 
 @dataclass
@@ -256,6 +261,7 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
             raise DataError(f"data.uri: {root} does not exist")
         images: list[str] = []
         parquets: list[tuple[str, int]] = []
+        too_big: list[str] = []
         listing = _local_files(root) if root is not None else ((o.key, o.size) for o in storage.list(""))
         for key, size in listing:
             if any(part.startswith(".") for part in key.split("/")):
@@ -264,7 +270,10 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
             if low.endswith(".parquet"):
                 parquets.append((key, size))
             elif low.endswith(IMAGE_EXTENSIONS):
-                images.append(key)
+                if size > MAX_IMAGE_BYTES:
+                    too_big.append(f"{key} ({size / 2**30:.1f} GiB)")
+                else:
+                    images.append(key)
         if not images and not parquets and root is None and uri.endswith(".parquet"):
             single = storage.stat("")
             if single is not None:  # one object: keys relative to its "folder", named by file
@@ -273,6 +282,16 @@ def resolve(spec: ImagesData, *, s3_endpoint: str | None) -> ImageIndex:
                 return _resolve_parquet(spec, parent, [(name, single.size)], single=True)
     except StorageError as e:
         raise DataError(f"data.uri: {e}") from None
+    if too_big:
+        log.warning(
+            "data.uri: %d image file(s) under %s of more than %d GiB left out (no image Pillow decodes "
+            "is that large; reading one whole would cost a decode worker as much memory): %s%s",
+            len(too_big),
+            redact(storage.uri),
+            MAX_IMAGE_BYTES >> 30,
+            "; ".join(too_big[:5]),
+            " ..." if len(too_big) > 5 else "",
+        )
     layout = spec.layout
     if layout == "auto":
         if images and parquets:
@@ -298,49 +317,66 @@ def _local_files(root: str) -> list[tuple[str, int]]:
 
     Unlike `LocalStorage.list`, which guards checkpoints, this follows links to folders: a
     class folder that is a link (`train/n01440764 -> /mnt/imagenet/...`, common where ImageNet
-    is shared) would otherwise vanish from the data without a word, and with it a class. A
-    folder that is its own ancestor (a link cycle) is walked once. What cannot be an example
-    is left out with a warning that names it: a FIFO (reading it would block a decode worker
-    or the index forever), a socket, a device, a link to nothing, and a name that is not
-    UTF-8 (the index and the result rows hold names as text)."""
+    is shared) would otherwise vanish from the data without a word, and with it a class.
+
+    The walk is bounded by the folders the data is made of, whatever the links say:
+
+    - a link to a folder that holds it (`..`, the data folder, one of its ancestors, `/`) is
+      not followed: it is a cycle at best, and at worst a walk of the whole machine;
+    - each real folder is listed once. Two paths to one folder (a link to a sibling, two links
+      to one place, a lattice of links that doubles the paths at every level) would list the
+      same images twice, under two labels or in train and test. The path with the fewest
+      links wins (a folder's own path inside the data folder has none), then the first in
+      sorted order, so a link never displaces a real folder, and the listing does not depend
+      on the order the file system returns names in.
+
+    What cannot be an example is left out with a warning that names it: a FIFO (reading it
+    would block a decode worker or the index forever), a socket, a device, a link to nothing,
+    and a name that is not UTF-8 (the index and the result rows hold names as text)."""
+    import heapq
     import os
     import stat
 
     found: list[tuple[str, int]] = []
-    left_out: list[str] = []
-
-    def ident(path: str) -> tuple[int, int]:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-
-    ancestors = {root: {ident(root)}}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        chain = ancestors.pop(dirpath, set())
-        keep = []
-        for name in dirnames:
+    left_out: list[str] = []  # files
+    not_followed: list[str] = []  # folders
+    listed: dict[tuple[int, int], str] = {}  # (device, inode) of a folder -> the path listed
+    # folders to list: (links on the path, key prefix, path); fewest links first, then by key
+    pending: list[tuple[int, str, str]] = [(0, "", root)]
+    while pending:
+        links, prefix, folder = heapq.heappop(pending)
+        try:
+            st = os.stat(folder)
+            ident = (st.st_dev, st.st_ino)
+            if ident in listed:
+                not_followed.append(f"{folder} (the folder {listed[ident]} again; listed once)")
+                continue
+            listed[ident] = folder
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            not_followed.append(f"{folder} ({e.strerror or e})")
+            continue
+        for entry in entries:
+            name = entry.name
             if name.startswith("."):
-                continue  # hidden folders (.ipynb_checkpoints): never data
-            path = os.path.join(dirpath, name)
+                continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints): never data
+            path = os.path.join(folder, name)
+            key = prefix + name
             try:
-                folder = ident(path)
+                is_folder = entry.is_dir()  # follows a link
             except OSError:
+                is_folder = False
+            if is_folder:
+                is_link = entry.is_symlink()
+                if is_link:
+                    target, here = os.path.realpath(path), os.path.realpath(folder)
+                    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                        not_followed.append(f"{path} (a link to a folder that holds it)")
+                        continue
+                heapq.heappush(pending, (links + is_link, key + "/", path))
                 continue
-            if folder in chain:
-                left_out.append(f"{path} (a link to a folder that holds it)")
-                continue
-            ancestors[path] = chain | {folder}
-            keep.append(name)
-        dirnames[:] = keep
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-            if (
-                key.startswith(".")
-                or "/." in key
-                or not key.lower().endswith((".parquet", *IMAGE_EXTENSIONS))
-            ):
-                continue  # hidden, or not data: skipped without a word, as before
-            path = os.path.join(dirpath, name)
+            if not key.lower().endswith((".parquet", *IMAGE_EXTENSIONS)):
+                continue  # not data: skipped without a word, as before
             try:
                 key.encode("utf-8")
             except UnicodeEncodeError:
@@ -355,19 +391,41 @@ def _local_files(root: str) -> list[tuple[str, int]]:
                 left_out.append(f"{path} (not a regular file)")
                 continue
             found.append((key, st.st_size))
-    if left_out:
-        log.warning(
-            "data.uri: %d file(s) under %s left out: %s%s",
-            len(left_out),
-            root,
-            "; ".join(left_out[:5]),
-            " ..." if len(left_out) > 5 else "",
-        )
+    for what, names in (("folder(s)", not_followed), ("file(s)", left_out)):
+        if names:
+            log.warning(
+                "data.uri: %d %s under %s left out: %s%s",
+                len(names),
+                what,
+                root,
+                "; ".join(names[:5]),
+                " ..." if len(names) > 5 else "",
+            )
     return sorted(found)
+
+
+# fields that only the Parquet layout reads: set for a folder tree, they would be ignored
+PARQUET_ONLY = ("image_column", "label_column", "split_column")
+
+
+def _check_folder_fields(spec: ImagesData, where: str) -> None:
+    """Refuse a Parquet-only field set away from its default on a folder tree: a user who set
+    `split_column: fold` meant it to decide something, and ignoring it would probe other
+    splits than the ones they asked for, without a word."""
+    why = "data.layout is folder" if spec.layout == "folder" else "it holds image files, no .parquet files"
+    for name in PARQUET_ONLY:
+        value = getattr(spec, name)
+        if value != ImagesData.model_fields[name].default:
+            raise DataError(
+                f"data.{name}: {value!r} names a Parquet column, but {where} is an image folder tree "
+                f"({why}), where the folders give the labels and splits (data.splits maps them); "
+                f"remove data.{name}"
+            )
 
 
 def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> ImageIndex:
     where = redact(storage.uri)
+    _check_folder_fields(spec, where)
     by_group: dict[str, dict[str, list[str]]] = {}
     loose: dict[str, int] = {}
     for key in sorted(keys):
@@ -377,12 +435,22 @@ def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> Imag
             loose[folder] = loose.get(folder, 0) + 1
             continue
         by_group.setdefault(parts[0], {}).setdefault(parts[1], []).append(key)
-    for folder, n in loose.items():
+    if loose:
+        # one line, not one per folder: a data.uri one level too deep (ImageNet's train/) has
+        # a thousand such folders
+        shown = [f"{where}/{f}/" if f != "." else f"{where}/" for f in sorted(loose)]
+        count = sum(loose.values())
         log.warning(
-            "data.uri: %d image(s) directly in %s/ are not in a class folder ({split}/{class}/{file}); ignored",
-            n,
-            f"{where}/{folder}" if folder != "." else where,
+            "data.uri: %d image(s) directly in %s are not in a class folder ({split}/{class}/{file}); ignored",
+            count,
+            ", ".join(shown[:3]) + (f" and {len(shown) - 3} more folder(s)" if len(shown) > 3 else ""),
         )
+        if not by_group:
+            raise DataError(
+                f"data.uri: no {{split}}/{{class}}/{{file}} images under {where}, but {count} image(s) "
+                f"directly in {shown[0]}{' and others' if len(shown) > 1 else ''}: is it a split or a "
+                "class folder? Give the folder that holds the split folders (train/, val/)"
+            )
     what = f"the folders of {where}"
     found = {g: sum(len(v) for v in classes.values()) for g, classes in by_group.items()}
     sources = _map_sources(spec, found, set(found), what)
@@ -393,6 +461,16 @@ def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> Imag
     groups: dict[str, _Group] = {}
     for g in {s for s in sources.values() if s is not None}:
         unknown = sorted(set(by_group[g]) - set(class_id))
+        root = getattr(storage, "root", None)
+        if unknown and root is not None:
+            import os
+
+            empty = [c for c in unknown if os.path.isdir(os.path.join(root, train_source, c))]
+            if empty:  # "a class that train/ does not have" sent users looking at a folder that is there
+                raise DataError(
+                    f"data.uri: {where}/{train_source}/{empty[0]}/ has no image files, but {where}/{g}/{empty[0]}/ "
+                    f"has ({len(empty)} such class(es)); a probe cannot learn a class it never sees"
+                )
         if unknown:
             raise DataError(
                 f"data.uri: {where}/{g}/{unknown[0]}/ is a class that {train_source}/ does not have "
@@ -446,6 +524,19 @@ def _resolve_parquet(
             r["labels"] = np.asarray([ids[v] for v in r["labels"].tolist()], dtype=np.int64)
     elif len(names) == 1:
         classes = list(next(iter(names)))
+    elif len(names) > 1:
+        # label 0 is one class in some files and another in others: probing across them
+        # would mix classes up without a word
+        (key_a, a), (key_b, b) = [
+            next((k, r["names"]) for (k, _), r in zip(files, read) if tuple(r["names"] or ()) == n)
+            for n in sorted(names)[:2]
+        ]
+        diff = next(i for i in range(max(len(a), len(b))) if a[i : i + 1] != b[i : i + 1])
+        raise DataError(
+            f"data.label_column: the files name different classes for {spec.label_column!r} "
+            f"(label {diff} is {_name_at(a, diff)} in {key_a}, {_name_at(b, diff)} in {key_b}); "
+            "labels must mean the same class in every file"
+        )
 
     # source splits: values of split_column, or the split each file is named after
     if spec.split_column is not None:
@@ -461,11 +552,6 @@ def _resolve_parquet(
         group_of = [
             np.full(len(r["labels"]), _file_group(key), dtype=object) for (key, _), r in zip(files, read)
         ]
-        ignored = sorted({_file_group(k) for k, _ in files} - set(SPLITS) - {"validation"})
-        if ignored and spec.splits is None:
-            log.info(
-                "data.uri: Parquet files named %s are not a train/val/test split; ignored", ", ".join(ignored)
-            )
 
     labels = np.concatenate([r["labels"] for r in read])
     groups_all = np.concatenate(group_of).astype(str) if labels.size else np.zeros(0, dtype=str)
@@ -493,6 +579,21 @@ def _resolve_parquet(
                 "labels must be class indices >= 0"
             )
     sources = _map_sources(spec, found, labelled, what)
+    train_source = sources["train"]
+    assert train_source is not None
+    train_labels = set(np.unique(labels[groups_all == train_source]).tolist())
+    for split, g in sources.items():
+        if g is None or g == train_source:
+            continue
+        unknown = sorted(set(np.unique(labels[groups_all == g]).tolist()) - train_labels)
+        if unknown:
+            named = classes is not None and unknown[0] < len(classes)  # not so: an error below
+            label = f"{unknown[0]} ({classes[unknown[0]]!r})" if classes is not None and named else unknown[0]
+            raise DataError(
+                f"data.label_column: label {label} is in the {g!r} rows ({split}) but in none of the "
+                f"{train_source!r} rows (train), {len(unknown)} such; a probe cannot learn a class "
+                "it never sees (the folder layout refuses the same)"
+            )
     groups = {}
     for g in {s for s in sources.values() if s is not None}:
         rows = np.flatnonzero(groups_all == g)
@@ -583,12 +684,14 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
     if pa.types.is_integer(t):
         from probeserve.data import MAX_CLASSES
 
-        labels, string = label_col.to_numpy(zero_copy_only=False).astype(np.int64), False
-        if labels.size and labels.max() >= MAX_CLASSES:
+        raw = label_col.to_numpy(zero_copy_only=False)
+        # checked before the cast: a uint64 label of 2**64-1 would become -1, "unlabelled"
+        if raw.size and raw.max() >= MAX_CLASSES:
             raise DataError(
-                f"data.label_column: label {int(labels.max())} in {where}; labels must be class indices "
+                f"data.label_column: label {int(raw.max())} in {where}; labels must be class indices "
                 f"below {MAX_CLASSES} (a probe has an output for every index up to the largest)"
             )
+        labels, string = raw.astype(np.int64), False
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         labels, string = np.asarray(label_col.to_pylist(), dtype=object), True
     else:
@@ -622,6 +725,10 @@ def _read_parquet_file(spec: ImagesData, storage: Storage, key: str, size: int) 
         else np.zeros(0, np.int64),
         "row": np.arange(n, dtype=np.int64),
     }
+
+
+def _name_at(names: list[str], i: int) -> str:
+    return repr(names[i]) if i < len(names) else "not named"
 
 
 def _is_image_type(t: Any) -> bool:
@@ -679,6 +786,17 @@ def _map_sources(
                 "Set data.splits"
             )
         sources = {"train": "train", "val": val if test == "test" else None, "test": test}
+    if spec.splits is None:
+        unused = sorted(labelled - set(sources.values()))
+        if unused:
+            # `valid/` next to train/ and test/: the user may well have meant it as val
+            log.warning(
+                "data.uri: %s among %s not used (the default takes train, val or validation, and test); "
+                "set data.splits to use %s",
+                ", ".join(f"{g!r} ({found[g]})" for g in unused),
+                what,
+                "it" if len(unused) == 1 else "them",
+            )
     if sources["val"] == sources["train"]:
         sources["val"] = None  # val from the train source: carved from it
     if sources["test"] == sources["train"]:
