@@ -205,6 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rows = run_status(args.output, run=args.run, s3_endpoint=args.s3_endpoint)
     if not rows:
+        _no_rows(args.output, args.run, args.s3_endpoint)
         print(f"no runs under {args.output}")
         return 0
     columns = ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
@@ -393,6 +394,24 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
     return folder, name
 
 
+def _no_rows(results_uri: str, run: str | None, s3_endpoint: str | None) -> None:
+    """Raise where reading found no rows because of what the user typed, not because nothing
+    is finished yet: a folder beside an output (inside one, or above some), or a `--run` the
+    output does not hold. An output a run has not written to yet still has "no results yet"."""
+    from probeserve import results
+
+    why = results.not_an_output(results.output_root(results_uri))
+    if why is not None:
+        raise ProbeserveError(why)
+    if run is not None:
+        out = results.open_output(results.output_root(results_uri), s3_endpoint=s3_endpoint)
+        runs = results.run_names(out)
+        if run not in runs:
+            raise ProbeserveError(
+                f"--run {run}: no such run under {results_uri}; runs there: {', '.join(runs) or 'none'}"
+            )
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -404,6 +423,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
+        _no_rows(args.results, args.run, args.s3_endpoint)
         scope = f"run {args.run!r} under {args.results}" if args.run else args.results  # as plot says
         print(f"no results yet for {scope}", file=sys.stderr)
     con = duckdb.connect()
@@ -490,6 +510,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
+        _no_rows(args.results, args.run, args.s3_endpoint)
         where = f"run {args.run!r} under {args.results}" if args.run else args.results
         raise ProbeserveError(f"no results yet for {where}: nothing to plot (see `probeserve status`)")
     steps = _split_list(args.steps)

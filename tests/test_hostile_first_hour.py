@@ -1,0 +1,90 @@
+"""A newcomer's first hour, played carelessly: the review of main at merge dbe0eff.
+
+Each test is a mistake a user makes at the surface (a folder beside the output, a mistyped
+`--run`, an output that is a file, a small image data set with a wide layer) and checks that
+the answer is one line naming what to change, with the exit status that tells the truth.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import tiny_spec, write_checkpoints
+
+from probeserve.cli import main
+from probeserve.runners.local import run_local
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """`probes/a` and `probes/b`: two finished outputs in one folder, as the README's tour
+    leaves `probes/gaussian-mlp` (and a user's next spec, `probes/...`)."""
+    root = tmp_path_factory.mktemp("first-hour")
+    for name in ("a", "b"):
+        spec = tiny_spec(
+            root, checkpoints={"uri": str(root / "ckpts")}, output={"uri": str(root / "probes" / name)}
+        )
+        spec = spec.model_copy(
+            update={"layers": spec.layers.model_copy(update={"include": ["input", "fc2"]})}
+        )
+        if name == "a":
+            write_checkpoints(spec, steps=(0,))
+        assert run_local(spec).exit_code == 0
+    return root
+
+
+READERS = [
+    ["query", "{}"],
+    ["plot", "{}", "--out", "{out}/x.png"],
+    ["report", "{}", "--out", "{out}/x.html"],
+    ["status", "{}"],
+]
+
+
+def _call(argv, where, out, capsys):
+    code = main([a.format(where, out=out) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv", READERS, ids=[a[0] for a in READERS])
+def test_a_folder_that_holds_outputs_is_named_with_them(outputs, tmp_path, capsys, argv):
+    # `probeserve query probes` said "no results yet for probes" and exited 0 (status: "no
+    # runs under probes"), as if the sweep had not started: the rows are in probes/a.
+    code, out, err = _call(argv, str(outputs / "probes"), tmp_path, capsys)
+    assert code == 2, (out, err)
+    assert "not a probeserve output" in err and "probes/a, " in err and "probes/b" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # no plot or report written
+
+
+@pytest.mark.parametrize("inside", ["runs", "results/t", "activations"])
+@pytest.mark.parametrize("argv", READERS, ids=[a[0] for a in READERS])
+def test_a_folder_inside_an_output_names_the_output(outputs, tmp_path, capsys, argv, inside):
+    code, out, err = _call(argv, str(outputs / "probes" / "a" / inside), tmp_path, capsys)
+    assert code == 2, (out, err)
+    assert f"is inside the output {outputs / 'probes' / 'a'}" in err
+
+
+@pytest.mark.parametrize("argv", READERS, ids=[a[0] for a in READERS])
+def test_a_mistyped_run_is_named_with_the_runs_there(outputs, tmp_path, capsys, argv):
+    # query printed "no results yet for run 'tt'" and exited 0; plot said "no results yet";
+    # status printed "no runs under ..." and exited 0. report already named the runs.
+    code, out, err = _call([*argv, "--run", "tt"], str(outputs / "probes" / "a"), tmp_path, capsys)
+    assert code == 2, (out, err)
+    assert "--run tt: no such run under" in err and "runs there: t" in err
+
+
+@pytest.mark.parametrize("argv", READERS, ids=[a[0] for a in READERS])
+def test_a_new_empty_output_folder_still_has_no_results_yet(tmp_path, capsys, argv):
+    (tmp_path / "fresh").mkdir()  # made by hand before a first run: nothing is wrong with it
+    code, out, err = _call(argv, str(tmp_path / "fresh"), tmp_path / "fresh", capsys)
+    assert code == {"query": 0, "status": 0, "plot": 2, "report": 2}[argv[0]]  # nothing to draw
+    assert ("no results" in err or "no runs" in out) and "not a probeserve output" not in err
+
+
+def test_status_takes_the_results_folder_as_query_plot_and_report_do(outputs, capsys):
+    # `probeserve status OUT/results` printed "no runs under OUT/results" and exited 0
+    code = main(["status", str(outputs / "probes" / "a" / "results")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[2].split()[:4] == ["t", "1", "2", "2"]  # run, checkpoints, items, done
