@@ -8,7 +8,7 @@ the answer is one line naming what to change, with the exit status that tells th
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_spec, write_checkpoints
+from helpers import tiny_spec, write_checkpoints, write_spec
 
 from probeserve.cli import main
 from probeserve.runners.local import run_local
@@ -88,3 +88,15 @@ def test_status_takes_the_results_folder_as_query_plot_and_report_do(outputs, ca
     out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[2].split()[:4] == ["t", "1", "2", "2"]  # run, checkpoints, items, done
+
+
+def test_validate_blames_an_output_that_is_a_file_once_and_not_on_data(tmp_path, capsys):
+    # validate listed "data: output.uri: ... is a file" too: opening the data reads the output
+    (tmp_path / "out").write_text("")
+    spec = tiny_spec(tmp_path)
+    assert main(["validate", write_spec(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == f"error: {tmp_path / 'spec.json'}: output.uri: {tmp_path / 'out'} is a file, not a folder"
+    )
