@@ -100,3 +100,14 @@ def test_validate_blames_an_output_that_is_a_file_once_and_not_on_data(tmp_path,
         err.strip()
         == f"error: {tmp_path / 'spec.json'}: output.uri: {tmp_path / 'out'} is a file, not a folder"
     )
+
+
+def test_a_small_data_set_is_not_refused_for_chunks_of_rows_it_does_not_have(tmp_path):
+    # A folder of 120 images probed at a conv layer of 25,088 features failed with "probe.
+    # memory_bytes: 4.0 GiB cannot hold ... (6.2 GiB)": the reservation counted streamed chunks
+    # of `probe.batch_size` (8192) rows, though no split had more than 75. Here the same, small:
+    # 1,000 examples of at most 12 features need well under 4 MB, which was refused.
+    spec = tiny_spec(tmp_path, probe={"max_epochs": 50, "l2": 1e-3, "memory_bytes": 4_000_000})
+    write_checkpoints(spec, steps=(0,))
+    summary = run_local(spec)
+    assert summary.failed == [] and summary.ok == 4
