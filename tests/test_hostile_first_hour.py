@@ -7,6 +7,10 @@ the answer is one line naming what to change, with the exit status that tells th
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from helpers import tiny_spec, write_checkpoints, write_spec
 
@@ -111,3 +115,27 @@ def test_a_small_data_set_is_not_refused_for_chunks_of_rows_it_does_not_have(tmp
     write_checkpoints(spec, steps=(0,))
     summary = run_local(spec)
     assert summary.failed == [] and summary.ok == 4
+
+
+def test_the_tours_training_job_prints_no_warning(tmp_path):
+    # README step 4, `python jobs/train_mlp.py --out ckpts/gaussian-mlp ...`, printed torch's
+    # "UserWarning: Converting a tensor with requires_grad=True to a scalar" on every run
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "jobs" / "train_mlp.py"),
+            "--out",
+            str(tmp_path / "c"),
+            "--steps",
+            "4",
+            "--every",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "step 4: train loss" in done.stdout
