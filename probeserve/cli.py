@@ -364,7 +364,6 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
     import re
     from urllib.parse import urlsplit
 
-    from probeserve import layout
     from probeserve.spec import check_uri
     from probeserve.storage import file_location
 
@@ -384,6 +383,18 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
             raise ProbeserveError(
                 f"--out {out!r}: is a folder; give a file name, like {out.rstrip('/')}/answer.csv"
             )
+    _outside_results(out, folder, name, results_uri)
+    return folder, name
+
+
+def _outside_results(out: str, folder: str, name: str, results_uri: str) -> None:
+    """Refuse an `--out` (of query, plot or report) inside the results folder: every reader
+    takes each file there for a result row, and pandas and pyarrow fail on one that is not."""
+    import os
+    from urllib.parse import urlsplit
+
+    from probeserve import layout
+
     results_dir = layout.output_root(results_uri).rstrip("/") + "/" + layout.RESULTS_DIR
     if results_dir.startswith("file://"):
         results_dir = urlsplit(results_dir).path
@@ -394,7 +405,15 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
         raise ProbeserveError(
             f"--out {out!r}: is inside {results_dir}, where every file is read as a result row; write it elsewhere"
         )
-    return folder, name
+
+
+def _figure_out(out: str, results_uri: str) -> None:
+    """`--out` of plot and report, before any work: not inside the results folder."""
+    from probeserve.storage import file_location
+
+    folder, name = file_location(out)
+    if name:  # a folder: plot and report say what is wrong with it themselves
+        _outside_results(out, folder, name, results_uri)
 
 
 def _no_rows(results_uri: str, run: str | None, s3_endpoint: str | None) -> None:
@@ -511,6 +530,7 @@ def _split_list(values: Sequence[str] | None) -> list[str] | None:
 def cmd_plot(args: argparse.Namespace) -> int:
     from probeserve import plots, results
 
+    _figure_out(args.out, args.results)
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
         _no_rows(args.results, args.run, args.s3_endpoint)
@@ -544,6 +564,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from probeserve.plots import ChoiceError
     from probeserve.report import write_report
 
+    _figure_out(args.out, args.results)
     try:
         out = write_report(
             args.results, args.out, run=args.run, s3_endpoint=args.s3_endpoint, refresh_seconds=args.refresh

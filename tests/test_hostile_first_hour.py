@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas
 import pytest
 from helpers import tiny_spec, write_checkpoints, write_spec
 
@@ -139,3 +140,16 @@ def test_the_tours_training_job_prints_no_warning(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "step 4: train loss" in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["plot", "report"])
+@pytest.mark.parametrize("inside", ["results/x", "results/t/x"])
+def test_a_figure_is_never_written_into_the_results_folder(outputs, capsys, kind, inside):
+    # query refused it, but `plot --out OUT/results/x.png` and `report --out OUT/results/t/r.html`
+    # wrote there, and then pandas.read_parquet(OUT/results), the README's reader, failed
+    out = outputs / "probes" / "a"
+    target = out / f"{inside}.{'png' if kind == 'plot' else 'html'}"
+    assert main([kind, str(out), "--out", str(target)]) == 2
+    assert "where every file is read as a result row" in capsys.readouterr().err
+    assert not target.exists()
+    assert pandas.read_parquet(out / "results").shape[0] == 2
