@@ -15,6 +15,7 @@ import pandas
 import pytest
 from helpers import tiny_spec, write_checkpoints, write_spec
 
+from probeserve import results
 from probeserve.cli import main
 from probeserve.runners.local import run_local
 
@@ -153,3 +154,29 @@ def test_a_figure_is_never_written_into_the_results_folder(outputs, capsys, kind
     assert "where every file is read as a result row" in capsys.readouterr().err
     assert not target.exists()
     assert pandas.read_parquet(out / "results").shape[0] == 2
+
+
+@pytest.mark.parametrize("per_call", [1, 2])
+def test_ctrl_c_while_probing_leaves_no_running_marker(tmp_path, monkeypatch, capsys, per_call):
+    # Ctrl-C in `probeserve run --runner local` printed "interrupted; committed results are
+    # kept" but left running/.../{layer}.json of the item it was probing: `status` then
+    # showed it as a stale running item until the next run removed it
+    import probeserve.probe
+
+    spec = tiny_spec(tmp_path, resources={"device": "cpu", "probes_per_call": per_call})
+    write_checkpoints(spec, steps=(0,))
+    real, calls = probeserve.probe.answer_probes, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the second call trains
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probeserve.probe, "answer_probes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec)
+    assert len(results.load(str(tmp_path / "out"))) == per_call  # the first call's items
+    assert [p for p in (tmp_path / "out" / "running").rglob("*") if p.is_file()] == []
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert "stale" not in capsys.readouterr().out
