@@ -8,9 +8,11 @@ which some items failed exits 1 and names them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -882,6 +884,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; committed results are kept, rerun to finish", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped reading (`probeserve plan SPEC | head`): no traceback, and no second
+        # one when Python flushes stdout at exit; the status a shell gives a command SIGPIPE ended
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

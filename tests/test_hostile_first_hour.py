@@ -7,6 +7,8 @@ the answer is one line naming what to change, with the exit status that tells th
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +182,22 @@ def test_ctrl_c_while_probing_leaves_no_running_marker(tmp_path, monkeypatch, ca
     assert [p for p in (tmp_path / "out" / "running").rglob("*") if p.is_file()] == []
     assert main(["status", str(tmp_path / "out")]) == 0
     assert "stale" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["plan", "{spec}"], ["query", "{out}", "--format", "csv"]])
+def test_a_reader_that_stops_reading_gets_no_traceback(outputs, tmp_path, command):
+    # `probeserve plan SPEC | head -2` ended in a BrokenPipeError traceback with exit 1
+    spec = tiny_spec(outputs, output={"uri": str(outputs / "probes" / "a")})
+    argv = [a.format(spec=write_spec(tmp_path, spec), out=spec.output.uri) for a in command]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    done = subprocess.run(
+        [sys.executable, "-m", "probeserve.cli", *argv],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
+    os.close(write)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 128 + signal.SIGPIPE
