@@ -436,6 +436,27 @@ def _no_rows(results_uri: str, run: str | None, s3_endpoint: str | None) -> None
             )
 
 
+_FORMAT_OF_EXTENSION = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _query_format(given: str | None, where: tuple[str, str] | None) -> str:
+    """The answer's format: `--format`, else the one `--out`'s extension names (`answer.parquet`
+    was written as the terminal's text table, which no Parquet reader opens), else `table`. A
+    `--format` that another extension contradicts is refused: readers go by the extension."""
+    import os
+
+    ext = os.path.splitext(where[1])[1].lower() if where is not None else ""
+    named = _FORMAT_OF_EXTENSION.get(ext)
+    if given is None:
+        return named or "table"
+    if named is not None and named != given:
+        raise ProbeserveError(
+            f"--out {where[1] if where else ''!r}: a {ext} file, but --format {given}; "
+            f"leave --format out (the extension says {named}) or name the file for {given}"
+        )
+    return given
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -443,6 +464,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from probeserve.storage import publish_file
 
     where = _out_location(args.out, args.results) if args.out is not None else None  # before any work
+    args.format = _query_format(args.format, where)
     if args.format == "parquet" and where is None:
         raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
@@ -699,8 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--format",
         choices=["table", "csv", "json", "parquet"],
-        default="table",
-        help="(default: %(default)s)",
+        help="(default: the --out file's extension, .csv, .json or .parquet; else table)",
     )
     q.add_argument(
         "--out", help="write the answer here (a path or URI) instead of stdout; needed for parquet"

@@ -201,3 +201,24 @@ def test_a_reader_that_stops_reading_gets_no_traceback(outputs, tmp_path, comman
     os.close(write)
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 128 + signal.SIGPIPE
+
+
+@pytest.mark.parametrize("name", ["answer.parquet", "answer.csv", "answer.json", "ANSWER.PQ"])
+def test_query_out_without_format_writes_what_its_extension_says(outputs, tmp_path, capsys, name):
+    # `probeserve query OUT --out answer.parquet` wrote the terminal's text table into it, which
+    # pandas.read_parquet (and read_csv, for answer.csv) could not read as the rows
+    out = tmp_path / name
+    assert main(["query", str(outputs / "probes" / "a"), "--out", str(out)]) == 0
+    ext = name.lower().rsplit(".", 1)[1]
+    read = {"parquet": pandas.read_parquet, "pq": pandas.read_parquet, "csv": pandas.read_csv}
+    frame = read.get(ext, pandas.read_json)(out)
+    assert len(frame) == 2 and "confusion" in frame.columns  # every column, as --format says
+
+
+def test_query_format_that_its_out_extension_contradicts_is_refused(outputs, tmp_path, capsys):
+    out = tmp_path / "answer.csv"
+    assert main(["query", str(outputs / "probes" / "a"), "--format", "json", "--out", str(out)]) == 2
+    assert "a .csv file, but --format json" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["query", str(outputs / "probes" / "a"), "--out", str(tmp_path / "answer.txt")]) == 0
+    assert (tmp_path / "answer.txt").read_text().startswith("run ")  # no extension of a format: the table
