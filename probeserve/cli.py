@@ -613,6 +613,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, quick=args.quick, runner=args.runner)
 
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of `kind` above 0. A 0 or negative `--interval` would scan
+    without pause, `--page-size 0` list nothing forever, `--refresh -5` write a refresh the
+    browser ignores; each is refused as argparse refuses a word where a number goes (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:  # NaN included
+            raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 class _SetField(argparse.Action):
     """A flag that is shorthand for `--set FIELD=VALUE`: it overrides that spec field, in its
     place among the `--set`s, and nothing else. Settings live in the spec; such a flag says in
@@ -752,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--once", action="store_true", help="one scan, submit, exit (cron, Kubernetes CronJob)")
     w.add_argument(
-        "--interval", type=float, default=60.0, help="seconds between scans (default: %(default)g)"
+        "--interval", type=_positive(float), default=60.0, help="seconds between scans (default: %(default)g)"
     )
     w.add_argument(
         "--policy",
@@ -762,13 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--claim-timeout",
-        type=float,
+        type=_positive(float),
         default=600.0,
         help="take over a claim unchanged this many seconds whose job is unknown (default: %(default)g)",
     )
     w.add_argument(
         "--max-attempts",
-        type=int,
+        type=_positive(int),
         default=3,
         help="claim generations before a dying job ends failed (default: %(default)s)",
     )
@@ -783,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--health-file", help="touched after every successful scan, for a liveness check")
     w.add_argument(
-        "--page-size", type=int, default=1000, help="keys per listing request (default: %(default)s)"
+        "--page-size",
+        type=_positive(int),
+        default=1000,
+        help="keys per listing request (default: %(default)s)",
     )
     w.add_argument("--status", action="store_true", help="print the ledger and exit")
     w.set_defaults(func=cmd_watch)
@@ -837,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="the HTML file to write (a path or s3:// URI)")
     rp.add_argument("--run", help="only this run (default: every run there)")
     rp.add_argument(
-        "--refresh", type=int, metavar="SECONDS", help="make an open page reload itself this often"
+        "--refresh", type=_positive(int), metavar="SECONDS", help="make an open page reload itself this often"
     )
     rp.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     rp.set_defaults(func=cmd_report)

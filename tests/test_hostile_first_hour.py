@@ -222,3 +222,25 @@ def test_query_format_that_its_out_extension_contradicts_is_refused(outputs, tmp
     assert not out.exists()
     assert main(["query", str(outputs / "probes" / "a"), "--out", str(tmp_path / "answer.txt")]) == 0
     assert (tmp_path / "answer.txt").read_text().startswith("run ")  # no extension of a format: the table
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["watch", "{spec}", "--once", "--runner", "local", "--interval", "0"],  # a scan loop without pause
+        ["watch", "{spec}", "--once", "--runner", "local", "--interval", "nan"],
+        ["watch", "{spec}", "--once", "--runner", "local", "--page-size", "0"],
+        ["watch", "{spec}", "--once", "--runner", "local", "--max-attempts", "0"],
+        ["watch", "{spec}", "--once", "--runner", "local", "--claim-timeout", "-1"],
+        ["report", "{out}", "--out", "{tmp}/r.html", "--refresh", "-5"],  # was written as content="-5"
+    ],
+    ids=lambda a: " ".join(a[-2:]),
+)
+def test_a_count_or_period_of_zero_or_less_is_refused_before_anything_runs(outputs, tmp_path, capsys, argv):
+    # (with --once, so that without the check the daemon scans once and ends)
+    spec = write_spec(tmp_path, tiny_spec(outputs, output={"uri": str(outputs / "probes" / "a")}))
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(spec=spec, out=outputs / "probes" / "a", tmp=tmp_path) for a in argv])
+    assert exited.value.code == 2
+    assert f"argument {argv[-2]}: expected a number above 0" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
