@@ -53,6 +53,7 @@ MAX_DEFAULT_STEPS = 6  # the `layers` plot: more lines than this stop being read
 MAX_LEGEND_LAYERS = 12  # the `steps` plot names its lines in a legend up to this; a colour bar past it
 MAX_MARKER_POINTS = 40  # past this many points a line is drawn without markers
 FAILED_COLOR = "#d62728"
+ABSENT_COLOR = "#eeeeee"  # classes plot: a class without test examples (and failed layers)
 CHANCE_COLOR = "0.3"
 TICK_FONT = 8  # points: tick labels keep this size; past what fits, labels are thinned
 OUTLIER_GAP = 0.5  # heatmap colours: see `color_limits`
@@ -551,7 +552,7 @@ def heatmap_figure(g: Grid) -> Figure:
         fig = _figure(*layout["size"])
         ax = fig.add_subplot()
         # pending and failed cells are light grey; failed ones also get a red x
-        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+        cmap = plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR)
         data = np.ma.masked_invalid(g.values.T)
         lo, hi = layout["limits"]
         image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
@@ -700,7 +701,8 @@ def class_grid(
     if not with_classes:
         raise ProbeserveError(
             f"no row of run {run!r} has per-class test errors (test_class_errors): its rows were written "
-            "before probeserve recorded them; a new run of the spec records them"
+            "before probeserve recorded them, and a rerun under the same name only does items not done; "
+            "the spec run under a new name (--set run=NAME) records them"
         )
     if step is None:
         step = with_classes[-1]
@@ -761,7 +763,7 @@ def classes_figure(cg: ClassGrid) -> Figure:
         axes_w, axes_h = max(1.0, width - 3.5), max(1.0, height - 1.8)
         fig = _figure(width, height)
         ax = fig.add_subplot()
-        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+        cmap = plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR)
         finite = cg.values[np.isfinite(cg.values)]
         hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(
@@ -786,12 +788,27 @@ def classes_figure(cg: ClassGrid) -> Figure:
                         fontsize=7,
                         color="k" if v > hi / 2 else "w",
                     )
+        handles: list[Any] = []
+        labels: list[str] = []
         failed = np.flatnonzero(cg.failed)
         if len(failed):
             marks = ax.scatter(
                 failed, [-0.5] * len(failed), marker="x", s=80, color=FAILED_COLOR, clip_on=False
             )
-            fig.legend([marks], [f"failed ({len(failed)})"], fontsize="small", loc="outside lower left")
+            handles.append(marks)
+            labels.append(f"failed ({len(failed)})")
+        # A class without test examples has no error (0 of 0): its row is grey, and says why,
+        # or it would read as data that is missing
+        absent = [cg.classes[i] for i, n in enumerate(cg.counts) if n == 0 and i < len(cg.classes)]
+        if absent:
+            from matplotlib.patches import Patch
+
+            handles.append(Patch(facecolor=ABSENT_COLOR, edgecolor="0.6"))
+            named = ", ".join(plain(abbreviate(c, 24)) for c in absent[:3])
+            more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+            labels.append(f"no test example: {named}{more}")
+        if handles:
+            fig.legend(handles, labels, fontsize="small", loc="outside lower left", ncols=len(handles))
         _layer_axis(ax, cg.layers, axes_w)
         ticks = thin(len(cg.classes), int(axes_h / 0.16))
         ax.set_yticks(ticks)

@@ -544,8 +544,10 @@ def test_rows_written_before_these_columns_read_them_as_null_and_still_plot(tmp_
 
     g = plots.grid(results.load(spec.output.uri))  # the layers plot shades Wilson's from n_test
     assert g.low[0].tolist() == pytest.approx(curve["test_error_low"])
-    with pytest.raises(ProbeserveError, match="no row of run 't' has per-class test errors"):
+    with pytest.raises(ProbeserveError, match="no row of run 't' has per-class test errors") as caught:
         plots.class_grid(results.load(spec.output.uri))
+    # a rerun under the same name does nothing (its items are done): the message says so
+    assert "the spec run under a new name (--set run=NAME) records them" in str(caught.value)
 
 
 def _query(*args: str) -> subprocess.CompletedProcess:
@@ -580,3 +582,53 @@ def test_the_terminal_table_leaves_out_new_columns_no_row_has(tmp_path) -> None:
     header = table.stdout.splitlines()[0].split()
     assert "test_error_low" in header and "l2" in header
     assert "selectivity" not in header and "mdl_bits" not in header
+
+
+# ---------------------------------------------------------------------------------------------
+# What the terminal and the plots show of edge cases (review of issue 14's outputs)
+
+
+def _committed(tmp_path, rows: list[dict]) -> str:
+    out = results.open_output(str(tmp_path / "out"), must_exist=False)
+    for i, r in enumerate(rows):
+        base = dict(run="r", checkpoint="step_0/model.safetensors", step=0, layer=f"l{i}", layer_index=i)
+        results.commit(out, {**base, "status": "ok", **r})
+    return str(tmp_path / "out")
+
+
+def test_the_terminal_table_shows_l2_in_full_not_at_4_decimals(tmp_path, capsys) -> None:
+    # the default grid reaches 1e-6: at 4 decimals 1e-6, 5e-6 and 3e-5 all read 0.0000
+    from probeserve.cli import main
+
+    out = _committed(tmp_path, [{"l2": 1e-6, "test_error": 0.25}, {"l2": 3e-5, "test_error": 0.125}])
+    assert main(["query", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    l2s = [line.split()[header.index("l2")] for line in lines[2:]]
+    assert [float(v) for v in l2s] == [1e-6, 3e-5]
+    assert [line.split()[header.index("test_error")] for line in lines[2:]] == ["0.2500", "0.1250"]
+
+
+def test_the_classes_plot_names_the_classes_without_test_examples() -> None:
+    # a class absent from the test split has no error (0 of 0): a grey row that says why
+    from probeserve import plots
+
+    cg = plots.ClassGrid(
+        run="r",
+        step=0,
+        layers=["input", "fc1"],
+        classes=["boot", "coat", "shirt"],
+        values=np.array([[0.1, 0.2], [np.nan, np.nan], [0.3, 0.0]]),
+        failed=np.array([False, False]),
+        counts=[10, 0, 12],
+    )
+    fig = plots.classes_figure(cg)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["no test example: coat"]
+    plots._pyplot().close(fig)
+    fig = plots.classes_figure(
+        plots.ClassGrid(**{**cg.__dict__, "counts": [10, 5, 12], "failed": np.array([False, True])})
+    )
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["failed (1)"]
+    plots._pyplot().close(fig)
