@@ -744,9 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", help="the run to plot (needed when the results hold several)")
     pl.add_argument(
         "--metric",
-        choices=["test_error", "val_error", "train_error", "test_loss", "val_loss", "train_loss"],
+        choices=[
+            *["test_error", "val_error", "train_error", "test_loss", "val_loss", "train_loss"],
+            *["control_error", "control_train_error", "selectivity", "mdl_bits", "mdl_compression"],
+        ],
         default="test_error",
-        help="the value plotted; the chance level is drawn for errors (default: %(default)s)",
+        help="the value plotted; the chance level is drawn for the task's errors; the last five need "
+        "probe.control or probe.mdl (default: %(default)s)",
     )
     pl.add_argument(
         "--steps",

@@ -46,8 +46,26 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11
 
 KINDS = ("layers", "heatmap", "steps", "animation", "classes")
+# Besides the errors and losses (`results.METRICS`), the line plots and the heatmap draw the
+# control task's and MDL's columns: selectivity and code length by layer are Hewitt & Liang's
+# and Voita & Titov's own figures. Each is in a row only when the spec section named here is on.
+SCIENCE_METRICS = {
+    "control_error": "probe.control",
+    "control_train_error": "probe.control",
+    "selectivity": "probe.control",
+    "mdl_bits": "probe.mdl",
+    "mdl_compression": "probe.mdl",
+}
+PLOT_METRICS = [*METRICS, *SCIENCE_METRICS]
+# The task's errors: the chance level (always the majority class) is a baseline for these.
+TASK_ERRORS = ("train_error", "val_error", "test_error")
 # Error metrics with a 95% interval: the row's own columns, or Wilson's from the split's count.
-INTERVALS = {"train_error": "n_train", "val_error": "n_val", "test_error": "n_test"}
+INTERVALS = {
+    "train_error": "n_train",
+    "val_error": "n_val",
+    "test_error": "n_test",
+    "control_error": "n_test",
+}
 INTERVAL_ALPHA = 0.15  # the shaded interval behind each line of the layers plot
 MAX_DEFAULT_STEPS = 6  # the `layers` plot: more lines than this stop being readable
 MAX_LEGEND_LAYERS = 12  # the `steps` plot names its lines in a legend up to this; a colour bar past it
@@ -128,8 +146,8 @@ class Grid:
 
     @property
     def shows_chance(self) -> bool:
-        """The chance level applies to error metrics only."""
-        return self.chance is not None and self.metric.endswith("_error")
+        """The chance level applies to the task's error metrics only."""
+        return self.chance is not None and self.metric in TASK_ERRORS
 
     def step_labels(self) -> list[str]:
         """`step N`, with the checkpoint key added where two checkpoints share a step."""
@@ -180,13 +198,18 @@ def grid(
     layers: Sequence[str] | None = None,
 ) -> Grid:
     """The data behind every plot; unknown `steps` or `layers` are an error that lists the known ones."""
-    if metric not in METRICS:
+    if metric not in PLOT_METRICS:
         raise ChoiceError(
-            f"metric={metric!r}: unknown metric; choose one of {', '.join(METRICS)}",
-            f"--metric {metric}: unknown metric; choose one of {', '.join(METRICS)}",
+            f"metric={metric!r}: unknown metric; choose one of {', '.join(PLOT_METRICS)}",
+            f"--metric {metric}: unknown metric; choose one of {', '.join(PLOT_METRICS)}",
         )
     run, rows_table = select_run(table, run)
     rows = rows_table.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    if metric in SCIENCE_METRICS and ok and all(r[metric] is None for r in ok):
+        # or every ok item would be drawn as missing, and counted as pending
+        why = f"no row of run {run!r} has {metric}: a run records it when its spec sets {SCIENCE_METRICS[metric]}"
+        raise ChoiceError(f"metric={metric!r}: {why}", f"--metric {metric}: {why}")
     ckpts = sorted({(r["step"], r["checkpoint"]) for r in rows})
     index_of: dict[str, int] = {}
     for r in rows:
@@ -308,6 +331,12 @@ def front_loaded(steps: Sequence[int]) -> bool:
     arr = np.asarray(steps, dtype=float)
     span = float(arr.max() - arr.min())
     return span > 0 and float(np.median(arr) - arr.min()) < 0.1 * span
+
+
+def _cell_text(v: float) -> str:
+    """A heatmap cell's value in at most 6 characters: 3 decimals for errors and losses, whole
+    numbers from 10 on (mdl_bits runs to thousands: `2356.229` would not fit the cell)."""
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"
 
 
 def value_limits(g: Grid) -> tuple[float, float]:
@@ -575,7 +604,7 @@ def heatmap_figure(g: Grid) -> Figure:
                     ax.text(
                         i,
                         j,
-                        f"{v:.3f}",
+                        _cell_text(v),
                         ha="center",
                         va="center",
                         fontsize=7,
@@ -856,7 +885,7 @@ class PlotOptions(TypedDict, total=False):
     """What each plot takes besides its table and `out`: the flags of `probeserve plot`."""
 
     run: str | None  # the run to plot (needed when the table holds several)
-    metric: str  # one of results.METRICS (default: test_error)
+    metric: str  # one of PLOT_METRICS (default: test_error)
     steps: Sequence[int] | None  # checkpoint steps (default: all, or a spread for `layers`)
     layers: Sequence[str] | None  # layer names (default: all)
     s3_endpoint: str | None  # where `out` is on an S3-compatible server

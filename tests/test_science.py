@@ -632,3 +632,42 @@ def test_the_classes_plot_names_the_classes_without_test_examples() -> None:
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["failed (1)"]
     plots._pyplot().close(fig)
+
+
+def test_the_plots_draw_selectivity_control_error_and_mdl_by_layer(gaussian, tmp_path, capsys) -> None:
+    # Hewitt & Liang's and Voita & Titov's own figures: selectivity and code length by layer
+    from probeserve import plots
+    from probeserve.cli import main
+
+    out, rows = gaussian
+    table = results.load(out)
+    for metric in ("selectivity", "control_train_error", "mdl_bits", "mdl_compression"):
+        g = plots.grid(table, metric=metric)
+        assert g.values[0].tolist() == [rows[layer][metric] for layer in g.layers]
+        assert g.low is None and not g.shows_chance  # no interval, no chance level
+    g = plots.grid(table, metric="control_error")
+    assert g.low is not None and g.high is not None and not g.shows_chance
+    assert g.low[0].tolist() == [rows[layer]["control_error_low"] for layer in g.layers]
+    assert g.high[0].tolist() == [rows[layer]["control_error_high"] for layer in g.layers]
+    heat = plots.heatmap_figure(plots.grid(table, metric="mdl_bits"))
+    texts = {t.get_text() for t in heat.axes[0].texts}
+    assert f"{rows['input']['mdl_bits']:.0f}" in texts  # whole bits: '1234.567' would not fit a cell
+    plots._pyplot().close(heat)
+    from probeserve.cli import build_parser
+
+    (plot_parser,) = [
+        p for a in build_parser()._subparsers._group_actions for n, p in a.choices.items() if n == "plot"
+    ]
+    (metric,) = [a for a in plot_parser._actions if a.dest == "metric"]
+    assert sorted(metric.choices) == sorted(plots.PLOT_METRICS)  # the CLI offers what the plots draw
+    for kind in ("layers", "heatmap", "steps"):
+        png = str(tmp_path / f"{kind}.png")
+        assert main(["plot", out, "--kind", kind, "--metric", "selectivity", "--out", png]) == 0
+    # a run without probe.control or probe.mdl: one line naming what records the column
+    plain = _committed(tmp_path / "plain", [{"test_error": 0.25, "n_test": 100}])
+    capsys.readouterr()
+    assert main(["plot", plain, "--metric", "mdl_bits", "--out", str(tmp_path / "m.png")]) == 2
+    assert (
+        "--metric mdl_bits: no row of run 'r' has mdl_bits: a run records it when its spec sets probe.mdl"
+        in capsys.readouterr().err
+    )
