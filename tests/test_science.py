@@ -500,8 +500,9 @@ def test_the_report_shows_the_classes_plot_and_the_new_columns(gaussian) -> None
     page = report.build_report(out)
     assert 'alt="test error per class by layer, step 0"' in page
     assert 'alt="test error by layer (95% intervals shaded)"' in page
-    for column in ("test_error_low", "test_error_high", "l2", "selectivity", "mdl_compression"):
+    for column in ("test_error_low", "test_error_high", "l2", "selectivity", "control_train_error"):
         assert f'<th class="">{column}</th>' in page
+    assert '<th class="">mdl_compression</th>' in page
     assert f">{rows['input']['l2']:g}<" in page  # l2 in full, not 0.0001 at 4 decimals
 
 
@@ -565,6 +566,8 @@ def test_query_shows_the_new_columns(gaussian) -> None:
     header = table.stdout.splitlines()[0].split()
     for column in ("l2", "test_error_low", "test_error_high", "selectivity", "mdl_bits", "mdl_compression"):
         assert column in header
+    # control labels per example: memorisation shows in control_train_error, not in selectivity
+    assert "control_train_error" in header
     sql = "SELECT layer, l2_grid, confusion, test_class_errors FROM results ORDER BY layer_index"
     csv = _query(out, "--format", "csv", "--sql", sql)
     assert csv.returncode == 0, csv.stderr
@@ -581,7 +584,7 @@ def test_the_terminal_table_leaves_out_new_columns_no_row_has(tmp_path) -> None:
     assert table.returncode == 0, table.stderr
     header = table.stdout.splitlines()[0].split()
     assert "test_error_low" in header and "l2" in header
-    assert "selectivity" not in header and "mdl_bits" not in header
+    assert "selectivity" not in header and "mdl_bits" not in header and "control_train_error" not in header
 
 
 # ---------------------------------------------------------------------------------------------
