@@ -674,3 +674,22 @@ def test_the_plots_draw_selectivity_control_error_and_mdl_by_layer(gaussian, tmp
         "--metric mdl_bits: no row of run 'r' has mdl_bits: a run records it when its spec sets probe.mdl"
         in capsys.readouterr().err
     )
+
+
+def test_a_per_example_control_probe_keeps_an_early_epoch_and_memorises_all_without_patience() -> None:
+    # What docs/results.md says of control_train_error: early stopping on random validation
+    # labels keeps the probe of the first epoch or two, which has not memorised its training
+    # labels yet; trained to convergence (patience: null) the same probe fits every one of them
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 128)).astype(np.float32)
+    y = (x[:, :4] + rng.standard_normal((600, 4))).argmax(axis=1)
+    control = {}
+    for patience in (10, None):
+        data = _data(x, y, 200, 200, 4, key="memorise")
+        (answer,) = answer_probes(
+            [data], spec=ProbeSpec(max_epochs=300, l2=1e-4, control=True, patience=patience)
+        )
+        control[patience] = answer.control
+    early, converged = control[10], control[None]
+    assert early.best_epoch <= 2 and early.train_error > 0.1
+    assert converged.train_error == 0.0 and converged.best_epoch > 10
