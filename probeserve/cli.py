@@ -230,8 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # The plain terminal table shows these; exports (csv, json, parquet) carry every column.
 DEFAULT_SQL = (
     "SELECT run, step, layer, layer_index, n_features, l2, train_error, val_error, test_error, "
-    "test_error_low, test_error_high, control_error, selectivity, mdl_bits, mdl_compression, "
-    "epochs, hit_max_epochs, status, error FROM results ORDER BY run, step, layer_index"
+    "test_error_low, test_error_high, control_error, selectivity, control_train_error, mdl_bits, "
+    "mdl_compression, epochs, hit_max_epochs, status, error FROM results ORDER BY run, step, layer_index"
 )
 # Columns of the default terminal table left out when no row has them (older rows; runs
 # without probe.control or probe.mdl), so the table stays readable.
@@ -241,6 +241,7 @@ OPTIONAL_COLUMNS = (
     "test_error_high",
     "control_error",
     "selectivity",
+    "control_train_error",
     "mdl_bits",
     "mdl_compression",
 )
@@ -833,9 +834,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", help="the run to plot (needed when the results hold several)")
     pl.add_argument(
         "--metric",
-        choices=["test_error", "val_error", "train_error", "test_loss", "val_loss", "train_loss"],
+        choices=[
+            *["test_error", "val_error", "train_error", "test_loss", "val_loss", "train_loss"],
+            *["control_error", "control_train_error", "selectivity", "mdl_bits", "mdl_compression"],
+        ],
         default="test_error",
-        help="the value plotted; the chance level is drawn for errors (default: %(default)s)",
+        help="the value plotted; the chance level is drawn for the task's errors; the last five need "
+        "probe.control or probe.mdl (default: %(default)s)",
     )
     pl.add_argument(
         "--steps",

@@ -17,17 +17,22 @@ if TYPE_CHECKING:
     from probeserve.spec import SweepSpec
 
 
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
-    """Plain fixed-width text table; floats with 4 decimals."""
+# Columns whose floats are shown in full rather than at 4 decimals: `l2` spans 1e-6 to 1e-1
+# (the default grid), and at 4 decimals 1e-6, 5e-6 and 3e-5 all read 0.0000.
+FULL_FLOATS = frozenset({"l2"})
 
-    def cell(v: object) -> str:
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """Plain fixed-width text table; floats with 4 decimals (those of `FULL_FLOATS` in full)."""
+
+    def cell(v: object, column: str) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4f}"
+            return f"{v:g}" if column in FULL_FLOATS else f"{v:.4f}"
         return str(v)
 
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    body = [[cell(r.get(c), c) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines.append("  ".join("-" * w for w in widths))

@@ -26,6 +26,7 @@ Every dataset has the interface of `Dataset`.
 from __future__ import annotations
 
 import gzip as gzip_lib
+import logging
 import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +39,8 @@ from probeserve.errors import DataError, StorageError
 from probeserve.results import read_parquet_bytes
 from probeserve.spec import DataSpec, GaussianData, IdxData, ImagesData, ParquetData, SyntheticImagesData
 from probeserve.storage import Storage, open_storage, redact, temp_name
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # for annotations only: these modules load lazily, where used
     import pyarrow as pa
@@ -142,6 +145,24 @@ class ProbeDataset:
                 f"train split ({source}); a probe needs at least two classes: check the label column "
                 "or use a larger or different train split"
             )
+        for split in ("val", "test"):
+            unseen, counts = np.unique(
+                self._labels[split][~np.isin(self._labels[split], train_classes)], return_counts=True
+            )
+            if len(unseen):
+                # the probe can never predict such a class: each of its examples is an error, which
+                # reads as a worse layer unless one knows (a rare class that a random split put
+                # only outside train, or a split column that gives train fewer classes)
+                log.warning(
+                    "%s: %d %s example(s) of %d class(es) no train example has (%s): the probe cannot "
+                    "predict them, so every one counts as an error",
+                    source,
+                    int(counts.sum()),
+                    split,
+                    len(unseen),
+                    ", ".join(self._class_name(int(c)) for c in unseen[:5])
+                    + (" ..." if len(unseen) > 5 else ""),
+                )
 
     def _class_name(self, label: int) -> str:
         if self.class_names is not None:

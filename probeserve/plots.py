@@ -46,13 +46,32 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11
 
 KINDS = ("layers", "heatmap", "steps", "animation", "classes")
+# Besides the errors and losses (`results.METRICS`), the line plots and the heatmap draw the
+# control task's and MDL's columns: selectivity and code length by layer are Hewitt & Liang's
+# and Voita & Titov's own figures. Each is in a row only when the spec section named here is on.
+SCIENCE_METRICS = {
+    "control_error": "probe.control",
+    "control_train_error": "probe.control",
+    "selectivity": "probe.control",
+    "mdl_bits": "probe.mdl",
+    "mdl_compression": "probe.mdl",
+}
+PLOT_METRICS = [*METRICS, *SCIENCE_METRICS]
+# The task's errors: the chance level (always the majority class) is a baseline for these.
+TASK_ERRORS = ("train_error", "val_error", "test_error")
 # Error metrics with a 95% interval: the row's own columns, or Wilson's from the split's count.
-INTERVALS = {"train_error": "n_train", "val_error": "n_val", "test_error": "n_test"}
+INTERVALS = {
+    "train_error": "n_train",
+    "val_error": "n_val",
+    "test_error": "n_test",
+    "control_error": "n_test",
+}
 INTERVAL_ALPHA = 0.15  # the shaded interval behind each line of the layers plot
 MAX_DEFAULT_STEPS = 6  # the `layers` plot: more lines than this stop being readable
 MAX_LEGEND_LAYERS = 12  # the `steps` plot names its lines in a legend up to this; a colour bar past it
 MAX_MARKER_POINTS = 40  # past this many points a line is drawn without markers
 FAILED_COLOR = "#d62728"
+ABSENT_COLOR = "#eeeeee"  # classes plot: a class without test examples (and failed layers)
 CHANCE_COLOR = "0.3"
 TICK_FONT = 8  # points: tick labels keep this size; past what fits, labels are thinned
 OUTLIER_GAP = 0.5  # heatmap colours: see `color_limits`
@@ -127,8 +146,8 @@ class Grid:
 
     @property
     def shows_chance(self) -> bool:
-        """The chance level applies to error metrics only."""
-        return self.chance is not None and self.metric.endswith("_error")
+        """The chance level applies to the task's error metrics only."""
+        return self.chance is not None and self.metric in TASK_ERRORS
 
     def step_labels(self) -> list[str]:
         """`step N`, with the checkpoint key added where two checkpoints share a step."""
@@ -179,13 +198,18 @@ def grid(
     layers: Sequence[str] | None = None,
 ) -> Grid:
     """The data behind every plot; unknown `steps` or `layers` are an error that lists the known ones."""
-    if metric not in METRICS:
+    if metric not in PLOT_METRICS:
         raise ChoiceError(
-            f"metric={metric!r}: unknown metric; choose one of {', '.join(METRICS)}",
-            f"--metric {metric}: unknown metric; choose one of {', '.join(METRICS)}",
+            f"metric={metric!r}: unknown metric; choose one of {', '.join(PLOT_METRICS)}",
+            f"--metric {metric}: unknown metric; choose one of {', '.join(PLOT_METRICS)}",
         )
     run, rows_table = select_run(table, run)
     rows = rows_table.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    if metric in SCIENCE_METRICS and ok and all(r[metric] is None for r in ok):
+        # or every ok item would be drawn as missing, and counted as pending
+        why = f"no row of run {run!r} has {metric}: a run records it when its spec sets {SCIENCE_METRICS[metric]}"
+        raise ChoiceError(f"metric={metric!r}: {why}", f"--metric {metric}: {why}")
     ckpts = sorted({(r["step"], r["checkpoint"]) for r in rows})
     index_of: dict[str, int] = {}
     for r in rows:
@@ -307,6 +331,12 @@ def front_loaded(steps: Sequence[int]) -> bool:
     arr = np.asarray(steps, dtype=float)
     span = float(arr.max() - arr.min())
     return span > 0 and float(np.median(arr) - arr.min()) < 0.1 * span
+
+
+def _cell_text(v: float) -> str:
+    """A heatmap cell's value in at most 6 characters: 3 decimals for errors and losses, whole
+    numbers from 10 on (mdl_bits runs to thousands: `2356.229` would not fit the cell)."""
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"
 
 
 def value_limits(g: Grid) -> tuple[float, float]:
@@ -551,7 +581,7 @@ def heatmap_figure(g: Grid) -> Figure:
         fig = _figure(*layout["size"])
         ax = fig.add_subplot()
         # pending and failed cells are light grey; failed ones also get a red x
-        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+        cmap = plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR)
         data = np.ma.masked_invalid(g.values.T)
         lo, hi = layout["limits"]
         image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
@@ -574,7 +604,7 @@ def heatmap_figure(g: Grid) -> Figure:
                     ax.text(
                         i,
                         j,
-                        f"{v:.3f}",
+                        _cell_text(v),
                         ha="center",
                         va="center",
                         fontsize=7,
@@ -700,7 +730,8 @@ def class_grid(
     if not with_classes:
         raise ProbeserveError(
             f"no row of run {run!r} has per-class test errors (test_class_errors): its rows were written "
-            "before probeserve recorded them; a new run of the spec records them"
+            "before probeserve recorded them, and a rerun under the same name only does items not done; "
+            "the spec run under a new name (--set run=NAME) records them"
         )
     if step is None:
         step = with_classes[-1]
@@ -761,7 +792,7 @@ def classes_figure(cg: ClassGrid) -> Figure:
         axes_w, axes_h = max(1.0, width - 3.5), max(1.0, height - 1.8)
         fig = _figure(width, height)
         ax = fig.add_subplot()
-        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+        cmap = plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR)
         finite = cg.values[np.isfinite(cg.values)]
         hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(
@@ -786,12 +817,27 @@ def classes_figure(cg: ClassGrid) -> Figure:
                         fontsize=7,
                         color="k" if v > hi / 2 else "w",
                     )
+        handles: list[Any] = []
+        labels: list[str] = []
         failed = np.flatnonzero(cg.failed)
         if len(failed):
             marks = ax.scatter(
                 failed, [-0.5] * len(failed), marker="x", s=80, color=FAILED_COLOR, clip_on=False
             )
-            fig.legend([marks], [f"failed ({len(failed)})"], fontsize="small", loc="outside lower left")
+            handles.append(marks)
+            labels.append(f"failed ({len(failed)})")
+        # A class without test examples has no error (0 of 0): its row is grey, and says why,
+        # or it would read as data that is missing
+        absent = [cg.classes[i] for i, n in enumerate(cg.counts) if n == 0 and i < len(cg.classes)]
+        if absent:
+            from matplotlib.patches import Patch
+
+            handles.append(Patch(facecolor=ABSENT_COLOR, edgecolor="0.6"))
+            named = ", ".join(plain(abbreviate(c, 24)) for c in absent[:3])
+            more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+            labels.append(f"no test example: {named}{more}")
+        if handles:
+            fig.legend(handles, labels, fontsize="small", loc="outside lower left", ncols=len(handles))
         _layer_axis(ax, cg.layers, axes_w)
         ticks = thin(len(cg.classes), int(axes_h / 0.16))
         ax.set_yticks(ticks)
@@ -839,7 +885,7 @@ class PlotOptions(TypedDict, total=False):
     """What each plot takes besides its table and `out`: the flags of `probeserve plot`."""
 
     run: str | None  # the run to plot (needed when the table holds several)
-    metric: str  # one of results.METRICS (default: test_error)
+    metric: str  # one of PLOT_METRICS (default: test_error)
     steps: Sequence[int] | None  # checkpoint steps (default: all, or a spread for `layers`)
     layers: Sequence[str] | None  # layer names (default: all)
     s3_endpoint: str | None  # where `out` is on an S3-compatible server

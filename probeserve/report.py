@@ -45,6 +45,7 @@ ROW_COLUMNS = [
     "hit_max_epochs",
     "l2",  # chosen on validation from probe.l2's grid
     "selectivity",  # probe.control: control_error - test_error
+    "control_train_error",  # probe.control: where memorisation shows, for control labels per example
     "mdl_compression",  # probe.mdl
     "seconds",
     "device",

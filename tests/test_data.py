@@ -351,3 +351,27 @@ def test_parquet_rejects_negative_labels_and_unequal_rows(tmp_path):
     pq.write_table(pa.table({"x": [[0.0, 1.0], [1.0]] * 10, "label": [0, 1] * 10}), path)
     with pytest.raises(DataError, match="different lengths"):
         load_dataset(ParquetData(kind="parquet", uri=path, val_size=2))
+
+
+def test_a_val_or_test_class_that_train_lacks_is_named_in_a_warning(tmp_path, caplog):
+    """Every example of such a class counts as an error, and nothing said so (the image layout
+    refuses it; here a random split can cause it, so it is a warning that names the class)."""
+    path = str(tmp_path / "t.parquet")
+    labels = ["cat", "dog"] * 20 + ["emu"]  # emu: one row, put outside train by the split below
+    x = [[float(i), 1.0] for i in range(len(labels))]
+    pq.write_table(
+        pa.table({"x": x, "label": labels, "split": ["train"] * 34 + ["val"] * 6 + ["test"]}), path
+    )
+    spec = ParquetData(kind="parquet", uri=path, split_column="split")
+    with caplog.at_level("WARNING", logger="probeserve.data"):
+        ds = load_dataset(spec)
+    assert ds.num_classes == 3
+    lines = [r.getMessage() for r in caplog.records if "no train example has" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert "1 test example(s) of 1 class(es)" in lines[0] and "label 2: 'emu'" in lines[0]
+
+    caplog.clear()
+    pq.write_table(pa.table({"x": x[:40], "label": labels[:40]}), path)
+    with caplog.at_level("WARNING", logger="probeserve.data"):
+        load_dataset(ParquetData(kind="parquet", uri=path, val_size=4))
+    assert "no train example has" not in caplog.text

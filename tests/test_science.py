@@ -500,8 +500,9 @@ def test_the_report_shows_the_classes_plot_and_the_new_columns(gaussian) -> None
     page = report.build_report(out)
     assert 'alt="test error per class by layer, step 0"' in page
     assert 'alt="test error by layer (95% intervals shaded)"' in page
-    for column in ("test_error_low", "test_error_high", "l2", "selectivity", "mdl_compression"):
+    for column in ("test_error_low", "test_error_high", "l2", "selectivity", "control_train_error"):
         assert f'<th class="">{column}</th>' in page
+    assert '<th class="">mdl_compression</th>' in page
     assert f">{rows['input']['l2']:g}<" in page  # l2 in full, not 0.0001 at 4 decimals
 
 
@@ -544,8 +545,10 @@ def test_rows_written_before_these_columns_read_them_as_null_and_still_plot(tmp_
 
     g = plots.grid(results.load(spec.output.uri))  # the layers plot shades Wilson's from n_test
     assert g.low[0].tolist() == pytest.approx(curve["test_error_low"])
-    with pytest.raises(ProbeserveError, match="no row of run 't' has per-class test errors"):
+    with pytest.raises(ProbeserveError, match="no row of run 't' has per-class test errors") as caught:
         plots.class_grid(results.load(spec.output.uri))
+    # a rerun under the same name does nothing (its items are done): the message says so
+    assert "the spec run under a new name (--set run=NAME) records them" in str(caught.value)
 
 
 def _query(*args: str) -> subprocess.CompletedProcess:
@@ -563,6 +566,8 @@ def test_query_shows_the_new_columns(gaussian) -> None:
     header = table.stdout.splitlines()[0].split()
     for column in ("l2", "test_error_low", "test_error_high", "selectivity", "mdl_bits", "mdl_compression"):
         assert column in header
+    # control labels per example: memorisation shows in control_train_error, not in selectivity
+    assert "control_train_error" in header
     sql = "SELECT layer, l2_grid, confusion, test_class_errors FROM results ORDER BY layer_index"
     csv = _query(out, "--format", "csv", "--sql", sql)
     assert csv.returncode == 0, csv.stderr
@@ -579,4 +584,112 @@ def test_the_terminal_table_leaves_out_new_columns_no_row_has(tmp_path) -> None:
     assert table.returncode == 0, table.stderr
     header = table.stdout.splitlines()[0].split()
     assert "test_error_low" in header and "l2" in header
-    assert "selectivity" not in header and "mdl_bits" not in header
+    assert "selectivity" not in header and "mdl_bits" not in header and "control_train_error" not in header
+
+
+# ---------------------------------------------------------------------------------------------
+# What the terminal and the plots show of edge cases (review of issue 14's outputs)
+
+
+def _committed(tmp_path, rows: list[dict]) -> str:
+    out = results.open_output(str(tmp_path / "out"), must_exist=False)
+    for i, r in enumerate(rows):
+        base = dict(run="r", checkpoint="step_0/model.safetensors", step=0, layer=f"l{i}", layer_index=i)
+        results.commit(out, {**base, "status": "ok", **r})
+    return str(tmp_path / "out")
+
+
+def test_the_terminal_table_shows_l2_in_full_not_at_4_decimals(tmp_path, capsys) -> None:
+    # the default grid reaches 1e-6: at 4 decimals 1e-6, 5e-6 and 3e-5 all read 0.0000
+    from probeserve.cli import main
+
+    out = _committed(tmp_path, [{"l2": 1e-6, "test_error": 0.25}, {"l2": 3e-5, "test_error": 0.125}])
+    assert main(["query", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    l2s = [line.split()[header.index("l2")] for line in lines[2:]]
+    assert [float(v) for v in l2s] == [1e-6, 3e-5]
+    assert [line.split()[header.index("test_error")] for line in lines[2:]] == ["0.2500", "0.1250"]
+
+
+def test_the_classes_plot_names_the_classes_without_test_examples() -> None:
+    # a class absent from the test split has no error (0 of 0): a grey row that says why
+    from probeserve import plots
+
+    cg = plots.ClassGrid(
+        run="r",
+        step=0,
+        layers=["input", "fc1"],
+        classes=["boot", "coat", "shirt"],
+        values=np.array([[0.1, 0.2], [np.nan, np.nan], [0.3, 0.0]]),
+        failed=np.array([False, False]),
+        counts=[10, 0, 12],
+    )
+    fig = plots.classes_figure(cg)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["no test example: coat"]
+    plots._pyplot().close(fig)
+    fig = plots.classes_figure(
+        plots.ClassGrid(**{**cg.__dict__, "counts": [10, 5, 12], "failed": np.array([False, True])})
+    )
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["failed (1)"]
+    plots._pyplot().close(fig)
+
+
+def test_the_plots_draw_selectivity_control_error_and_mdl_by_layer(gaussian, tmp_path, capsys) -> None:
+    # Hewitt & Liang's and Voita & Titov's own figures: selectivity and code length by layer
+    from probeserve import plots
+    from probeserve.cli import main
+
+    out, rows = gaussian
+    table = results.load(out)
+    for metric in ("selectivity", "control_train_error", "mdl_bits", "mdl_compression"):
+        g = plots.grid(table, metric=metric)
+        assert g.values[0].tolist() == [rows[layer][metric] for layer in g.layers]
+        assert g.low is None and not g.shows_chance  # no interval, no chance level
+    g = plots.grid(table, metric="control_error")
+    assert g.low is not None and g.high is not None and not g.shows_chance
+    assert g.low[0].tolist() == [rows[layer]["control_error_low"] for layer in g.layers]
+    assert g.high[0].tolist() == [rows[layer]["control_error_high"] for layer in g.layers]
+    heat = plots.heatmap_figure(plots.grid(table, metric="mdl_bits"))
+    texts = {t.get_text() for t in heat.axes[0].texts}
+    assert f"{rows['input']['mdl_bits']:.0f}" in texts  # whole bits: '1234.567' would not fit a cell
+    plots._pyplot().close(heat)
+    from probeserve.cli import build_parser
+
+    (plot_parser,) = [
+        p for a in build_parser()._subparsers._group_actions for n, p in a.choices.items() if n == "plot"
+    ]
+    (metric,) = [a for a in plot_parser._actions if a.dest == "metric"]
+    assert sorted(metric.choices) == sorted(plots.PLOT_METRICS)  # the CLI offers what the plots draw
+    for kind in ("layers", "heatmap", "steps"):
+        png = str(tmp_path / f"{kind}.png")
+        assert main(["plot", out, "--kind", kind, "--metric", "selectivity", "--out", png]) == 0
+    # a run without probe.control or probe.mdl: one line naming what records the column
+    plain = _committed(tmp_path / "plain", [{"test_error": 0.25, "n_test": 100}])
+    capsys.readouterr()
+    assert main(["plot", plain, "--metric", "mdl_bits", "--out", str(tmp_path / "m.png")]) == 2
+    assert (
+        "--metric mdl_bits: no row of run 'r' has mdl_bits: a run records it when its spec sets probe.mdl"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_per_example_control_probe_keeps_an_early_epoch_and_memorises_all_without_patience() -> None:
+    # What docs/results.md says of control_train_error: early stopping on random validation
+    # labels keeps the probe of the first epoch or two, which has not memorised its training
+    # labels yet; trained to convergence (patience: null) the same probe fits every one of them
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 128)).astype(np.float32)
+    y = (x[:, :4] + rng.standard_normal((600, 4))).argmax(axis=1)
+    control = {}
+    for patience in (10, None):
+        data = _data(x, y, 200, 200, 4, key="memorise")
+        (answer,) = answer_probes(
+            [data], spec=ProbeSpec(max_epochs=300, l2=1e-4, control=True, patience=patience)
+        )
+        control[patience] = answer.control
+    early, converged = control[10], control[None]
+    assert early.best_epoch <= 2 and early.train_error > 0.1
+    assert converged.train_error == 0.0 and converged.best_epoch > 10
