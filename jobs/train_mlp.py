@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())  # float(loss) warns that loss requires grad
             step += 1
 
 

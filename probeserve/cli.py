@@ -8,9 +8,11 @@ which some items failed exits 1 and names them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -69,7 +71,10 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
             f"of shape {list(dataset.input_shape)}, {dataset.num_classes} classes"
         )
     except ProbeserveError as e:
-        errors.append(_under("data", str(e)))
+        # opening the data reads the output too (an image run's frozen index is there): an
+        # output that cannot be opened is the check below's error, not the data's
+        if not str(e).startswith("output.uri"):
+            errors.append(_under("data", str(e)))
     try:
         output = sweep.output
         key = results.run_key(spec.run, "spec.json")
@@ -205,6 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rows = run_status(args.output, run=args.run, s3_endpoint=args.s3_endpoint)
     if not rows:
+        _no_rows(args.output, args.run, args.s3_endpoint)
         print(f"no runs under {args.output}")
         return 0
     columns = ["run", "checkpoints", "items", "done", "failed", "running", "pending"]
@@ -361,7 +367,6 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
     import re
     from urllib.parse import urlsplit
 
-    from probeserve import layout
     from probeserve.spec import check_uri
     from probeserve.storage import file_location
 
@@ -381,6 +386,18 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
             raise ProbeserveError(
                 f"--out {out!r}: is a folder; give a file name, like {out.rstrip('/')}/answer.csv"
             )
+    _outside_results(out, folder, name, results_uri)
+    return folder, name
+
+
+def _outside_results(out: str, folder: str, name: str, results_uri: str) -> None:
+    """Refuse an `--out` (of query, plot or report) inside the results folder: every reader
+    takes each file there for a result row, and pandas and pyarrow fail on one that is not."""
+    import os
+    from urllib.parse import urlsplit
+
+    from probeserve import layout
+
     results_dir = layout.output_root(results_uri).rstrip("/") + "/" + layout.RESULTS_DIR
     if results_dir.startswith("file://"):
         results_dir = urlsplit(results_dir).path
@@ -391,7 +408,54 @@ def _out_location(out: str, results_uri: str) -> tuple[str, str]:
         raise ProbeserveError(
             f"--out {out!r}: is inside {results_dir}, where every file is read as a result row; write it elsewhere"
         )
-    return folder, name
+
+
+def _figure_out(out: str, results_uri: str) -> None:
+    """`--out` of plot and report, before any work: not inside the results folder."""
+    from probeserve.storage import file_location
+
+    folder, name = file_location(out)
+    if name:  # a folder: plot and report say what is wrong with it themselves
+        _outside_results(out, folder, name, results_uri)
+
+
+def _no_rows(results_uri: str, run: str | None, s3_endpoint: str | None) -> None:
+    """Raise where reading found no rows because of what the user typed, not because nothing
+    is finished yet: a folder beside an output (inside one, or above some), or a `--run` the
+    output does not hold. An output a run has not written to yet still has "no results yet"."""
+    from probeserve import results
+
+    why = results.not_an_output(results.output_root(results_uri))
+    if why is not None:
+        raise ProbeserveError(why)
+    if run is not None:
+        out = results.open_output(results.output_root(results_uri), s3_endpoint=s3_endpoint)
+        runs = results.run_names(out)
+        if run not in runs:
+            raise ProbeserveError(
+                f"--run {run}: no such run under {results_uri}; runs there: {', '.join(runs) or 'none'}"
+            )
+
+
+_FORMAT_OF_EXTENSION = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _query_format(given: str | None, where: tuple[str, str] | None) -> str:
+    """The answer's format: `--format`, else the one `--out`'s extension names (`answer.parquet`
+    was written as the terminal's text table, which no Parquet reader opens), else `table`. A
+    `--format` that another extension contradicts is refused: readers go by the extension."""
+    import os
+
+    ext = os.path.splitext(where[1])[1].lower() if where is not None else ""
+    named = _FORMAT_OF_EXTENSION.get(ext)
+    if given is None:
+        return named or "table"
+    if named is not None and named != given:
+        raise ProbeserveError(
+            f"--out {where[1] if where else ''!r}: a {ext} file, but --format {given}; "
+            f"leave --format out (the extension says {named}) or name the file for {given}"
+        )
+    return given
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -401,10 +465,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     from probeserve.storage import publish_file
 
     where = _out_location(args.out, args.results) if args.out is not None else None  # before any work
+    args.format = _query_format(args.format, where)
     if args.format == "parquet" and where is None:
         raise ProbeserveError("--format parquet: give --out FILE (Parquet is not for a terminal)")
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
+        _no_rows(args.results, args.run, args.s3_endpoint)
         scope = f"run {args.run!r} under {args.results}" if args.run else args.results  # as plot says
         print(f"no results yet for {scope}", file=sys.stderr)
     con = duckdb.connect()
@@ -489,8 +555,10 @@ def _split_list(values: Sequence[str] | None) -> list[str] | None:
 def cmd_plot(args: argparse.Namespace) -> int:
     from probeserve import plots, results
 
+    _figure_out(args.out, args.results)
     table = results.load(args.results, run=args.run, s3_endpoint=args.s3_endpoint)
     if table.num_rows == 0:
+        _no_rows(args.results, args.run, args.s3_endpoint)
         where = f"run {args.run!r} under {args.results}" if args.run else args.results
         raise ProbeserveError(f"no results yet for {where}: nothing to plot (see `probeserve status`)")
     steps = _split_list(args.steps)
@@ -521,6 +589,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from probeserve.plots import ChoiceError
     from probeserve.report import write_report
 
+    _figure_out(args.out, args.results)
     try:
         out = write_report(
             args.results, args.out, run=args.run, s3_endpoint=args.s3_endpoint, refresh_seconds=args.refresh
@@ -543,6 +612,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from probeserve.demo import run_demo
 
     return run_demo(out=args.out, quick=args.quick, runner=args.runner)
+
+
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of `kind` above 0. A 0 or negative `--interval` would scan
+    without pause, `--page-size 0` list nothing forever, `--refresh -5` write a refresh the
+    browser ignores; each is refused as argparse refuses a word where a number goes (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:  # NaN included
+            raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 class _SetField(argparse.Action):
@@ -653,8 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--format",
         choices=["table", "csv", "json", "parquet"],
-        default="table",
-        help="(default: %(default)s)",
+        help="(default: the --out file's extension, .csv, .json or .parquet; else table)",
     )
     q.add_argument(
         "--out", help="write the answer here (a path or URI) instead of stdout; needed for parquet"
@@ -685,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--once", action="store_true", help="one scan, submit, exit (cron, Kubernetes CronJob)")
     w.add_argument(
-        "--interval", type=float, default=60.0, help="seconds between scans (default: %(default)g)"
+        "--interval", type=_positive(float), default=60.0, help="seconds between scans (default: %(default)g)"
     )
     w.add_argument(
         "--policy",
@@ -695,13 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--claim-timeout",
-        type=float,
+        type=_positive(float),
         default=600.0,
         help="take over a claim unchanged this many seconds whose job is unknown (default: %(default)g)",
     )
     w.add_argument(
         "--max-attempts",
-        type=int,
+        type=_positive(int),
         default=3,
         help="claim generations before a dying job ends failed (default: %(default)s)",
     )
@@ -716,7 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--health-file", help="touched after every successful scan, for a liveness check")
     w.add_argument(
-        "--page-size", type=int, default=1000, help="keys per listing request (default: %(default)s)"
+        "--page-size",
+        type=_positive(int),
+        default=1000,
+        help="keys per listing request (default: %(default)s)",
     )
     w.add_argument("--status", action="store_true", help="print the ledger and exit")
     w.set_defaults(func=cmd_watch)
@@ -774,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="the HTML file to write (a path or s3:// URI)")
     rp.add_argument("--run", help="only this run (default: every run there)")
     rp.add_argument(
-        "--refresh", type=int, metavar="SECONDS", help="make an open page reload itself this often"
+        "--refresh", type=_positive(int), metavar="SECONDS", help="make an open page reload itself this often"
     )
     rp.add_argument("--s3-endpoint", help="an S3-compatible endpoint (default: $PROBESERVE_S3_ENDPOINT)")
     rp.set_defaults(func=cmd_report)
@@ -842,6 +931,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; committed results are kept, rerun to finish", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped reading (`probeserve plan SPEC | head`): no traceback, and no second
+        # one when Python flushes stdout at exit; the status a shell gives a command SIGPIPE ended
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

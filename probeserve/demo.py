@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import yaml
 
+from probeserve.errors import ProbeserveError
+
 log = logging.getLogger("probeserve")
 
 STEPS = (0, 20, 60, 200)
@@ -248,11 +250,20 @@ def activate_hint(prefix: str = sys.prefix, environ: Mapping[str, str] | None = 
 def run_demo(*, out: str = "demo-output", quick: bool = False, runner: str = "ray") -> int:
     from probeserve.console import print_results_table, print_run_summary
     from probeserve.data import find_fashion_mnist
+    from probeserve.results import run_names
     from probeserve.runners.base import run_spec
     from probeserve.spec import spec_from_dict
+    from probeserve.storage import open_storage
 
     shown = out.rstrip("/") or out  # as the user wrote it, for the commands printed at the end
+    if "://" in out:  # it trains and writes here itself: a local folder (abspath would make s3:/)
+        raise ProbeserveError(f"--out {shown}: give a local folder; the demo writes its checkpoints there")
     out = os.path.abspath(out)
+    try:  # before any work: a file or an unwritable place is the user's --out, not a traceback
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        why = "is a file, not a folder" if os.path.isfile(out) else f"cannot create it ({e.strerror})"
+        raise ProbeserveError(f"--out {shown}: {why}") from None
     data_path = find_fashion_mnist()
     if data_path is None:
         data_path = os.path.join(out, "synthetic-data")
@@ -279,7 +290,10 @@ def run_demo(*, out: str = "demo-output", quick: bool = False, runner: str = "ra
     hint = activate_hint()
     print("\nNext" + (f" (first, once per shell: {hint})" if hint else "") + ":")
     print(f"  probeserve query {shown}")
-    print(f"  probeserve plot {shown} --kind heatmap --out heatmap.png")
+    # the tour's next step adds a run beside the demo's: a plot of several runs must name one
+    others = [r for r in run_names(open_storage(out)) if r != spec.run]
+    choose = f" --run {spec.run}" if others else ""
+    print(f"  probeserve plot {shown}{choose} --kind heatmap --out heatmap.png")
     print(f"  probeserve report {shown} --out report.html")
     print(f"  probeserve run {shown}/demo-spec.yaml    # the demo's spec: copy it to write your own")
     return summary.exit_code

@@ -73,8 +73,14 @@ class Heartbeat:
             self._thread.join()
             self._thread = None
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if exc_type is not None:
+            # the item is not finished and this process no longer probes it (Ctrl-C, an error
+            # that escaped the item): its marker goes now, or `status` would count the item as
+            # running (stale once the pid is gone) until the next run removed it
+            with contextlib.suppress(Exception):
+                self.storage.delete(self.key)
 
 
 def marker_state(storage: Storage, obj: ObjectInfo, *, now: float | None = None) -> tuple[bool, str]:

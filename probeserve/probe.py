@@ -167,6 +167,7 @@ class ProbeData:
     n_features: int | None = None
     key: str = ""
     control: Mapping[str, np.ndarray] | None = None
+    max_rows: int | None = None  # rows of the largest split, when known: no chunk is larger
 
 
 @dataclass
@@ -1509,8 +1510,8 @@ def _load(
     ]
     for d, given in zip(datas, data):
         if given.n_features is not None:
-            try:
-                d.set_features(given.n_features)
+            try:  # chunks of a small data set are its splits: reserve for those, not batch_size
+                d.set_features(given.n_features, given.max_rows)
             except Exception as e:
                 d.fail(e)
     for split_name in ("train", "val", "test"):

@@ -317,6 +317,9 @@ def build_report(
             raise plots.ChoiceError(f"run={run!r}: {why}", f"--run {run}: {why}")
         runs = [run]
     if not runs:
+        near = results.not_an_output(root)  # a folder beside an output, not an empty one
+        if near is not None:
+            raise ProbeserveError(near)
         raise ProbeserveError(
             f"no results and no runs under {redact(root)}: start a run (`probeserve run SPEC`) with this output.uri"
         )

@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,9 +55,11 @@ from probeserve.layout import (  # noqa: F401
     layer_from_file,
     layer_stem,
     output_root,
+    recorded_run,
     result_key,
     results_prefix,
     run_key,
+    runs_prefix,
     v1_checkpoint_dir,
 )
 from probeserve.storage import Storage, open_storage
@@ -280,6 +283,14 @@ def result_keys(storage: Storage, run: str | None = None) -> list[str]:
     return [o.key for o in storage.list(results_prefix(run)) if o.key.endswith(".parquet")]
 
 
+def run_names(storage: Storage) -> list[str]:
+    """The runs an output holds: those with a recorded spec, and those with result rows (an
+    output written before specs were recorded, or whose `runs/` was lost)."""
+    recorded = {r for o in storage.list(runs_prefix()) if (r := recorded_run(o.key))}
+    with_rows = {key.split("/")[1] for key in result_keys(storage) if key.count("/") >= 2}
+    return sorted(recorded | with_rows)
+
+
 def _one_per_item(found: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """The keys to read, one per item, from (key, row) pairs.
 
@@ -427,6 +438,66 @@ def open_output(uri: str, *, s3_endpoint: str | None = None, must_exist: bool = 
     if root is not None and must_exist and not os.path.exists(root):
         raise StorageError(f"{root}: no such output folder")
     return storage
+
+
+def _looks_like_output(folder: str) -> bool:
+    """A local folder that a run wrote: its `layout.json`, or (an older layout) both `results/`
+    and `runs/` (either alone is a common name for a folder of one's own)."""
+    return os.path.isfile(os.path.join(folder, LAYOUT_KEY)) or all(
+        os.path.isdir(os.path.join(folder, d)) for d in (RESULTS_DIR, RUNS_DIR)
+    )
+
+
+NEAR_OUTPUTS_SHOWN = 5  # outputs named in `not_an_output`'s line
+_NEAR_ENTRIES = 1000  # entries of a folder looked at for outputs below it, at most
+
+
+def not_an_output(uri: str) -> str | None:
+    """Why a local folder that holds no results is not an output, when an output is near it:
+    it is inside one (`demo-output/runs`, `demo-output/results/demo`), or outputs are in the
+    folders below it (`probes`, which holds `probes/gaussian-mlp`). None otherwise: an empty
+    folder, or one a run has not written to yet, simply has no results yet.
+
+    Reading such a folder finds no rows, and "no results yet" with exit 0 would say the sweep
+    has not started. Only local folders are looked at (listing below an S3 prefix costs
+    requests without bound); at most `_NEAR_ENTRIES` entries of each folder."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    path = os.path.abspath(urlsplit(uri).path if uri.startswith("file://") else uri)
+    if not os.path.isdir(path) or _looks_like_output(path):
+        return None
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent):
+        if _looks_like_output(parent):
+            shown = os.path.relpath(parent) if not os.path.isabs(uri) else parent
+            return f"{uri}: is inside the output {shown}; give {shown} (and --run to choose a run)"
+        parent = os.path.dirname(parent)
+    below: list[str] = []
+    for depth_path in _subfolders(path):
+        for sub in [depth_path, *_subfolders(depth_path)]:
+            if _looks_like_output(sub):
+                below.append(os.path.join(uri, os.path.relpath(sub, path)))
+                break
+    if not below:
+        return None
+    below.sort()
+    more = f" and {len(below) - NEAR_OUTPUTS_SHOWN} more" if len(below) > NEAR_OUTPUTS_SHOWN else ""
+    return f"{uri}: not a probeserve output, but outputs are below it: {', '.join(below[:NEAR_OUTPUTS_SHOWN])}{more}; give one"
+
+
+def _subfolders(path: str) -> list[str]:
+    """Real (not linked) subfolders of `path`, sorted; at most `_NEAR_ENTRIES` entries read."""
+    found = []
+    try:
+        with os.scandir(path) as entries:
+            for n, entry in enumerate(entries):
+                if n >= _NEAR_ENTRIES:
+                    break
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                    found.append(entry.path)
+    except OSError:
+        return []
+    return sorted(found)
 
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

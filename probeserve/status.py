@@ -33,7 +33,8 @@ def run_status(
 ) -> list[dict[str, Any]]:
     """One row per run; a run whose records cannot be read gets a row that says why (`error`)
     rather than hiding the others."""
-    out = results.open_output(output_uri, s3_endpoint=s3_endpoint)
+    # the output, or its results/ folder, as query, plot and report take it
+    out = results.open_output(layout.output_root(output_uri), s3_endpoint=s3_endpoint)
     runs = sorted({r for o in out.list(layout.runs_prefix()) if (r := layout.recorded_run(o.key))})
     rows = []
     for name in runs:

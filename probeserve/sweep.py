@@ -844,6 +844,7 @@ def _probe_data(sweep: Sweep, ckpt: Checkpoint, layer: str) -> tuple[dict[str, A
         n_features=manifest["n_features"],
         key=data_key(sweep.spec),
         control=_control_by_column(sweep, manifest),
+        max_rows=max((int(s.get("rows") or 0) for s in manifest["splits"].values()), default=0) or None,
     )
     return manifest, data
 

@@ -207,3 +207,24 @@ def test_quick_demo_tells_its_story_and_keeps_no_activations(tmp_path, capsys, m
     assert "probeserve query demo-out\n" in out and "probeserve run demo-out/demo-spec.yaml" in out
     spec = yaml.safe_load(open(tmp_path / "demo-out" / "demo-spec.yaml"))
     assert spec["output"]["keep_activations"] is False
+    # the README's tour then adds a run beside the demo's; a demo run again prints a plot
+    # command that still works (without --run, plot refuses an output of several runs)
+    assert "probeserve plot demo-out --kind heatmap" in out
+    results.commit(results.open_output("demo-out"), {**rows[0], "run": "l2-1e-2"})
+    assert demo.run_demo(out="demo-out", quick=True, runner="local") == 0
+    out = capsys.readouterr().out
+    assert "probeserve plot demo-out --run demo --kind heatmap --out heatmap.png" in out
+    assert main(["plot", "demo-out", "--run", "demo", "--kind", "heatmap", "--out", "heatmap.png"]) == 0
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below", "s3://bucket/demo"])
+def test_demo_out_that_cannot_be_a_local_folder_is_one_line(tmp_path, capsys, monkeypatch, where):
+    # `probeserve demo --out FILE` was a FileExistsError traceback with exit 1; an s3:// URI
+    # made a local folder named "s3:"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("mine")
+    assert main(["demo", "--out", where, "--quick", "--runner", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {where}: ") and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "mine"

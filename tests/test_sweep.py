@@ -393,9 +393,10 @@ def test_cli_query_parquet_out_and_on_s3(s3_server, tmp_path, monkeypatch, capsy
     assert "--out" in capsys.readouterr().err
     assert main(["query", f"s3://{bucket}/empty", "--format", "csv"]) == 0
     assert "no results yet" in capsys.readouterr().err
-    # a run with no rows is named: "no results yet under s3://.../probes" said there were none at all
-    assert main(["query", uri, "--run", "nope"]) == 0
-    assert capsys.readouterr().err.strip() == f"no results yet for run 'nope' under {uri}"
+    # a run the output does not hold is named, with the runs it does hold ("no results yet for
+    # run 'nope'", exit 0, said the run had not finished anything yet)
+    assert main(["query", uri, "--run", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --run nope: no such run under {uri}; runs there: t"
 
 
 def test_a_layer_that_overflows_float16_fails_alone(tmp_path):
