@@ -943,6 +943,9 @@ def _format_validation_error(
             )
         elif e["type"] == "int_parsing" and _integral_text(e.get("input")) is not None:
             msg += f" (YAML reads {e['input']} as text: write {_integral_text(e['input'])})"
+        elif e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
+            # `--set layers.include=fc9`: one value where a list goes
+            msg += f" (write [{e['input']}], or [a, b] for several)"
         if any(loc == k or loc.startswith((k + ".", k + "[")) for k in overridden):
             msg += " (from --set)"
         lines.append(f"{loc}: {msg}")

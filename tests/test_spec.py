@@ -84,6 +84,14 @@ def test_overrides_that_are_not_yaml_are_plain_strings_and_errors_name_them():
     ]
 
 
+def test_one_value_set_where_a_list_goes_says_how_to_write_the_list():
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(BASE, overrides=["layers.include=fc9"])
+    assert e.value.errors == [
+        "layers.include: Input should be a valid list (write [fc9], or [a, b] for several) (from --set)"
+    ]
+
+
 def test_hash_ignores_where_but_not_what():
     a = spec_from_dict(BASE)
     assert a.hash() == spec_from_dict({**BASE, "output": {"uri": "elsewhere"}}).hash()
