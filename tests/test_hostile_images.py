@@ -449,8 +449,8 @@ def test_a_split_of_which_no_image_decodes_is_named(tmp_path):
 @pytest.mark.parametrize("deeper", ["train", "train/red"])
 def test_a_data_uri_one_level_too_deep_is_named(tmp_path, caplog, deeper):
     """`uri: .../imagenet/train` logged a warning per class folder (a thousand for ImageNet),
-    then asked for data.splits, which could not help. One warning, and an error that says
-    what to give instead."""
+    then asked for data.splits, which could not help. One error that says what to give
+    instead, and no warning that says the same before it."""
     root = _folder(tmp_path / "d", classes=("blue", "green", "red", "white"))
     with pytest.raises(
         DataError,
@@ -458,7 +458,20 @@ def test_a_data_uri_one_level_too_deep_is_named(tmp_path, caplog, deeper):
     ):
         resolve(_spec(f"{root}/{deeper}"), s3_endpoint=None)
     warnings = [r.getMessage() for r in caplog.records if "not in a class folder" in r.getMessage()]
-    assert len(warnings) == 1, warnings
+    assert warnings == []
+
+
+def test_images_outside_class_folders_beside_a_good_tree_are_one_warning(tmp_path, caplog):
+    """A stray image in train/ and one at the top are left out, in one line naming both
+    folders; the tree is indexed as it would be without them."""
+    root = _folder(tmp_path / "d")
+    Image.new("RGB", (9, 9)).save(f"{root}/train/stray.png")
+    Image.new("RGB", (9, 9)).save(f"{root}/cover.png")
+    index = resolve(_spec(root), s3_endpoint=None)
+    assert index.classes == ["blue", "red"] and sum(len(s.labels) for s in index.splits.values()) == 18
+    warnings = [r.getMessage() for r in caplog.records if "not in a class folder" in r.getMessage()]
+    assert len(warnings) == 1 and "2 image(s)" in warnings[0], warnings
+    assert f"{root}/, {root}/train/ are not" in warnings[0], warnings
 
 
 def test_a_class_whose_train_images_all_fail_to_decode_is_named(tmp_path, caplog):

@@ -440,17 +440,17 @@ def _resolve_folder(spec: ImagesData, storage: Storage, keys: list[str]) -> Imag
         # a thousand such folders
         shown = [f"{where}/{f}/" if f != "." else f"{where}/" for f in sorted(loose)]
         count = sum(loose.values())
-        log.warning(
-            "data.uri: %d image(s) directly in %s are not in a class folder ({split}/{class}/{file}); ignored",
-            count,
-            ", ".join(shown[:3]) + (f" and {len(shown) - 3} more folder(s)" if len(shown) > 3 else ""),
-        )
         if not by_group:
             raise DataError(
                 f"data.uri: no {{split}}/{{class}}/{{file}} images under {where}, but {count} image(s) "
                 f"directly in {shown[0]}{' and others' if len(shown) > 1 else ''}: is it a split or a "
                 "class folder? Give the folder that holds the split folders (train/, val/)"
             )
+        log.warning(
+            "data.uri: %d image(s) directly in %s are not in a class folder ({split}/{class}/{file}); ignored",
+            count,
+            ", ".join(shown[:3]) + (f" and {len(shown) - 3} more folder(s)" if len(shown) > 3 else ""),
+        )
     what = f"the folders of {where}"
     found = {g: sum(len(v) for v in classes.values()) for g, classes in by_group.items()}
     sources = _map_sources(spec, found, set(found), what)
