@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,22 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # botocore logs "Found credentials in environment variables." at INFO on every command
+    # that touches S3; that is its own chatter, not news to a user (-v still shows it).
+    if not verbose:
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the way schedulers (systemd, Kubernetes, Slurm, `kill`) stop a command.
+
+    Raised like Ctrl-C's KeyboardInterrupt, so the same cleanup runs: a probe removes its
+    `running/` marker, and no other reader takes the item for live for two minutes. Python's
+    default for SIGTERM ends the process at once, without running any `finally`."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated()
 
 
 def _spec(args: argparse.Namespace):
@@ -920,6 +937,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     importable_working_folder()
+    with _sigterm_raises():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises `Terminated` (where it would end the process at
+    once); the handler that was there before is put back after (`main` runs in tests too).
+    `watch` installs its own handler, which stops after the current step."""
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    if ours:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except SpecError as e:
@@ -928,6 +966,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProbeserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("terminated (SIGTERM); committed results are kept, rerun to finish", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted; committed results are kept, rerun to finish", file=sys.stderr)
         return 130
