@@ -442,7 +442,7 @@ def _no_rows(results_uri: str, run: str | None, s3_endpoint: str | None) -> None
     output does not hold. An output a run has not written to yet still has "no results yet"."""
     from probeserve import results
 
-    why = results.not_an_output(results.output_root(results_uri))
+    why = results.not_an_output(results.output_root(results_uri), s3_endpoint=s3_endpoint)
     if why is not None:
         raise ProbeserveError(why)
     if run is not None:
