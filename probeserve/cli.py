@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from probeserve.console import format_table, human_bytes, print_results_table, print_run_summary
-from probeserve.errors import ProbeserveError, SpecError, first_line
+from probeserve.errors import ProbeserveError, SpecError, StorageError, first_line
 from probeserve.runners.base import run_spec
 
 log = logging.getLogger("probeserve")
@@ -73,6 +73,7 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
     from probeserve import results
     from probeserve.layers import select_probe_points
     from probeserve.models import model_errors
+    from probeserve.storage import open_storage
     from probeserve.sweep import Sweep
 
     sweep = Sweep(spec)
@@ -93,7 +94,19 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
         if not str(e).startswith("output.uri"):
             errors.append(_under("data", str(e)))
     try:
+        checkpoints = open_storage(spec.checkpoints.uri, s3_endpoint=spec.storage.resolved_endpoint())
+        # S3 only: a local folder the training job has not created yet is no error, but a
+        # bucket is made by its owner, not by the job, and a missing one is a typo
+        if getattr(checkpoints, "bucket", None) and not checkpoints.root_exists():
+            errors.append(
+                f"checkpoints.uri: bucket {checkpoints.bucket!r} does not exist ({spec.checkpoints.uri})"
+            )
+    except ProbeserveError as e:
+        errors.append(_under("checkpoints.uri", str(e)))
+    try:
         output = sweep.output
+        if getattr(output, "bucket", None) and not output.root_exists():  # a key in it only reads as absent
+            raise StorageError(f"bucket {output.bucket!r} does not exist ({spec.output.uri})")
         key = results.run_key(spec.run, "spec.json")
         if output.stat(key) is not None:
             stored = results.read_json(output, key)

@@ -185,3 +185,52 @@ def test_the_training_job_names_a_bucket_that_does_not_exist(s3_server, tmp_path
     assert done.stderr.strip().splitlines() == [
         "error: s3://no-such-bucket-x/c/step=000000000/model.safetensors: bucket 'no-such-bucket-x' does not exist"
     ]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("field", ["checkpoints.uri", "output.uri"])
+def test_validate_names_a_bucket_that_does_not_exist(
+    s3_server, s3_bucket, tmp_path, capsys, monkeypatch, field
+):
+    # `probeserve validate` said the spec was fine (exit 0) with either URI in a bucket that
+    # does not exist: a key in a missing bucket reads as absent, which looks like a new output
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    spec = s3_tiny_spec(tmp_path, s3_bucket)
+    path = write_spec(tmp_path, spec)
+    assert main(["validate", path]) == 0
+    capsys.readouterr()
+    assert main(["validate", path, "--set", f"{field}=s3://no-such-bucket-v/p"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {path}: {field}: bucket 'no-such-bucket-v' does not exist (s3://no-such-bucket-v/p)"
+    ]
+
+
+@pytest.mark.integration
+def test_a_daemon_whose_checkpoint_bucket_does_not_exist_fails_its_scan(
+    s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    # `probeserve watch` on checkpoints.uri in a bucket that does not exist logged "does not
+    # exist yet; waiting for the first checkpoint" and `--once` exited 0, scan after scan: a
+    # training job cannot create the bucket, so it waited for ever on a typo. Its own comment
+    # said "a missing bucket is still an error"; now the scan fails naming it (--once: exit 1)
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", s3_server.endpoint)
+    spec = s3_tiny_spec(tmp_path, s3_bucket, checkpoints={"uri": "s3://no-such-bucket-w/ckpts"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probeserve",
+            "watch",
+            write_spec(tmp_path, spec),
+            "--runner",
+            "local",
+            "--once",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "scan failed: checkpoints.uri: bucket 'no-such-bucket-w' does not exist" in done.stderr
+    assert "waiting for the first checkpoint" not in done.stderr
