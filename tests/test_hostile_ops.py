@@ -234,3 +234,30 @@ def test_a_daemon_whose_checkpoint_bucket_does_not_exist_fails_its_scan(
     assert done.returncode == 1, done.stderr
     assert "scan failed: checkpoints.uri: bucket 'no-such-bucket-w' does not exist" in done.stderr
     assert "waiting for the first checkpoint" not in done.stderr
+
+
+@pytest.mark.integration
+def test_starting_ray_keeps_the_commands_sigterm_handler():
+    # `probeserve run` on Ray, stopped with SIGTERM (`kill`, `ray job stop` of a job running
+    # it), printed Ray's native "*** SIGTERM received ... PC: @ ..." stack dump and exited 15:
+    # ray.init had replaced the handler that makes SIGTERM end the command like Ctrl-C
+    code = textwrap.dedent(
+        """
+        import signal
+        import ray
+        from probeserve.runners.ray import connect
+
+        def ours(signum, frame):
+            pass
+
+        signal.signal(signal.SIGTERM, ours)
+        connect(None)
+        try:
+            print("kept" if signal.getsignal(signal.SIGTERM) is ours else "replaced")
+        finally:
+            ray.shutdown()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "kept"
