@@ -97,16 +97,16 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
         checkpoints = open_storage(spec.checkpoints.uri, s3_endpoint=spec.storage.resolved_endpoint())
         # S3 only: a local folder the training job has not created yet is no error, but a
         # bucket is made by its owner, not by the job, and a missing one is a typo
-        if getattr(checkpoints, "bucket", None) and not checkpoints.root_exists():
-            errors.append(
-                f"checkpoints.uri: bucket {checkpoints.bucket!r} does not exist ({spec.checkpoints.uri})"
-            )
+        bucket = getattr(checkpoints, "bucket", None)
+        if bucket and not checkpoints.root_exists():
+            errors.append(f"checkpoints.uri: bucket {bucket!r} does not exist ({spec.checkpoints.uri})")
     except ProbeserveError as e:
         errors.append(_under("checkpoints.uri", str(e)))
     try:
         output = sweep.output
-        if getattr(output, "bucket", None) and not output.root_exists():  # a key in it only reads as absent
-            raise StorageError(f"bucket {output.bucket!r} does not exist ({spec.output.uri})")
+        bucket = getattr(output, "bucket", None)
+        if bucket and not output.root_exists():  # a key in a missing bucket only reads as absent
+            raise StorageError(f"bucket {bucket!r} does not exist ({spec.output.uri})")
         key = results.run_key(spec.run, "spec.json")
         if output.stat(key) is not None:
             stored = results.read_json(output, key)

@@ -480,7 +480,7 @@ class S3Storage:
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
-    def folders(self, *, limit: int = 1000) -> list[str]:
+    def folders(self, *, limit: int = 1000) -> tuple[str, ...]:
         """The first `limit` "folders" (common prefixes) right under this prefix, by name: one
         ListObjectsV2 request with a delimiter, however many objects lie below them."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -490,7 +490,7 @@ class S3Storage:
             page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=full, Delimiter="/", MaxKeys=limit)
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, "", "list") from None
-        return [p["Prefix"][len(full) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return tuple(p["Prefix"][len(full) :].rstrip("/") for p in page.get("CommonPrefixes", []))
 
     def stat(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import BotoCoreError, ClientError
