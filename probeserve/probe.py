@@ -1876,7 +1876,11 @@ def _answer_later(
     if prefixes:
         assert ends is not None
         bits_of = {h.index: ev.loss * ev.n / math.log(2) for h, ev in zip(heads, ev_train) if h in prefixes}
-        log2c = math.log2(d.num_classes)
+        # the uniform code over the classes the labels take (Voita & Titov's K), not the largest
+        # label + 1: labels {0, 9} are two classes, and log2 10 bits a label would inflate both
+        # the code length and its compression against the uniform code
+        assert d.counts is not None
+        log2c = math.log2(max(2, int((d.counts > 0).sum())))
         blocks = [ends[0] * log2c] + [bits_of.get(j, 0.0) for j in range(len(ends) - 1)]
         answer.mdl = MdlResult(
             bits=float(sum(blocks)), uniform_bits=d.train.n * log2c, block_ends=ends, block_bits=blocks

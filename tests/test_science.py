@@ -361,6 +361,20 @@ def test_an_mdl_prefix_probe_encodes_its_next_block_as_a_probe_trained_alone_on_
         assert mdl.block_bits[j + 1] == pytest.approx(nll.sum() / math.log(2), rel=2e-3), j
 
 
+def test_mdl_codes_labels_0_and_9_as_it_codes_0_and_1() -> None:
+    # Two classes are two classes whatever their labels: the uniform code is 1 bit a label, not
+    # log2 10 (the probe has 10 outputs for labels up to 9; 8 of them never occur). It was
+    # 21.86x compression for {0, 9} against 8.47x for {0, 1} on the same data (found by review).
+    x, y = _blobs(1400, 10, 2, seed=3)
+    spec = ProbeSpec(l2=1e-3, max_epochs=100, patience=5, mdl=True)
+    (dense,) = answer_probes([_data(x, y, 1000, 200, 2, key="m")], spec=spec)
+    (sparse,) = answer_probes([_data(x, y * 9, 1000, 200, 10, key="m")], spec=spec)
+    assert dense.mdl.uniform_bits == sparse.mdl.uniform_bits == pytest.approx(1000.0)
+    assert sparse.mdl.block_bits[0] == dense.mdl.block_bits[0]
+    # the 8 unused outputs cost the sparse probe a little in the early, small-prefix blocks
+    assert sparse.mdl.compression == pytest.approx(dense.mdl.compression, rel=0.25)
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper's Gaussian problem (Alain & Bengio section 3.2) on an untrained deep MLP
 
