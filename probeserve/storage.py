@@ -577,7 +577,11 @@ def open_storage(uri: str, *, s3_endpoint: str | None = None) -> Storage:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
         endpoint = s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
         if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            raise StorageError(f"S3 endpoint {redact(endpoint)!r}: expected a URL like http://127.0.0.1:9000")
+            # name where it came from: set in the environment, it is in no spec or flag the user sees
+            source = "" if s3_endpoint else "PROBESERVE_S3_ENDPOINT: "
+            raise StorageError(
+                f"{source}S3 endpoint {redact(endpoint)!r}: expected a URL like http://127.0.0.1:9000"
+            )
         return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):

@@ -261,3 +261,14 @@ def test_starting_ray_keeps_the_commands_sigterm_handler():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "kept"
+
+
+def test_an_s3_endpoint_from_the_environment_is_named_as_such(tmp_path, capsys, monkeypatch):
+    # PROBESERVE_S3_ENDPOINT=127.0.0.1:9000 (no http://) said only "S3 endpoint
+    # '127.0.0.1:9000': expected a URL like ...": no spec field or flag of the command held it
+    monkeypatch.setenv("PROBESERVE_S3_ENDPOINT", "127.0.0.1:9000")
+    assert main(["status", "s3://some-bucket/probes"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: PROBESERVE_S3_ENDPOINT: S3 endpoint '127.0.0.1:9000': expected a URL"), err
+    assert main(["status", "s3://some-bucket/probes", "--s3-endpoint", "127.0.0.1:9001"]) == 2
+    assert capsys.readouterr().err.startswith("error: S3 endpoint '127.0.0.1:9001'")
