@@ -16,6 +16,7 @@ jobs/examples/gaussian-mlp.yaml).
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -84,4 +85,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except probeserve.ProbeserveError as e:  # a bucket that does not exist, an endpoint that refuses
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,11 +14,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from probeserve.console import format_table, human_bytes, print_results_table, print_run_summary
-from probeserve.errors import ProbeserveError, SpecError, first_line
+from probeserve.errors import ProbeserveError, SpecError, StorageError, first_line
 from probeserve.runners.base import run_spec
 
 log = logging.getLogger("probeserve")
@@ -31,6 +32,22 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # botocore logs "Found credentials in environment variables." at INFO on every command
+    # that touches S3; that is its own chatter, not news to a user (-v still shows it).
+    if not verbose:
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the way schedulers (systemd, Kubernetes, Slurm, `kill`) stop a command.
+
+    Raised like Ctrl-C's KeyboardInterrupt, so the same cleanup runs: a probe removes its
+    `running/` marker, and no other reader takes the item for live for two minutes. Python's
+    default for SIGTERM ends the process at once, without running any `finally`."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated()
 
 
 def _spec(args: argparse.Namespace):
@@ -56,6 +73,7 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
     from probeserve import results
     from probeserve.layers import select_probe_points
     from probeserve.models import model_errors
+    from probeserve.storage import open_storage
     from probeserve.sweep import Sweep
 
     sweep = Sweep(spec)
@@ -76,7 +94,19 @@ def check_spec(spec) -> tuple[list[str], list[str]]:
         if not str(e).startswith("output.uri"):
             errors.append(_under("data", str(e)))
     try:
+        checkpoints = open_storage(spec.checkpoints.uri, s3_endpoint=spec.storage.resolved_endpoint())
+        # S3 only: a local folder the training job has not created yet is no error, but a
+        # bucket is made by its owner, not by the job, and a missing one is a typo
+        bucket = getattr(checkpoints, "bucket", None)
+        if bucket and not checkpoints.root_exists():
+            errors.append(f"checkpoints.uri: bucket {bucket!r} does not exist ({spec.checkpoints.uri})")
+    except ProbeserveError as e:
+        errors.append(_under("checkpoints.uri", str(e)))
+    try:
         output = sweep.output
+        bucket = getattr(output, "bucket", None)
+        if bucket and not output.root_exists():  # a key in a missing bucket only reads as absent
+            raise StorageError(f"bucket {bucket!r} does not exist ({spec.output.uri})")
         key = results.run_key(spec.run, "spec.json")
         if output.stat(key) is not None:
             stored = results.read_json(output, key)
@@ -425,7 +455,7 @@ def _no_rows(results_uri: str, run: str | None, s3_endpoint: str | None) -> None
     output does not hold. An output a run has not written to yet still has "no results yet"."""
     from probeserve import results
 
-    why = results.not_an_output(results.output_root(results_uri))
+    why = results.not_an_output(results.output_root(results_uri), s3_endpoint=s3_endpoint)
     if why is not None:
         raise ProbeserveError(why)
     if run is not None:
@@ -920,6 +950,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     importable_working_folder()
+    with _sigterm_raises():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises `Terminated` (where it would end the process at
+    once); the handler that was there before is put back after (`main` runs in tests too).
+    `watch` installs its own handler, which stops after the current step."""
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    if ours:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except SpecError as e:
@@ -928,6 +979,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProbeserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("terminated (SIGTERM); committed results are kept, rerun to finish", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted; committed results are kept, rerun to finish", file=sys.stderr)
         return 130

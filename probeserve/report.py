@@ -317,7 +317,7 @@ def build_report(
             raise plots.ChoiceError(f"run={run!r}: {why}", f"--run {run}: {why}")
         runs = [run]
     if not runs:
-        near = results.not_an_output(root)  # a folder beside an output, not an empty one
+        near = results.not_an_output(root, s3_endpoint=s3_endpoint)  # beside an output, not an empty one
         if near is not None:
             raise ProbeserveError(near)
         raise ProbeserveError(

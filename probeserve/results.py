@@ -452,15 +452,17 @@ NEAR_OUTPUTS_SHOWN = 5  # outputs named in `not_an_output`'s line
 _NEAR_ENTRIES = 1000  # entries of a folder looked at for outputs below it, at most
 
 
-def not_an_output(uri: str) -> str | None:
+def not_an_output(uri: str, *, s3_endpoint: str | None = None) -> str | None:
     """Why a local folder that holds no results is not an output, when an output is near it:
     it is inside one (`demo-output/runs`, `demo-output/results/demo`), or outputs are in the
     folders below it (`probes`, which holds `probes/gaussian-mlp`). None otherwise: an empty
     folder, or one a run has not written to yet, simply has no results yet.
 
     Reading such a folder finds no rows, and "no results yet" with exit 0 would say the sweep
-    has not started. Only local folders are looked at (listing below an S3 prefix costs
-    requests without bound); at most `_NEAR_ENTRIES` entries of each folder."""
+    has not started. Local folders: at most `_NEAR_ENTRIES` entries of each folder are looked
+    at. S3 prefixes: see `_s3_not_an_output`."""
+    if uri.startswith("s3://"):
+        return _s3_not_an_output(uri, s3_endpoint)
     if "://" in uri and not uri.startswith("file://"):
         return None
     path = os.path.abspath(urlsplit(uri).path if uri.startswith("file://") else uri)
@@ -483,6 +485,38 @@ def not_an_output(uri: str) -> str | None:
     below.sort()
     more = f" and {len(below) - NEAR_OUTPUTS_SHOWN} more" if len(below) > NEAR_OUTPUTS_SHOWN else ""
     return f"{uri}: not a probeserve output, but outputs are below it: {', '.join(below[:NEAR_OUTPUTS_SHOWN])}{more}; give one"
+
+
+_S3_NEAR_FOLDERS = 20  # folders right under an S3 prefix whose layout.json is looked for
+
+
+def _s3_not_an_output(uri: str, s3_endpoint: str | None) -> str | None:
+    """`not_an_output` for an `s3://` prefix, in a bounded number of requests (an S3 listing
+    below a prefix has no bound, and each request is paid for): the prefix's own `layout.json`,
+    that of each prefix above it (one HEAD per level), and that of at most `_S3_NEAR_FOLDERS`
+    folders right under it (one delimited listing). Only outputs with a `layout.json` (what
+    every run writes first) are found. A prefix that holds no object at all is a typo, as a
+    local folder that does not exist is; an output a run has begun always holds its
+    layout.json, so an output with no results yet is still "no results yet"."""
+    store = open_storage(uri, s3_endpoint=s3_endpoint)
+    if store.stat(LAYOUT_KEY) is not None:
+        return None
+    parts = urlsplit(uri)
+    names = [n for n in parts.path.split("/") if n]
+    for n in range(len(names) - 1, -1, -1):
+        above = f"s3://{parts.netloc}/{'/'.join(names[:n])}".rstrip("/")
+        if open_storage(above, s3_endpoint=s3_endpoint).stat(LAYOUT_KEY) is not None:
+            return f"{uri}: is inside the output {above}; give {above} (and --run to choose a run)"
+    below = []
+    for name in getattr(store, "folders", lambda **_: [])(limit=1000)[:_S3_NEAR_FOLDERS]:
+        if store.stat(f"{name}/{LAYOUT_KEY}") is not None:
+            below.append(f"{uri.rstrip('/')}/{name}")
+    if below:
+        more = f" and {len(below) - NEAR_OUTPUTS_SHOWN} more" if len(below) > NEAR_OUTPUTS_SHOWN else ""
+        return f"{uri}: not a probeserve output, but outputs are below it: {', '.join(below[:NEAR_OUTPUTS_SHOWN])}{more}; give one"
+    if next(iter(store.list(page_size=1)), None) is None:
+        return f"{uri}: no such output (no object under this prefix)"
+    return None
 
 
 def _subfolders(path: str) -> list[str]:

@@ -480,6 +480,18 @@ class S3Storage:
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
+    def folders(self, *, limit: int = 1000) -> tuple[str, ...]:
+        """The first `limit` "folders" (common prefixes) right under this prefix, by name: one
+        ListObjectsV2 request with a delimiter, however many objects lie below them."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self.prefix + "/" if self.prefix else ""
+        try:
+            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=full, Delimiter="/", MaxKeys=limit)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, "", "list") from None
+        return tuple(p["Prefix"][len(full) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+
     def stat(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -565,7 +577,11 @@ def open_storage(uri: str, *, s3_endpoint: str | None = None) -> Storage:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
         endpoint = s3_endpoint or os.environ.get("PROBESERVE_S3_ENDPOINT") or None
         if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            raise StorageError(f"S3 endpoint {redact(endpoint)!r}: expected a URL like http://127.0.0.1:9000")
+            # name where it came from: set in the environment, it is in no spec or flag the user sees
+            source = "" if s3_endpoint else "PROBESERVE_S3_ENDPOINT: "
+            raise StorageError(
+                f"{source}S3 endpoint {redact(endpoint)!r}: expected a URL like http://127.0.0.1:9000"
+            )
         return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):

@@ -447,6 +447,11 @@ class Watcher:
             # a local folder the training job has not created yet (an S3 prefix that does not
             # exist yet just lists empty; a missing bucket is still an error): no checkpoints
             # yet, not a failed scan, so the first checkpoint is not kept waiting by a backoff
+            bucket = getattr(self.checkpoints, "bucket", None)
+            if bucket:  # S3's root_exists is the bucket's: a training job never creates one
+                raise StorageError(
+                    f"checkpoints.uri: bucket {bucket!r} does not exist ({self.checkpoints.uri})"
+                )
             self._say_empty(f"{self.checkpoints.uri} does not exist yet")
             return []
         found = discover(self.checkpoints, disc_spec, page_size=self.page_size)

@@ -391,8 +391,9 @@ def test_cli_query_parquet_out_and_on_s3(s3_server, tmp_path, monkeypatch, capsy
     assert pq.read_table(tmp_path / "a.parquet").column("layer").to_pylist() == ["input", "fc2"]
     assert main(["query", uri, "--format", "parquet"]) == 2
     assert "--out" in capsys.readouterr().err
-    assert main(["query", f"s3://{bucket}/empty", "--format", "csv"]) == 0
-    assert "no results yet" in capsys.readouterr().err
+    # a prefix that holds nothing is a typo, as a local folder that does not exist is
+    assert main(["query", f"s3://{bucket}/empty", "--format", "csv"]) == 2
+    assert "no such output (no object under this prefix)" in capsys.readouterr().err
     # a run the output does not hold is named, with the runs it does hold ("no results yet for
     # run 'nope'", exit 0, said the run had not finished anything yet)
     assert main(["query", uri, "--run", "nope"]) == 2

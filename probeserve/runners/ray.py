@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -208,6 +210,10 @@ def connect(address: str | None) -> None:
     if local:
         kwargs["include_dashboard"] = False
         _quiet_token_notice()
+    # ray.init replaces SIGTERM's handler with one that prints a native stack dump and exits
+    # 15 without the command's cleanup; a handler the command set (`probeserve` makes SIGTERM
+    # end it like Ctrl-C) is put back, so a stopped run says so and exits as it would locally
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address="local" if local else address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
@@ -215,6 +221,8 @@ def connect(address: str | None) -> None:
         if local:
             raise ProbeserveError(f"cannot start a local Ray: {first}") from None
         raise ProbeserveError(f"--address {address}: cannot connect to a Ray cluster: {first}") from None
+    if callable(previous) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def plan_resources(spec: SweepSpec) -> tuple[float, float, int]:
